@@ -1,0 +1,13 @@
+"""seq2seq: one masked-attention encoder-decoder Transformer for every sequence-to-sequence domain.
+
+Importing the package registers the core's own components (the `token` embedding, the `linear` head, the
+`exact_match` metric); domains add theirs when the config's `plugins:` modules are imported.
+"""
+
+from seq2seq import embeddings, heads, metrics  # noqa: F401 - registers the core components
+from seq2seq.data import Batch
+from seq2seq.errors import ConfigError, DataError
+from seq2seq.model import EncoderDecoder, ModelSpec
+from seq2seq.module import Seq2SeqModule
+
+__all__ = ["Batch", "ConfigError", "DataError", "EncoderDecoder", "ModelSpec", "Seq2SeqModule"]

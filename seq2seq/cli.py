@@ -1,0 +1,158 @@
+"""The command line: `seq2seq train | evaluate | predict [hydra overrides]`.
+
+Hydra composes the config from `conf/`; each command validates it into plain data first, then works only with that.
+Everything a run writes goes under Hydra's run directory: config.yaml, checkpoints/, logs/, metrics.json,
+data_report.json (and predictions for `predict`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+import yaml
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from omegaconf import DictConfig
+
+from seq2seq.config import Config, validate
+from seq2seq.data import Collate, LoaderSpec, Seq2SeqDataModule, Split
+from seq2seq.errors import ConfigError, DataError
+from seq2seq.module import Seq2SeqModule, fit_tokenizers
+from seq2seq.registry import DATASETS
+
+log = logging.getLogger("seq2seq")
+ConfigStore.instance().store(name="schema", node=Config)
+
+
+def _trainer(config: dict[str, Any], run_dir: Path, fit: bool) -> L.Trainer:
+    monitor = config["monitor"]
+    loggers: list[Logger] = [CSVLogger(run_dir, name="logs", version="")]
+    if "tensorboard" in config["loggers"]:
+        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
+    callbacks: list[L.Callback] = []
+    if fit:
+        callbacks += [
+            ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-step{step}", monitor=monitor["metric"],
+                            mode=monitor["mode"], save_top_k=1, save_last=True, auto_insert_metric_name=False),
+            LearningRateMonitor(logging_interval="step"),
+        ]
+        if monitor["patience"] is not None:
+            callbacks.append(EarlyStopping(monitor=monitor["metric"], mode=monitor["mode"],
+                                           patience=monitor["patience"]))
+    return L.Trainer(**config["trainer"], default_root_dir=run_dir, callbacks=callbacks, logger=loggers)
+
+
+def _datamodule(config: dict[str, Any], module: Seq2SeqModule, splits: dict[str, Split],
+                run_dir: Path) -> Seq2SeqDataModule:
+    return Seq2SeqDataModule(splits, module.src_tok, module.tgt_tok, LoaderSpec(**config["loader"]),
+                             module.model.spec.max_positions, report_path=run_dir / "data_report.json")
+
+
+def _write_metrics(trainer: L.Trainer, run_dir: Path, results: dict[str, Any]) -> None:
+    if trainer.is_global_zero:
+        (run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        log.info("metrics: %s", json.dumps(results))
+
+
+def train(config: dict[str, Any], run_dir: Path) -> None:
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    L.seed_everything(config["seed"], workers=True)
+    reader = DATASETS.build(config["data"], "data")
+    splits = {name: reader.read(name) for name in reader.splits}
+    module = Seq2SeqModule(config, fit_tokenizers(config, splits["train"].pairs))
+    datamodule = _datamodule(config, module, splits, run_dir)
+    trainer = _trainer(config, run_dir, fit=True)
+    trainer.fit(module, datamodule=datamodule)
+    best = trainer.checkpoint_callback.best_model_path  # type: ignore[union-attr]
+    results: dict[str, Any] = {}
+    for stage in ("val", "test"):
+        if stage in splits:
+            run = trainer.validate if stage == "val" else trainer.test
+            results.update(run(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0])
+    _write_metrics(trainer, run_dir, {**results, "best_checkpoint": best})
+
+
+def _load(config: dict[str, Any]) -> Seq2SeqModule:
+    if not config["ckpt"]:
+        raise ConfigError("this command needs a checkpoint: add `ckpt=PATH/TO/FILE.ckpt`")
+    if not Path(config["ckpt"]).is_file():
+        raise ConfigError(f"`ckpt={config['ckpt']}`: no such file")
+    return Seq2SeqModule.from_checkpoint(config["ckpt"])
+
+
+def evaluate(config: dict[str, Any], run_dir: Path) -> None:
+    """Re-score a checkpoint on the validation and test splits of the data it was trained on."""
+    module = _load(config)
+    stored = module.config
+    reader = DATASETS.build(stored["data"], "data")
+    splits = {name: reader.read(name) for name in reader.splits if name != "train"}
+    datamodule = _datamodule(stored, module, splits, run_dir)
+    trainer = _trainer(config, run_dir, fit=False)
+    results: dict[str, Any] = {}
+    if "val" in splits:
+        results.update(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
+    if "test" in splits:
+        results.update(trainer.test(module, datamodule=datamodule, verbose=False)[0])
+    _write_metrics(trainer, run_dir, {**results, "checkpoint": config["ckpt"]})
+
+
+def predict(config: dict[str, Any], run_dir: Path) -> None:
+    """Decode every source in `input=FILE` with nothing but the checkpoint; one output line per input line."""
+    if not config["input"]:
+        raise ConfigError("`seq2seq predict` needs `input=FILE` (one source per line)")
+    module = _load(config)
+    reader = DATASETS.build(module.config["data"], "data")
+    sources = [module.src_tok.encode(s) for s in reader.read_inputs(config["input"])]
+    limit = module.model.spec.max_positions
+    too_long = [i for i, s in enumerate(sources, 1) if len(s) > limit or len(s) == 0]
+    if too_long:
+        raise DataError(f"{config['input']}: line(s) {too_long[:10]} are empty or longer than the model's "
+                        f"{limit} positions ({len(too_long)} in all); shorten or split them")
+    tok = module.tgt_tok
+    collate = Collate(float(module.src_tok.pad_id), tok.pad_id, tok.bos_id, tok.eos_id)
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))  # similar lengths batch together
+    outputs: list[str] = [""] * len(sources)
+    size = module.config["loader"]["batch_size"]
+    for start in range(0, len(order), size):
+        idx = order[start : start + size]
+        batch = collate([(sources[i], torch.empty(0, dtype=torch.long)) for i in idx])
+        for i, hyp in zip(idx, module.generate(batch.src, batch.src_keep), strict=True):
+            outputs[i] = tok.decode(hyp)
+    output = Path(config["output"] or run_dir / "predictions.txt")
+    output.write_text("".join(line + "\n" for line in outputs), encoding="utf-8")
+    log.info("wrote %d predictions to %s", len(outputs), output)
+
+
+COMMANDS: dict[str, Callable[[dict[str, Any], Path], None]] = {
+    "train": train, "evaluate": evaluate, "predict": predict,
+}
+
+
+def _task(command: Callable[[dict[str, Any], Path], None], cfg: DictConfig) -> None:
+    try:
+        config = validate(cfg)
+        command(config, Path(HydraConfig.get().runtime.output_dir))
+    except (ConfigError, DataError) as err:
+        print(f"seq2seq: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(f"usage: seq2seq {{{'|'.join(COMMANDS)}}} [key=value ...] [hydra options]\n"
+              "  e.g. seq2seq train experiment=reverse model.d_model=128", file=sys.stderr)
+        sys.exit(2)
+    command = COMMANDS[sys.argv.pop(1)]
+    task = functools.update_wrapper(functools.partial(_task, command), command)
+    hydra.main(config_path="pkg://seq2seq_conf", config_name="config", version_base="1.3")(task)()

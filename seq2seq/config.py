@@ -1,0 +1,158 @@
+"""Config flow: Hydra composes -> `validate` -> a plain dict for the LightningModule.
+
+Fixed-shape groups have dataclass schemas (one default per field); plugin blocks (`data`, `tokenizer`,
+`embedding`, `head`, `metrics`) are checked against the registered constructors' signatures. Unknown keys,
+`+typo=...` additions included, are rejected with a close-match hint before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from seq2seq.data import LoaderSpec
+from seq2seq.decoding import DecodeSpec
+from seq2seq.errors import ConfigError
+from seq2seq.model import ModelSpec
+from seq2seq.module import import_plugins
+from seq2seq.registry import DATASETS, EMBEDDINGS, HEADS, METRICS, TOKENIZERS, hint
+from seq2seq.schedule import OptimSpec
+
+
+@dataclass
+class TrainerSpec:
+    """Keyword arguments of `lightning.Trainer` that runs may set (the `trainer:` block)."""
+
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    max_epochs: int = 10
+    max_steps: int = -1
+    gradient_clip_val: float | None = 1.0
+    accumulate_grad_batches: int = 1
+    val_check_interval: Any = None
+    check_val_every_n_epoch: int = 1
+    log_every_n_steps: int = 50
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    num_sanity_val_steps: int = 2
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class MonitorSpec:
+    """Which metric picks the best checkpoint and drives early stopping (`patience: null` disables it)."""
+
+    metric: str = "val/exact_match"
+    mode: str = "max"
+    patience: int | None = None
+
+
+@dataclass
+class SidesSpec:
+    """A source/target pair of component blocks; `tgt: null` means "share the source's"."""
+
+    src: dict[str, Any] = field(default_factory=dict)
+    tgt: dict[str, Any] | None = None
+
+
+@dataclass
+class Config:
+    plugins: list[str] = field(default_factory=list)
+    seed: int = 0
+    model: ModelSpec = field(default_factory=ModelSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    trainer: TrainerSpec = field(default_factory=TrainerSpec)
+    loader: LoaderSpec = field(default_factory=LoaderSpec)
+    decode: DecodeSpec = field(default_factory=DecodeSpec)
+    monitor: MonitorSpec = field(default_factory=MonitorSpec)
+    data: dict[str, Any] = field(default_factory=dict)
+    tokenizer: SidesSpec = field(default_factory=SidesSpec)
+    embedding: SidesSpec = field(default_factory=SidesSpec)
+    head: dict[str, Any] = field(default_factory=dict)
+    metrics: list[str] = field(default_factory=lambda: ["exact_match"])
+    loggers: list[str] = field(default_factory=lambda: ["csv"])  # csv | tensorboard
+    ckpt: str | None = None  # evaluate / predict: the checkpoint to load
+    input: str | None = None  # predict: file of sources
+    output: str | None = None  # predict: where predictions go (default: the run dir)
+
+
+def _check_keys(schema: type, data: dict[str, Any], path: str) -> None:
+    """Reject keys a dataclass schema does not have, recursively, naming the closest accepted key."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else key
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config key `{where}`.{hint(key, fields)} "
+                f"Accepted keys{' under `' + path + '`' if path else ''}: {', '.join(fields)}"
+            )
+        sub = typing.get_type_hints(schema)[key]
+        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            _check_keys(sub, value, where)
+
+
+def _typed(data: dict[str, Any]) -> dict[str, Any]:
+    """Type-check and convert through the structured schema; build the specs so their own checks run."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), data)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "") or "config"
+        raise ConfigError(f"`{key}`: {getattr(err, 'msg', err)}") from None
+    plain = OmegaConf.to_container(merged, resolve=True)
+    assert isinstance(plain, dict)
+    ModelSpec(**plain["model"]), OptimSpec(**plain["optim"])
+    return plain
+
+
+def _check_components(config: dict[str, Any]) -> None:
+    DATASETS.check(config["data"], (), "data")
+    TOKENIZERS.check(config["tokenizer"]["src"], (), "tokenizer.src")
+    context = ("d_model", "vocab_size", "padding_idx")
+    EMBEDDINGS.check(config["embedding"]["src"], context, "embedding.src")
+    if config["tokenizer"]["tgt"] is not None:
+        TOKENIZERS.check(config["tokenizer"]["tgt"], (), "tokenizer.tgt")
+    if not config["model"]["share_embeddings"]:
+        if config["embedding"]["tgt"] is None:
+            raise ConfigError("`embedding.tgt` is null but `model.share_embeddings` is false: give the target "
+                              "embedding, e.g. `embedding.tgt={name: token}`")
+        EMBEDDINGS.check(config["embedding"]["tgt"], context, "embedding.tgt")
+    HEADS.check(config["head"], ("d_model", "vocab_size"), "head")
+    for name in config["metrics"]:
+        METRICS.check({"name": name}, ("tokenizer",), "metrics")
+
+
+def _check_trainer(config: dict[str, Any]) -> None:
+    trainer, monitor = config["trainer"], config["monitor"]
+    on_cpu = trainer["accelerator"] == "cpu" or (trainer["accelerator"] == "auto" and not torch.cuda.is_available())
+    if on_cpu and trainer["precision"] in ("16-mixed", "16", "16-true"):
+        raise ConfigError(
+            f"`trainer.precision={trainer['precision']}` needs a GPU, and this run is on the CPU; "
+            "use `trainer.precision=bf16-mixed` (or 32-true)"
+        )
+    if monitor["mode"] not in ("min", "max"):
+        raise ConfigError(f"`monitor.mode` must be min or max, got {monitor['mode']!r}")
+    unknown = set(config["loggers"]) - {"csv", "tensorboard"}
+    if unknown:
+        raise ConfigError(f"`loggers` may hold csv and tensorboard, got {sorted(unknown)}")
+
+
+def validate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """Composed config -> validated plain dict (all interpolations resolved, no OmegaConf objects)."""
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    assert isinstance(data, dict)
+    _check_keys(Config, data, "")
+    config = _typed(data)
+    import_plugins(config["plugins"])
+    _check_components(config)
+    _check_trainer(config)
+    return config

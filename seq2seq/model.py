@@ -1,0 +1,173 @@
+"""The encoder-decoder Transformer of "Attention Is All You Need", shared by every domain.
+
+Shapes: B batch, S source length, T target length, D model width, V output vocabulary.
+Domains plug in the source embedding (ids or values -> (B, S, D)), the target embedding and the output head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seq2seq.attention import KVCache, MultiHeadAttention, causal_keep, padding_keep
+from seq2seq.embeddings import POSITIONS
+from seq2seq.errors import ConfigError
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+@dataclass
+class ModelSpec:
+    """Sizes and switches of the core; the `model:` config block. Defaults are the paper's base model."""
+
+    d_model: int = 512
+    n_heads: int = 8
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    d_ff: int = 2048
+    dropout: float = 0.1
+    activation: str = "relu"  # relu | gelu
+    norm_first: bool = False  # False: post-norm Add & Norm as in the paper; True: pre-norm
+    positions: str = "sinusoidal"  # sinusoidal | learned
+    max_positions: int = 1024
+    tie_output: bool = True  # output projection shares the target embedding's weight
+    share_embeddings: bool = False  # one embedding for source and target (needs a joint vocabulary)
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("activation", ACTIVATIONS), ("positions", POSITIONS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"`model.{key}` must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"`model.d_model` ({self.d_model}) must be divisible by `model.n_heads` ({self.n_heads})"
+            )
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN(x) = W2 · act(W1 · x + b1) + b2."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.w1, self.w2 = nn.Linear(spec.d_model, spec.d_ff), nn.Linear(spec.d_ff, spec.d_model)
+        self.act, self.dropout = ACTIVATIONS[spec.activation], nn.Dropout(spec.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.dropout(self.act(self.w1(x))))
+
+
+class _Sublayers(nn.Module):
+    """Residual Add & Norm around each sublayer: post-norm `norm(x + f(x))` or pre-norm `x + f(norm(x))`."""
+
+    def __init__(self, spec: ModelSpec, n: int) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(spec.d_model) for _ in range(n))
+        self.drop, self.norm_first = nn.Dropout(spec.dropout), spec.norm_first
+
+    def residual(self, i: int, x: Tensor, f) -> Tensor:
+        if self.norm_first:
+            return x + self.drop(f(self.norms[i](x)))
+        return self.norms[i](x + self.drop(f(x)))
+
+
+class EncoderLayer(_Sublayers):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec, 2)
+        self.self_attn = MultiHeadAttention(spec.d_model, spec.n_heads, spec.dropout)
+        self.ff = FeedForward(spec)
+
+    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+        """x (B, S, D); keep (B, 1, 1, S)."""
+        x = self.residual(0, x, lambda h: self.self_attn(h, keep=keep))
+        return self.residual(1, x, self.ff)
+
+
+class DecoderLayer(_Sublayers):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec, 3)
+        self.self_attn = MultiHeadAttention(spec.d_model, spec.n_heads, spec.dropout)
+        self.cross_attn = MultiHeadAttention(spec.d_model, spec.n_heads, spec.dropout)
+        self.ff = FeedForward(spec)
+
+    def forward(self, y: Tensor, memory: Tensor, self_keep: Tensor, memory_keep: Tensor) -> Tensor:
+        """y (B, T, D); memory (B, S, D); self_keep (B, 1, T, T); memory_keep (B, 1, 1, S)."""
+        y = self.residual(0, y, lambda h: self.self_attn(h, keep=self_keep))
+        y = self.residual(1, y, lambda h: self.cross_attn(h, memory, keep=memory_keep))
+        return self.residual(2, y, self.ff)
+
+    def step(self, y: Tensor, self_cache: KVCache, cross_cache: KVCache, memory_keep: Tensor) -> Tensor:
+        """One new position y (B, 1, D) through the caches."""
+        y = self.residual(0, y, lambda h: self.self_attn.step(h, self_cache))
+        y = self.residual(1, y, lambda h: self.cross_attn.step(h, cross_cache, memory_keep, grow=False))
+        return self.residual(2, y, self.ff)
+
+
+@dataclass
+class DecoderState:
+    """What incremental decoding carries between steps: per-layer caches and the next position."""
+
+    memory_keep: Tensor  # (B, 1, 1, S)
+    self_caches: list[KVCache]
+    cross_caches: list[KVCache]
+    position: int = 0
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (B',) of every cache, e.g. when beam search reorders hypotheses."""
+        self.memory_keep = self.memory_keep.index_select(0, index)
+        for cache in (*self.self_caches, *self.cross_caches):
+            cache.reorder(index)
+
+
+class EncoderDecoder(nn.Module):
+    """embed -> add positions -> encoder layers -> (norm); embed -> add positions -> decoder layers -> head."""
+
+    def __init__(self, spec: ModelSpec, src_embed: nn.Module, tgt_embed: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.spec = spec
+        self.src_embed, self.tgt_embed, self.head = src_embed, tgt_embed, head
+        positions = POSITIONS[spec.positions]
+        self.src_pos = positions(spec.d_model, spec.max_positions)
+        self.tgt_pos = positions(spec.d_model, spec.max_positions)
+        self.drop = nn.Dropout(spec.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(spec) for _ in range(spec.n_encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.n_decoder_layers))
+        # Pre-norm stacks end with a norm; post-norm layers already end in one.
+        final_norm = nn.LayerNorm if spec.norm_first else (lambda d: nn.Identity())
+        self.encoder_norm, self.decoder_norm = final_norm(spec.d_model), final_norm(spec.d_model)
+
+    def encode(self, src: Tensor, src_keep: Tensor) -> Tensor:
+        """src (B, S) ids or (B, S, F) values; src_keep (B, S) -> memory (B, S, D)."""
+        x = self.drop(self.src_pos(self.src_embed(src)))  # (B, S, D)
+        keep = padding_keep(src_keep)  # (B, 1, 1, S)
+        for layer in self.encoder:
+            x = layer(x, keep)
+        return self.encoder_norm(x)
+
+    def decode(self, tgt_in: Tensor, memory: Tensor, src_keep: Tensor, tgt_keep: Tensor) -> Tensor:
+        """Teacher-forced decoder: tgt_in (B, T), memory (B, S, D) -> logits (B, T, V)."""
+        y = self.drop(self.tgt_pos(self.tgt_embed(tgt_in)))  # (B, T, D)
+        self_keep, memory_keep = causal_keep(tgt_keep), padding_keep(src_keep)  # (B, 1, T, T), (B, 1, 1, S)
+        for layer in self.decoder:
+            y = layer(y, memory, self_keep, memory_keep)
+        return self.head(self.decoder_norm(y))
+
+    def forward(self, src: Tensor, src_keep: Tensor, tgt_in: Tensor, tgt_keep: Tensor) -> Tensor:
+        return self.decode(tgt_in, self.encode(src, src_keep), src_keep, tgt_keep)  # (B, T, V)
+
+    def start_decoding(self, memory: Tensor, src_keep: Tensor, max_len: int) -> DecoderState:
+        """Caches for up to `max_len` decoding steps over memory (B, S, D)."""
+        B = memory.shape[0]
+        return DecoderState(
+            memory_keep=padding_keep(src_keep),
+            self_caches=[layer.self_attn.empty_cache(B, max_len, memory) for layer in self.decoder],
+            cross_caches=[layer.cross_attn.memory_cache(memory) for layer in self.decoder],
+        )
+
+    def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
+        """Feed the newest tokens (B,) and return next-token logits (B, V); advances `state`."""
+        y = self.drop(self.tgt_pos(self.tgt_embed(tokens[:, None]), offset=state.position))  # (B, 1, D)
+        for layer, self_cache, cross_cache in zip(self.decoder, state.self_caches, state.cross_caches, strict=True):
+            y = layer.step(y, self_cache, cross_cache, state.memory_keep)
+        state.position += 1
+        return self.head(self.decoder_norm(y))[:, 0]  # (B, V)

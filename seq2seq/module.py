@@ -1,0 +1,171 @@
+"""Seq2SeqModule: the LightningModule that trains and scores the encoder-decoder.
+
+It holds no model code: it assembles the model from plain config through the registries, computes the
+teacher-forced loss, decodes for validation metrics and sets up the optimizer. Its hyperparameters are plain data
+(the resolved config and the fitted tokenizers' state), so a checkpoint alone rebuilds it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+
+from seq2seq.data import IGNORE_INDEX, Batch, Tokenizer
+from seq2seq.decoding import DecodeSpec, greedy, max_length, strip
+from seq2seq.errors import ConfigError
+from seq2seq.model import EncoderDecoder, ModelSpec
+from seq2seq.registry import EMBEDDINGS, HEADS, METRICS, TOKENIZERS
+from seq2seq.schedule import OptimSpec, configure
+
+
+def import_plugins(modules: list[str]) -> None:
+    """Import the plugin modules a config lists; their import registers their components."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(f"plugin module `{name}` (listed in `plugins:`) failed to import: {err}") from err
+
+
+def plugin_versions(modules: list[str]) -> dict[str, str]:
+    """Version of the installed distribution that provides each plugin module."""
+    providers = metadata.packages_distributions()
+    versions = {}
+    for name in modules:
+        dists = providers.get(name.split(".")[0], [])
+        versions[name] = metadata.version(dists[0]) if dists else "unknown"
+    return versions
+
+
+def fit_tokenizers(config: dict[str, Any], train_pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """Build the tokenizers named in config, fit them on the training pairs, return their plain-data state."""
+    specs = config["tokenizer"]
+    src = TOKENIZERS.build(specs["src"], where="tokenizer.src")
+    sources = [s for s, _ in train_pairs]
+    if specs["tgt"] is None:  # one joint vocabulary
+        src.fit(sources + [t for _, t in train_pairs])
+        return {"src": src.state_dict(), "tgt": None}
+    tgt = TOKENIZERS.build(specs["tgt"], where="tokenizer.tgt")
+    src.fit(sources)
+    tgt.fit([t for _, t in train_pairs])
+    return {"src": src.state_dict(), "tgt": tgt.state_dict()}
+
+
+def load_tokenizers(config: dict[str, Any], states: dict[str, Any]) -> tuple[Tokenizer, Tokenizer]:
+    specs = config["tokenizer"]
+    src = TOKENIZERS.build(specs["src"], where="tokenizer.src")
+    src.load_state_dict(states["src"])
+    if specs["tgt"] is None:
+        return src, src
+    tgt = TOKENIZERS.build(specs["tgt"], where="tokenizer.tgt")
+    tgt.load_state_dict(states["tgt"])
+    return src, tgt
+
+
+def build_model(config: dict[str, Any], src_tok: Tokenizer, tgt_tok: Tokenizer) -> EncoderDecoder:
+    """Assemble embeddings, core and head from config; tie weights as configured."""
+    spec = ModelSpec(**config["model"])
+    d = spec.d_model
+    src_embed = EMBEDDINGS.build(config["embedding"]["src"], "embedding.src", d_model=d,
+                                 vocab_size=src_tok.vocab_size, padding_idx=src_tok.pad_id)
+    if spec.share_embeddings:
+        if src_tok is not tgt_tok:
+            raise ConfigError("`model.share_embeddings=true` needs one joint vocabulary: set `tokenizer.tgt` to "
+                              "null, or set `model.share_embeddings=false`")
+        tgt_embed = src_embed
+    else:
+        tgt_embed = EMBEDDINGS.build(config["embedding"]["tgt"], "embedding.tgt", d_model=d,
+                                     vocab_size=tgt_tok.vocab_size, padding_idx=tgt_tok.pad_id)
+    head = HEADS.build(config["head"], "head", d_model=d, vocab_size=tgt_tok.vocab_size)
+    if spec.tie_output:
+        if not (hasattr(head, "tie") and isinstance(getattr(tgt_embed, "weight", None), nn.Parameter)):
+            raise ConfigError("`model.tie_output=true` needs a target embedding with a `weight` table and a head "
+                              "with `tie`; set `model.tie_output=false` for these components")
+        head.tie(tgt_embed.weight)
+    return EncoderDecoder(spec, src_embed, tgt_embed, head)
+
+
+class Seq2SeqModule(L.LightningModule):
+    def __init__(self, config: dict[str, Any], tokenizers: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = config
+        self.src_tok, self.tgt_tok = load_tokenizers(config, tokenizers)
+        self.model = build_model(config, self.src_tok, self.tgt_tok)
+        self.optim = OptimSpec(**config["optim"])
+        self.decode_spec = DecodeSpec(**config["decode"])
+        self.metrics = nn.ModuleDict({
+            stage: MetricCollection(
+                {name: METRICS.build({"name": name}, "metrics", tokenizer=self.tgt_tok) for name in config["metrics"]},
+                prefix=f"{stage}/",
+            )
+            for stage in ("val", "test")
+        })
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.model(batch.src, batch.src_keep, batch.tgt_in, batch.tgt_keep)  # (B, T, V)
+
+    def loss(self, batch: Batch) -> Tensor:
+        logits = self(batch)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch.tgt_out.flatten(),
+                               ignore_index=IGNORE_INDEX, label_smoothing=self.optim.label_smoothing)
+
+    def generate(self, src: Tensor, src_keep: Tensor) -> list[list[int]]:
+        """Greedy, cached decoding of a source batch; token ids per example, cut at EOS."""
+        max_len = max_length(src_keep, self.decode_spec.max_len_a, self.decode_spec.max_len_b)
+        tokens = greedy(self.model, src, src_keep, bos=self.tgt_tok.bos_id, eos=self.tgt_tok.eos_id, max_len=max_len)
+        return strip(tokens, self.tgt_tok.eos_id)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.src.shape[0])
+        return loss
+
+    def _score(self, stage: str, batch: Batch) -> None:
+        self.log(f"{stage}/loss", self.loss(batch), prog_bar=True, sync_dist=True, batch_size=batch.src.shape[0])
+        eos = self.tgt_tok.eos_id
+        refs = strip(batch.tgt_out.masked_fill(batch.tgt_out == IGNORE_INDEX, eos), eos)
+        self.metrics[stage].update(self.generate(batch.src, batch.src_keep), refs)
+
+    def _log_metrics(self, stage: str) -> None:
+        self.log_dict(self.metrics[stage].compute(), prog_bar=True)
+        self.metrics[stage].reset()
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._score("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._score("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def configure_optimizers(self) -> dict:
+        return configure(self.optim, self.model, self.model.spec.d_model, int(self.trainer.estimated_stepping_batches))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["seq2seq"] = {
+            "version": metadata.version("seq2seq"),
+            "plugins": plugin_versions(self.config["plugins"]),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Seq2SeqModule:
+        """Rebuild a module from a checkpoint alone (plain data, loaded with weights_only=True)."""
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        hparams = ckpt["hyper_parameters"]
+        import_plugins(hparams["config"]["plugins"])
+        module = cls(hparams["config"], hparams["tokenizers"])
+        module.load_state_dict(ckpt["state_dict"])
+        return module.eval()
