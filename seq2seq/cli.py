@@ -17,22 +17,18 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
-import yaml
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from seq2seq.config import Config, validate
-from seq2seq.data import Collate, LoaderSpec, Seq2SeqDataModule, Split
+from seq2seq.config import check_overrides, validate
+from seq2seq.data import LoaderSpec, Seq2SeqDataModule, Split
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.module import Seq2SeqModule, fit_tokenizers
 from seq2seq.registry import DATASETS
 
 log = logging.getLogger("seq2seq")
-ConfigStore.instance().store(name="schema", node=Config)
 
 
 def _trainer(config: dict[str, Any], run_dir: Path, fit: bool) -> L.Trainer:
@@ -66,7 +62,8 @@ def _write_metrics(trainer: L.Trainer, run_dir: Path, results: dict[str, Any]) -
 
 
 def train(config: dict[str, Any], run_dir: Path) -> None:
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
     L.seed_everything(config["seed"], workers=True)
     reader = DATASETS.build(config["data"], "data")
     splits = {name: reader.read(name) for name in reader.splits}
@@ -113,22 +110,11 @@ def predict(config: dict[str, Any], run_dir: Path) -> None:
         raise ConfigError("`seq2seq predict` needs `input=FILE` (one source per line)")
     module = _load(config)
     reader = DATASETS.build(module.config["data"], "data")
-    sources = [module.src_tok.encode(s) for s in reader.read_inputs(config["input"])]
-    limit = module.model.spec.max_positions
-    too_long = [i for i, s in enumerate(sources, 1) if len(s) > limit or len(s) == 0]
-    if too_long:
-        raise DataError(f"{config['input']}: line(s) {too_long[:10]} are empty or longer than the model's "
-                        f"{limit} positions ({len(too_long)} in all); shorten or split them")
-    tok = module.tgt_tok
-    collate = Collate(float(module.src_tok.pad_id), tok.pad_id, tok.bos_id, tok.eos_id)
-    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))  # similar lengths batch together
-    outputs: list[str] = [""] * len(sources)
-    size = module.config["loader"]["batch_size"]
-    for start in range(0, len(order), size):
-        idx = order[start : start + size]
-        batch = collate([(sources[i], torch.empty(0, dtype=torch.long)) for i in idx])
-        for i, hyp in zip(idx, module.generate(batch.src, batch.src_keep), strict=True):
-            outputs[i] = tok.decode(hyp)
+    sources = reader.read_inputs(config["input"])
+    try:
+        outputs = module.predict(sources, module.config["loader"]["batch_size"])
+    except DataError as err:
+        raise DataError(f"{config['input']}: {err}") from None
     output = Path(config["output"] or run_dir / "predictions.txt")
     output.write_text("".join(line + "\n" for line in outputs), encoding="utf-8")
     log.info("wrote %d predictions to %s", len(outputs), output)
@@ -154,5 +140,10 @@ def main() -> None:
               "  e.g. seq2seq train experiment=reverse model.d_model=128", file=sys.stderr)
         sys.exit(2)
     command = COMMANDS[sys.argv.pop(1)]
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as err:
+        print(f"seq2seq: error: {err}", file=sys.stderr)
+        sys.exit(2)
     task = functools.update_wrapper(functools.partial(_task, command), command)
     hydra.main(config_path="pkg://seq2seq_conf", config_name="config", version_base="1.3")(task)()

@@ -12,7 +12,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+import hydra
 import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -86,19 +89,46 @@ class Config:
     output: str | None = None  # predict: where predictions go (default: the run dir)
 
 
-def _check_keys(schema: type, data: dict[str, Any], path: str) -> None:
-    """Reject keys a dataclass schema does not have, recursively, naming the closest accepted key."""
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    for key, value in data.items():
+def _field_type(schema: type, key: str, path: str) -> Any:
+    """The annotation of `key` in a dataclass schema, or a ConfigError naming the closest accepted key."""
+    hints = typing.get_type_hints(schema)
+    if key not in hints:
         where = f"{path}.{key}" if path else key
-        if key not in fields:
-            raise ConfigError(
-                f"unknown config key `{where}`.{hint(key, fields)} "
-                f"Accepted keys{' under `' + path + '`' if path else ''}: {', '.join(fields)}"
-            )
-        sub = typing.get_type_hints(schema)[key]
+        raise ConfigError(
+            f"unknown config key `{where}`.{hint(key, hints)} "
+            f"Accepted keys{' under `' + path + '`' if path else ''}: {', '.join(hints)}"
+        )
+    return hints[key]
+
+
+def _check_keys(schema: type, data: dict[str, Any], path: str) -> None:
+    """Reject keys a dataclass schema does not have, recursively."""
+    for key, value in data.items():
+        sub = _field_type(schema, key, path)
         if dataclasses.is_dataclass(sub) and isinstance(value, dict):
-            _check_keys(sub, value, where)
+            _check_keys(sub, value, f"{path}.{key}" if path else key)
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Check the keys of command-line overrides against the schema before Hydra composes.
+
+    Hydra rejects a misspelt key too, but without naming the key that was meant. Group choices (`model=tiny`),
+    additions (`+x=..`), deletions and `hydra.*` keys are left to Hydra; plugin blocks are checked later, against
+    their registered constructors.
+    """
+    parser = OverridesParser.create()
+    for text in overrides:
+        if text.startswith("-") or "=" not in text:
+            continue
+        override = parser.parse_override(text)
+        parts = override.key_or_group.split(".")
+        if override.is_add() or override.is_delete() or parts[0] in ("hydra", "experiment"):
+            continue
+        schema: Any = Config
+        for depth, key in enumerate(parts):
+            if not dataclasses.is_dataclass(schema):
+                break
+            schema = _field_type(schema, key, ".".join(parts[:depth]))
 
 
 def _typed(data: dict[str, Any]) -> dict[str, Any]:
@@ -156,3 +186,12 @@ def validate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     _check_components(config)
     _check_trainer(config)
     return config
+
+
+ConfigStore.instance().store(name="schema", node=Config)
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Compose `conf/` with command-line style overrides and validate it, without running a Hydra app."""
+    with hydra.initialize_config_module("seq2seq_conf", version_base="1.3"):
+        return validate(hydra.compose("config", overrides=list(overrides)))

@@ -83,6 +83,9 @@ class Batch:
     def tgt_keep(self) -> Tensor:
         return self.tgt_out != IGNORE_INDEX  # (B, T)
 
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(*(t.to(device) for t in (self.src, self.src_keep, self.tgt_in, self.tgt_out)))
+
 
 @dataclass
 class Collate:
@@ -92,6 +95,11 @@ class Collate:
     tgt_pad: int
     bos: int
     eos: int
+
+    @classmethod
+    def for_tokenizers(cls, src_tok: Tokenizer, tgt_tok: Tokenizer) -> Collate:
+        src_pad = getattr(src_tok, "pad_id", None)  # value "tokenizers" (numeric sources) have none
+        return cls(0.0 if src_pad is None else float(src_pad), tgt_tok.pad_id, tgt_tok.bos_id, tgt_tok.eos_id)
 
     def __call__(self, examples: list[tuple[Tensor, Tensor]]) -> Batch:
         srcs, tgts = zip(*examples, strict=True)
@@ -142,8 +150,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
         self.report_path = report_path
         self.examples: dict[str, list[tuple[Tensor, Tensor]]] = {}
         self.report: dict[str, dict[str, Any]] = {}
-        src_pad = float(src_tok.pad_id) if getattr(src_tok, "pad_id", None) is not None else 0.0
-        self.collate = Collate(src_pad, tgt_tok.pad_id, tgt_tok.bos_id, tgt_tok.eos_id)
+        self.collate = Collate.for_tokenizers(src_tok, tgt_tok)
 
     def setup(self, stage: str | None = None) -> None:
         for name, split in self.splits.items():

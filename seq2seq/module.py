@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from seq2seq.data import IGNORE_INDEX, Batch, Tokenizer
+from seq2seq.data import IGNORE_INDEX, Batch, Collate, Tokenizer
 from seq2seq.decoding import DecodeSpec, greedy, max_length, strip
-from seq2seq.errors import ConfigError
+from seq2seq.errors import ConfigError, DataError
 from seq2seq.model import EncoderDecoder, ModelSpec
 from seq2seq.registry import EMBEDDINGS, HEADS, METRICS, TOKENIZERS
 from seq2seq.schedule import OptimSpec, configure
@@ -123,6 +123,25 @@ class Seq2SeqModule(L.LightningModule):
         max_len = max_length(src_keep, self.decode_spec.max_len_a, self.decode_spec.max_len_b)
         tokens = greedy(self.model, src, src_keep, bos=self.tgt_tok.bos_id, eos=self.tgt_tok.eos_id, max_len=max_len)
         return strip(tokens, self.tgt_tok.eos_id)
+
+    @torch.no_grad()
+    def predict(self, sources: list[Any], batch_size: int = 64) -> list[str]:
+        """Decode raw sources (as the domain's reader yields them) to output strings, in input order."""
+        encoded = [self.src_tok.encode(s) for s in sources]
+        limit = self.model.spec.max_positions
+        bad = [i for i, s in enumerate(encoded, 1) if not 0 < len(s) <= limit]
+        if bad:
+            raise DataError(f"input(s) {bad[:10]} ({len(bad)} in all, numbered from 1) are empty or longer than "
+                            f"the model's {limit} positions; shorten or split them")
+        collate = Collate.for_tokenizers(self.src_tok, self.tgt_tok)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch together
+        outputs = [""] * len(encoded)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = collate([(encoded[i], torch.empty(0, dtype=torch.long)) for i in idx]).to(self.device)
+            for i, hyp in zip(idx, self.generate(batch.src, batch.src_keep), strict=True):
+                outputs[i] = self.tgt_tok.decode(hyp)
+        return outputs
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss = self.loss(batch)
