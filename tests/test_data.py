@@ -1,0 +1,65 @@
+from collections import Counter
+
+import pytest
+import torch
+
+from seq2seq.data import IGNORE_INDEX, Collate, LoaderSpec, Seq2SeqDataModule, Split, encode_split
+from seq2seq_plugins.synthetic import SymbolTokenizer
+
+BOS, EOS, PAD = 1, 2, 0
+
+
+def _tokenizer() -> SymbolTokenizer:
+    tok = SymbolTokenizer()
+    tok.fit(["a b c d e"])
+    return tok
+
+
+def test_collate_pads_and_marks_bos_eos_and_ignored_positions():
+    collate = Collate(src_pad=PAD, tgt_pad=PAD, bos=BOS, eos=EOS)
+    batch = collate([(torch.tensor([5, 6, 7]), torch.tensor([8])), (torch.tensor([5]), torch.tensor([8, 9, 10]))])
+    assert batch.src.tolist() == [[5, 6, 7], [5, 0, 0]]
+    assert batch.src_keep.tolist() == [[True, True, True], [True, False, False]]
+    assert batch.tgt_in.tolist() == [[BOS, 8, PAD, PAD], [BOS, 8, 9, 10]]
+    assert batch.tgt_out.tolist() == [[8, EOS, IGNORE_INDEX, IGNORE_INDEX], [8, 9, 10, EOS]]
+    assert batch.tgt_keep.tolist() == [[True, True, False, False], [True] * 4]
+
+
+def test_collate_pads_numeric_sources_to_batch_length_features():
+    collate = Collate(src_pad=0.0, tgt_pad=PAD, bos=BOS, eos=EOS)
+    batch = collate([(torch.ones(4, 3), torch.tensor([5])), (torch.ones(2, 3), torch.tensor([6]))])
+    assert batch.src.shape == (2, 4, 3)  # (B, S, F)
+    assert batch.src[1, 2:].abs().sum() == 0 and batch.src_keep.sum().item() == 6
+
+
+def test_over_long_and_empty_examples_are_rejected_and_counted_by_reason():
+    tok = _tokenizer()
+    split = Split([("a b c", "a"), ("a b c d e", "a"), ("", "a"), ("a", "a b c d")], rows_read=5,
+                  rejected=Counter({"malformed row": 1}))
+    kept, rejected = encode_split(split, tok, tok, max_src=4, max_tgt=4)
+    assert len(kept) == 1
+    assert rejected == {"malformed row": 1, "source longer than 4": 1, "empty source": 1,
+                        "target longer than 3": 1}
+    assert len(kept) + sum(rejected.values()) == split.rows_read
+
+
+def test_datamodule_reports_kept_plus_rejected_equals_rows_read(tmp_path):
+    tok = _tokenizer()
+    splits = {"train": Split([("a b", "b a"), ("a b c d e a b", "a")], rows_read=2),
+              "val": Split([("c", "c")], rows_read=1)}
+    dm = Seq2SeqDataModule(splits, tok, tok, LoaderSpec(batch_size=2), max_positions=5)
+    dm.setup("fit")
+    assert dm.report["train"] == {"rows_read": 2, "kept": 1, "rejected": {"source longer than 5": 1}}
+    batch = next(iter(dm.val_dataloader()))
+    assert batch.src.tolist() == [[tok.stoi["c"]]]
+
+
+def test_symbol_tokenizer_round_trips_and_names_unknown_symbols():
+    tok = _tokenizer()
+    assert tok.decode(tok.encode("c a e").tolist()) == "c a e"
+    assert tok.decode([BOS, tok.stoi["a"], EOS, PAD]) == "a"
+    restored = SymbolTokenizer()
+    restored.load_state_dict(tok.state_dict())
+    assert restored.itos == tok.itos
+    with pytest.raises(ValueError, match="'z'.*not in the vocabulary"):
+        tok.encode("a z")
