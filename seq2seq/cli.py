@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from seq2seq.config import check_overrides, validate
+from seq2seq.config import prepare_overrides, validate
 from seq2seq.data import LoaderSpec, Seq2SeqDataModule, Split
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.module import Seq2SeqModule, fit_tokenizers
@@ -61,7 +61,8 @@ def _write_metrics(trainer: L.Trainer, run_dir: Path, results: dict[str, Any]) -
         log.info("metrics: %s", json.dumps(results))
 
 
-def train(config: dict[str, Any], run_dir: Path) -> None:
+def train(config: dict[str, Any], run_dir: Path) -> Seq2SeqModule:
+    """Fit, then score the best checkpoint on every held-out split; returns the module with the best weights."""
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
     L.seed_everything(config["seed"], workers=True)
@@ -78,6 +79,7 @@ def train(config: dict[str, Any], run_dir: Path) -> None:
             run = trainer.validate if stage == "val" else trainer.test
             results.update(run(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0])
     _write_metrics(trainer, run_dir, {**results, "best_checkpoint": best})
+    return module
 
 
 def _load(config: dict[str, Any]) -> Seq2SeqModule:
@@ -141,7 +143,7 @@ def main() -> None:
         sys.exit(2)
     command = COMMANDS[sys.argv.pop(1)]
     try:
-        check_overrides(sys.argv[1:])
+        sys.argv[1:] = prepare_overrides(sys.argv[1:])
     except ConfigError as err:
         print(f"seq2seq: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -109,26 +109,34 @@ def _check_keys(schema: type, data: dict[str, Any], path: str) -> None:
             _check_keys(sub, value, f"{path}.{key}" if path else key)
 
 
-def check_overrides(overrides: list[str]) -> None:
-    """Check the keys of command-line overrides against the schema before Hydra composes.
+def prepare_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """Check command-line override keys against the schema before Hydra composes; return them ready for Hydra.
 
-    Hydra rejects a misspelt key too, but without naming the key that was meant. Group choices (`model=tiny`),
-    additions (`+x=..`), deletions and `hydra.*` keys are left to Hydra; plugin blocks are checked later, against
-    their registered constructors.
+    A misspelt schema key fails here with the key that was meant (Hydra would reject it without a hint).
+    A key inside a plugin block (`data.n_val=64`) becomes Hydra's add-or-override form (`++data.n_val=64`): a
+    plugin's options are its constructor's keyword arguments, and those its YAML leaves at their defaults are
+    still settable; the registry checks them after composition. Group choices (`model=tiny`), additions,
+    deletions and `hydra.*` keys pass unchanged.
     """
     parser = OverridesParser.create()
+    prepared = []
     for text in overrides:
         if text.startswith("-") or "=" not in text:
+            prepared.append(text)
             continue
         override = parser.parse_override(text)
         parts = override.key_or_group.split(".")
-        if override.is_add() or override.is_delete() or parts[0] in ("hydra", "experiment"):
+        if override.is_add() or override.is_delete() or override.is_force_add() or parts[0] in ("hydra", "experiment"):
+            prepared.append(text)
             continue
         schema: Any = Config
         for depth, key in enumerate(parts):
             if not dataclasses.is_dataclass(schema):
+                text = "++" + text  # inside a plugin block
                 break
             schema = _field_type(schema, key, ".".join(parts[:depth]))
+        prepared.append(text)
+    return prepared
 
 
 def _typed(data: dict[str, Any]) -> dict[str, Any]:
@@ -194,4 +202,4 @@ ConfigStore.instance().store(name="schema", node=Config)
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Compose `conf/` with command-line style overrides and validate it, without running a Hydra app."""
     with hydra.initialize_config_module("seq2seq_conf", version_base="1.3"):
-        return validate(hydra.compose("config", overrides=list(overrides)))
+        return validate(hydra.compose("config", overrides=prepare_overrides(overrides)))

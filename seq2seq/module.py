@@ -126,7 +126,10 @@ class Seq2SeqModule(L.LightningModule):
 
     @torch.no_grad()
     def predict(self, sources: list[Any], batch_size: int = 64) -> list[str]:
-        """Decode raw sources (as the domain's reader yields them) to output strings, in input order."""
+        """Decode raw sources (as the domain's reader yields them) to output strings, in input order.
+
+        Runs in eval mode (dropout off) whatever mode the module is in, and restores that mode afterwards.
+        """
         encoded = [self.src_tok.encode(s) for s in sources]
         limit = self.model.spec.max_positions
         bad = [i for i, s in enumerate(encoded, 1) if not 0 < len(s) <= limit]
@@ -136,11 +139,14 @@ class Seq2SeqModule(L.LightningModule):
         collate = Collate.for_tokenizers(self.src_tok, self.tgt_tok)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch together
         outputs = [""] * len(encoded)
+        was_training = self.training
+        self.eval()
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = collate([(encoded[i], torch.empty(0, dtype=torch.long)) for i in idx]).to(self.device)
             for i, hyp in zip(idx, self.generate(batch.src, batch.src_keep), strict=True):
                 outputs[i] = self.tgt_tok.decode(hyp)
+        self.train(was_training)
         return outputs
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
