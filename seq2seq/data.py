@@ -134,7 +134,7 @@ def encode_split(
 class Seq2SeqDataModule(L.LightningDataModule):
     """Encodes and batches the splits a reader read; writes the per-split counts to `report_path`."""
 
-    def __init__(  # noqa: PLR0913 - the data module's collaborators
+    def __init__(
         self,
         splits: dict[str, Split],
         src_tok: Tokenizer,

@@ -35,7 +35,7 @@ def _pick(logits: Tensor, allowed: Tensor | None) -> Tensor:
 
 
 @torch.no_grad()
-def greedy(  # noqa: PLR0913 - the search's inputs, all keyword-only past the model's
+def greedy(
     model: EncoderDecoder,
     src: Tensor,
     src_keep: Tensor,

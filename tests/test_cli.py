@@ -20,8 +20,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_train_writes_the_run_directory(tmp_path):
-    _cli("train", "experiment=copy", "data.n_train=256", "data.n_val=64", "data.n_test=64", "trainer.max_epochs=1", "trainer.log_every_n_steps=1",
-         "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}")
+    _cli("train", "experiment=copy", "data.n_train=256", "data.n_val=64", "data.n_test=64", "trainer.max_epochs=1",
+         "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert {"val/exact_match", "val/loss", "test/exact_match", "best_checkpoint"} <= set(metrics)
     assert Path(metrics["best_checkpoint"]).parent == tmp_path / "checkpoints"

@@ -5,7 +5,7 @@ from importlib import resources
 import pytest
 import torch
 
-from seq2seq.config import prepare_overrides, compose
+from seq2seq.config import compose, prepare_overrides
 from seq2seq.errors import ConfigError
 from seq2seq.module import Seq2SeqModule, fit_tokenizers
 from seq2seq.registry import DATASETS

@@ -1,8 +1,9 @@
 import torch
 
 from seq2seq.decoding import greedy, max_length, strip
-from seq2seq.testing import BOS, EOS, VOCAB as V, random_batch, tiny_model as make_model
-
+from seq2seq.testing import BOS, EOS, random_batch
+from seq2seq.testing import VOCAB as V
+from seq2seq.testing import tiny_model as make_model
 
 
 def test_cached_greedy_emits_exactly_the_tokens_of_uncached_greedy():

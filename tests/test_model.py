@@ -4,7 +4,8 @@ from torch import nn
 
 from seq2seq.errors import ConfigError
 from seq2seq.model import ModelSpec
-from seq2seq.testing import random_batch, tiny_model as make_model
+from seq2seq.testing import random_batch
+from seq2seq.testing import tiny_model as make_model
 
 
 def _copy_attention(ref: nn.MultiheadAttention, ours) -> None:

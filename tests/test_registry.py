@@ -26,7 +26,8 @@ def test_unknown_name_lists_the_registered_names_and_the_closest(widgets):
 
 
 def test_unknown_option_names_itself_and_the_accepted_options(widgets):
-    with pytest.raises(ConfigError, match=r"`widget\.teth`.*Did you mean `teeth`.*Accepted options: teeth, ratio, label"):
+    expected = r"`widget\.teth`.*Did you mean `teeth`.*Accepted options: teeth, ratio, label"
+    with pytest.raises(ConfigError, match=expected):
         widgets.build({"name": "gear", "teth": 3}, d_model=8)
 
 

@@ -84,7 +84,7 @@ class SyntheticTask:
 
     splits = ("train", "val", "test")
 
-    def __init__(  # noqa: PLR0913 - flat options are the schema of the `data:` block
+    def __init__(
         self,
         task: str = "reverse",
         n_symbols: int = 10,
