@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seq2seq.data import Batch
 from seq2seq.embeddings import SinusoidalPositions, TokenEmbedding
 from seq2seq.heads import LinearHead
 from seq2seq.model import EncoderDecoder, ModelSpec
+from seq2seq.module import sequence_loss
 
 PRESETS = {
     "small": {"d_model": 256, "n_heads": 4, "layers": 3, "d_ff": 1024, "vocab": 8000, "batch": 32, "length": 32},
@@ -92,11 +94,15 @@ def step_flops(p: dict, B: int) -> float:
 
 
 def time_steps(model: nn.Module, opt: torch.optim.Optimizer, data: list) -> float:
+    """Train on `data` once; ours through the loss its training uses, the hand-written one as users write it."""
     model.train()
     start = time.perf_counter()
     for src, src_keep, tgt_in, tgt_keep, tgt_out in data:
-        logits = model(src, src_keep, tgt_in, tgt_keep)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=-100)
+        if isinstance(model, EncoderDecoder):
+            loss = sequence_loss(model, Batch(src, src_keep, tgt_in, tgt_out))
+        else:
+            logits = model(src, src_keep, tgt_in, tgt_keep)  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from typing import Any
 
 import hydra
@@ -182,6 +183,9 @@ def _check_trainer(config: dict[str, Any]) -> None:
     unknown = set(config["loggers"]) - {"csv", "tensorboard"}
     if unknown:
         raise ConfigError(f"`loggers` may hold csv and tensorboard, got {sorted(unknown)}")
+    if "tensorboard" in config["loggers"] and not (find_spec("tensorboard") or find_spec("tensorboardX")):
+        raise ConfigError("`loggers` asks for tensorboard, which is not installed: "
+                          "`pip install 'seq2seq[tensorboard]'`, or drop it from `loggers`")
 
 
 def validate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:

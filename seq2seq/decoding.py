@@ -60,7 +60,7 @@ def greedy(
             logits = model.decode_step(tokens[:, -1], state)  # (B, V)
         else:
             keep = torch.ones_like(tokens, dtype=torch.bool)
-            logits = model.decode(tokens, memory, src_keep, keep)[:, -1]  # (B, V)
+            logits = model.head(model.decode(tokens, memory, src_keep, keep)[:, -1])  # (B, V)
         nxt = _pick(logits, allowed).masked_fill(done, eos)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         done |= nxt == eos

@@ -145,15 +145,16 @@ class EncoderDecoder(nn.Module):
         return self.encoder_norm(x)
 
     def decode(self, tgt_in: Tensor, memory: Tensor, src_keep: Tensor, tgt_keep: Tensor) -> Tensor:
-        """Teacher-forced decoder: tgt_in (B, T), memory (B, S, D) -> logits (B, T, V)."""
+        """Teacher-forced decoder: tgt_in (B, T), memory (B, S, D) -> hidden states (B, T, D), before the head."""
         y = self.drop(self.tgt_pos(self.tgt_embed(tgt_in)))  # (B, T, D)
         self_keep, memory_keep = causal_keep(tgt_keep), padding_keep(src_keep)  # (B, 1, T, T), (B, 1, 1, S)
         for layer in self.decoder:
             y = layer(y, memory, self_keep, memory_keep)
-        return self.head(self.decoder_norm(y))
+        return self.decoder_norm(y)
 
     def forward(self, src: Tensor, src_keep: Tensor, tgt_in: Tensor, tgt_keep: Tensor) -> Tensor:
-        return self.decode(tgt_in, self.encode(src, src_keep), src_keep, tgt_keep)  # (B, T, V)
+        """Teacher-forced logits (B, T, V)."""
+        return self.head(self.decode(tgt_in, self.encode(src, src_keep), src_keep, tgt_keep))
 
     def start_decoding(self, memory: Tensor, src_keep: Tensor, max_len: int) -> DecoderState:
         """Caches for up to `max_len` decoding steps over memory (B, S, D)."""

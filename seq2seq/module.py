@@ -93,6 +93,18 @@ def build_model(config: dict[str, Any], src_tok: Tokenizer, tgt_tok: Tokenizer) 
     return EncoderDecoder(spec, src_embed, tgt_embed, head)
 
 
+def sequence_loss(model: EncoderDecoder, batch: Batch, label_smoothing: float = 0.0) -> Tensor:
+    """Teacher-forced cross-entropy per real target token.
+
+    Only real target positions go through the output head and the softmax: padding would be scored and then
+    ignored, and with a large vocabulary the head is the largest matmul of the step.
+    """
+    keep = batch.tgt_keep  # (B, T)
+    hidden = model.decode(batch.tgt_in, model.encode(batch.src, batch.src_keep), batch.src_keep, keep)  # (B, T, D)
+    logits = model.head(hidden[keep])  # (N, V), N real target tokens
+    return F.cross_entropy(logits.float(), batch.tgt_out[keep], label_smoothing=label_smoothing)
+
+
 class Seq2SeqModule(L.LightningModule):
     def __init__(self, config: dict[str, Any], tokenizers: dict[str, Any]) -> None:
         super().__init__()
@@ -114,9 +126,7 @@ class Seq2SeqModule(L.LightningModule):
         return self.model(batch.src, batch.src_keep, batch.tgt_in, batch.tgt_keep)  # (B, T, V)
 
     def loss(self, batch: Batch) -> Tensor:
-        logits = self(batch)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch.tgt_out.flatten(),
-                               ignore_index=IGNORE_INDEX, label_smoothing=self.optim.label_smoothing)
+        return sequence_loss(self.model, batch, self.optim.label_smoothing)
 
     def generate(self, src: Tensor, src_keep: Tensor) -> list[list[int]]:
         """Greedy, cached decoding of a source batch; token ids per example, cut at EOS."""

@@ -92,7 +92,7 @@ class Registry:
         if "name" not in spec:
             raise ConfigError(f"`{where}` needs a `name`: one of {', '.join(self.names())}")
         name = spec["name"]
-        params = inspect.signature(self.get(name)).parameters
+        params = inspect.signature(self.get(name), eval_str=True).parameters
         context = set(context)
         accepted = [p for p in params if p not in context]
         for key, value in spec.items():
@@ -121,7 +121,7 @@ class Registry:
         where = where or self.kind
         self.check(spec, context, where)
         fn = self._entries[spec["name"]]
-        params = inspect.signature(fn).parameters
+        params = inspect.signature(fn, eval_str=True).parameters
         options = {k: v for k, v in spec.items() if k != "name"}
         return fn(**{k: v for k, v in context.items() if k in params}, **options)
 

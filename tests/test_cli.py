@@ -35,6 +35,14 @@ def test_train_writes_the_run_directory(tmp_path):
     assert ckpt["seq2seq"]["plugins"] == {"seq2seq_plugins.synthetic": ckpt["seq2seq"]["version"]}
 
 
+def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path):
+    config = compose(["experiment=copy", "trainer.precision=bf16-mixed", "trainer.max_epochs=1", "data.n_train=256",
+                      "data.n_val=32", "data.n_test=32", "trainer.enable_progress_bar=false"])
+    train(config, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+
+
 @pytest.fixture(scope="module")
 def reverse_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reverse")

@@ -92,3 +92,16 @@ def test_cli_prints_the_composed_config():
     result = _cli("train", "experiment=sort", "--cfg", "job")
     assert result.returncode == 0, result.stderr
     assert "task: sort" in result.stdout and "d_model: 64" in result.stdout
+
+
+def test_tensorboard_without_the_package_is_a_config_error(monkeypatch):
+    monkeypatch.setattr("seq2seq.config.find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"pip install 'seq2seq\[tensorboard\]'"):
+        compose(["loggers=[csv,tensorboard]"])
+
+
+def test_wrong_types_are_rejected_naming_the_key():
+    with pytest.raises(ConfigError, match=r"`data\.n_val` must be"):
+        compose(["experiment=copy", "data.n_val=many"])
+    with pytest.raises(Exception, match=r"model\.d_model"):  # Hydra's own type check on schema keys
+        compose(["model.d_model=wide"])

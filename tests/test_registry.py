@@ -1,3 +1,5 @@
+from __future__ import annotations  # string annotations, as plugin modules often have
+
 import pytest
 
 from seq2seq.errors import ConfigError
