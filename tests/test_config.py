@@ -10,8 +10,11 @@ from seq2seq.errors import ConfigError
 from seq2seq.module import Seq2SeqModule, fit_tokenizers
 from seq2seq.registry import DATASETS
 
-EXPERIMENTS = sorted(p.name[:-5] for p in (resources.files("seq2seq_conf") / "experiment").iterdir()
-                     if p.name.endswith(".yaml"))
+def _options(group: str) -> list[str]:
+    return sorted(p.name[:-5] for p in (resources.files("seq2seq_conf") / group).iterdir() if p.name.endswith(".yaml"))
+
+
+EXPERIMENTS = _options("experiment")
 
 
 def _module(config: dict) -> Seq2SeqModule:
@@ -27,6 +30,12 @@ def test_every_experiment_composes_and_builds_a_model_that_runs(experiment):
     out = module.generate(src, torch.ones_like(src, dtype=torch.bool))
     assert len(out) == 1
     assert isinstance(config["model"], dict) and "DictConfig" not in repr(type(config["model"]))
+
+
+@pytest.mark.parametrize("preset", _options("model"))
+def test_every_model_preset_builds(preset):
+    module = _module(compose([f"model={preset}"]))
+    assert module.model.spec.d_model == compose([f"model={preset}"])["model"]["d_model"]
 
 
 def test_base_preset_is_the_papers_model():
