@@ -1,6 +1,6 @@
-"""Autoregressive decoding over the encoder-decoder: greedy search on the key/value cache.
+"""Autoregressive decoding over the encoder-decoder: greedy and batched beam search on the key/value cache.
 
-Shapes: B batch, S source length, L decoded length, V output vocabulary.
+Shapes: B batch, S source length, K beam, N n-best, L decoded length, V output vocabulary.
 Search loops call `EncoderDecoder.decode_step`; the uncached path recomputes the whole prefix each step and exists
 to prove the cache exact. A label domain passes `allowed` (V,) to restrict the search to its label set.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from seq2seq.model import EncoderDecoder
+from seq2seq.model import DecoderState, EncoderDecoder
 
 
 @dataclass
@@ -21,6 +21,8 @@ class DecodeSpec:
 
     max_len_a: float = 1.0
     max_len_b: int = 10
+    beam: int = 1  # 1 = greedy search
+    length_penalty: float = 0.0  # GNMT alpha: final scores are divided by ((5 + length) / 6) ** alpha
 
 
 def max_length(src_keep: Tensor, a: float, b: int) -> int:
@@ -28,10 +30,15 @@ def max_length(src_keep: Tensor, a: float, b: int) -> int:
     return max(1, int(a * int(src_keep.sum(1).max()) + b))
 
 
-def _pick(logits: Tensor, allowed: Tensor | None) -> Tensor:
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    return logits.argmax(-1)  # (B,)
+def _next_logits(model: EncoderDecoder, tokens: Tensor, memory: Tensor, src_keep: Tensor,
+                 state: DecoderState | None, allowed: Tensor | None) -> Tensor:
+    """Logits (B, V) for the position after `tokens` (B, 1 + t), through the cache when there is one."""
+    if state is not None:
+        logits = model.decode_step(tokens[:, -1], state)
+    else:
+        keep = torch.ones_like(tokens, dtype=torch.bool)
+        logits = model.head(model.decode(tokens, memory, src_keep, keep)[:, -1])
+    return logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
 
 
 @torch.no_grad()
@@ -56,17 +63,72 @@ def greedy(
     done = torch.zeros(B, dtype=torch.bool, device=src.device)
     state = model.start_decoding(memory, src_keep, max_len) if use_cache else None
     for _ in range(max_len):
-        if state is not None:
-            logits = model.decode_step(tokens[:, -1], state)  # (B, V)
-        else:
-            keep = torch.ones_like(tokens, dtype=torch.bool)
-            logits = model.head(model.decode(tokens, memory, src_keep, keep)[:, -1])  # (B, V)
-        nxt = _pick(logits, allowed).masked_fill(done, eos)
+        nxt = _next_logits(model, tokens, memory, src_keep, state, allowed).argmax(-1).masked_fill(done, eos)  # (B,)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         done |= nxt == eos
         if bool(done.all()):
             break
     return tokens[:, 1:]
+
+
+@dataclass
+class Hypotheses:
+    """The n-best of a beam search, best first: tokens (B, N, L) EOS-padded, scores (B, N) after length penalty."""
+
+    tokens: Tensor
+    scores: Tensor
+
+
+@torch.no_grad()
+def beam_search(  # noqa: PLR0913 - the search's inputs, all keyword-only past the model's
+    model: EncoderDecoder,
+    src: Tensor,
+    src_keep: Tensor,
+    *,
+    bos: int,
+    eos: int,
+    max_len: int,
+    beam: int,
+    n_best: int = 1,
+    length_penalty: float = 0.0,
+    allowed: Tensor | None = None,
+    use_cache: bool = True,
+) -> Hypotheses:
+    """Batched beam search; the score of a hypothesis is its summed token log-probability.
+
+    A finished hypothesis (it emitted EOS) keeps its score and competes with the live ones; it can only be extended
+    by EOS at no cost. The length penalty re-ranks the final beam.
+    """
+    if not 1 <= n_best <= beam:
+        raise ValueError(f"n_best ({n_best}) must be between 1 and the beam size ({beam})")
+    B, K = src.shape[0], beam
+    memory = model.encode(src, src_keep).repeat_interleave(K, dim=0)  # (B*K, S, D)
+    keep = src_keep.repeat_interleave(K, dim=0)  # (B*K, S)
+    state = model.start_decoding(memory, keep, max_len) if use_cache else None
+    tokens = torch.full((B * K, 1), bos, dtype=torch.long, device=src.device)  # (B*K, 1 + t)
+    scores = torch.full((B, K), float("-inf"), device=src.device)
+    scores[:, 0] = 0.0  # every beam starts as the same empty hypothesis: expand only one
+    done = torch.zeros(B * K, dtype=torch.bool, device=src.device)
+    for _ in range(max_len):
+        logp = _next_logits(model, tokens, memory, keep, state, allowed).float().log_softmax(-1)  # (B*K, V)
+        logp[done] = float("-inf")
+        logp[done, eos] = 0.0
+        V = logp.shape[-1]
+        top, index = (scores.view(-1, 1) + logp).view(B, K * V).topk(K, dim=-1)  # (B, K)
+        rows = (torch.arange(B, device=src.device)[:, None] * K + index // V).view(-1)  # (B*K,) source beams
+        nxt = (index % V).view(-1)
+        tokens = torch.cat([tokens[rows], nxt[:, None]], dim=1)
+        done = done[rows] | (nxt == eos)
+        scores = top
+        if state is not None:
+            state.reorder(rows)
+        if bool(done.all()):
+            break
+    out = tokens[:, 1:].view(B, K, -1)  # (B, K, L)
+    length = ((out != eos).cumprod(-1).sum(-1) + (out == eos).any(-1).long()).clamp(min=1)  # tokens incl. EOS
+    final = scores / ((5.0 + length) / 6.0) ** length_penalty
+    order = final.argsort(dim=-1, descending=True)[:, :n_best]  # (B, N)
+    return Hypotheses(out.gather(1, order[..., None].expand(-1, -1, out.shape[-1])), final.gather(1, order))
 
 
 def strip(tokens: Tensor, eos: int) -> list[list[int]]:

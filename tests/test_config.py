@@ -10,6 +10,7 @@ from seq2seq.errors import ConfigError
 from seq2seq.module import Seq2SeqModule, fit_tokenizers
 from seq2seq.registry import DATASETS
 
+
 def _options(group: str) -> list[str]:
     return sorted(p.name[:-5] for p in (resources.files("seq2seq_conf") / group).iterdir() if p.name.endswith(".yaml"))
 
