@@ -78,8 +78,17 @@ def train(config: dict[str, Any], run_dir: Path) -> Seq2SeqModule:
         if stage in splits:
             run = trainer.validate if stage == "val" else trainer.test
             results.update(run(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0])
-    _write_metrics(trainer, run_dir, {**results, "best_checkpoint": best})
+    _write_metrics(trainer, run_dir, {**results, **_report(reader, trainer, module, splits, run_dir),
+                                      "best_checkpoint": best})
     return module
+
+
+def _report(reader: Any, trainer: L.Trainer, module: Seq2SeqModule, splits: dict[str, Split],
+            run_dir: Path) -> dict[str, Any]:
+    """A domain's own scores, baselines and plots (optional reader hook `report`), computed once, on rank 0."""
+    if not hasattr(reader, "report") or not trainer.is_global_zero:
+        return {}
+    return reader.report(module.eval(), splits, run_dir)
 
 
 def _load(config: dict[str, Any]) -> Seq2SeqModule:
@@ -103,21 +112,30 @@ def evaluate(config: dict[str, Any], run_dir: Path) -> None:
         results.update(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
     if "test" in splits:
         results.update(trainer.test(module, datamodule=datamodule, verbose=False)[0])
-    _write_metrics(trainer, run_dir, {**results, "checkpoint": config["ckpt"]})
+    report = _report(reader, trainer, module, {"train": reader.read("train"), **splits}, run_dir)
+    _write_metrics(trainer, run_dir, {**results, **report, "checkpoint": config["ckpt"]})
 
 
 def predict(config: dict[str, Any], run_dir: Path) -> None:
-    """Decode every source in `input=FILE` with nothing but the checkpoint; one output line per input line."""
+    """Decode every source in `input=FILE` with nothing but the checkpoint.
+
+    A reader with a `write_predictions` hook writes its own format (e.g. a CSV of label probabilities); otherwise
+    each input line gets one output line.
+    """
     if not config["input"]:
         raise ConfigError("`seq2seq predict` needs `input=FILE` (one source per line)")
     module = _load(config)
     reader = DATASETS.build(module.config["data"], "data")
     sources = reader.read_inputs(config["input"])
+    output = Path(config["output"] or run_dir / "predictions.txt")
+    if hasattr(reader, "write_predictions"):
+        reader.write_predictions(module.eval(), sources, output)
+        log.info("wrote predictions for %d inputs to %s", len(sources), output)
+        return
     try:
         outputs = module.predict(sources, module.config["loader"]["batch_size"])
     except DataError as err:
         raise DataError(f"{config['input']}: {err}") from None
-    output = Path(config["output"] or run_dir / "predictions.txt")
     output.write_text("".join(line + "\n" for line in outputs), encoding="utf-8")
     log.info("wrote %d predictions to %s", len(outputs), output)
 

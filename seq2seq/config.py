@@ -156,7 +156,7 @@ def _typed(data: dict[str, Any]) -> dict[str, Any]:
 def _check_components(config: dict[str, Any]) -> None:
     DATASETS.check(config["data"], (), "data")
     TOKENIZERS.check(config["tokenizer"]["src"], (), "tokenizer.src")
-    context = ("d_model", "vocab_size", "padding_idx")
+    context = ("d_model", "vocab_size", "padding_idx", "n_features")
     EMBEDDINGS.check(config["embedding"]["src"], context, "embedding.src")
     if config["tokenizer"]["tgt"] is not None:
         TOKENIZERS.check(config["tokenizer"]["tgt"], (), "tokenizer.tgt")

@@ -52,7 +52,12 @@ class Split:
 
 
 class Reader(Protocol):
-    """A domain's data source; registered in `DATASETS` and configured by the `data:` block."""
+    """A domain's data source; registered in `DATASETS` and configured by the `data:` block.
+
+    Optional hooks: `report(module, splits, run_dir) -> dict` adds domain scores, baselines and plots to
+    metrics.json after training and evaluation; `write_predictions(module, sources, path)` gives `seq2seq predict`
+    a domain output format.
+    """
 
     splits: tuple[str, ...]  # e.g. ("train", "val", "test")
 

@@ -22,6 +22,7 @@ class DecodeSpec:
     max_len_a: float = 1.0
     max_len_b: int = 10
     beam: int = 1  # 1 = greedy search
+    one_shot: bool = False  # decode all max_len positions in one pass from BOS inputs (label domains)
     length_penalty: float = 0.0  # GNMT alpha: final scores are divided by ((5 + length) / 6) ** alpha
 
 
@@ -69,6 +70,20 @@ def greedy(
         if bool(done.all()):
             break
     return tokens[:, 1:]
+
+
+def one_shot_input(like: Tensor, bos: int) -> Tensor:
+    """Decoder input of one-shot mode: BOS at every position, so each position predicts from memory alone."""
+    return torch.full_like(like, bos)
+
+
+@torch.no_grad()
+def one_shot(model: EncoderDecoder, src: Tensor, src_keep: Tensor, *, bos: int, length: int,
+             allowed: Tensor | None = None) -> Tensor:
+    """All `length` positions in one decoder pass: tokens (B, L). Pairs with models trained in one-shot mode."""
+    tgt_in = one_shot_input(torch.empty(src.shape[0], length, dtype=torch.long, device=src.device), bos)
+    logits = model(src, src_keep, tgt_in, torch.ones_like(tgt_in, dtype=torch.bool))  # (B, L, V)
+    return logits.argmax(-1) if allowed is None else logits.masked_fill(~allowed, float("-inf")).argmax(-1)
 
 
 @dataclass

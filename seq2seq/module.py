@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from seq2seq.data import IGNORE_INDEX, Batch, Collate, Tokenizer
-from seq2seq.decoding import DecodeSpec, greedy, max_length, strip
+from seq2seq.decoding import DecodeSpec, beam_search, greedy, max_length, one_shot, one_shot_input, strip
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.model import EncoderDecoder, ModelSpec
 from seq2seq.registry import EMBEDDINGS, HEADS, METRICS, TOKENIZERS
@@ -75,7 +75,8 @@ def build_model(config: dict[str, Any], src_tok: Tokenizer, tgt_tok: Tokenizer) 
     spec = ModelSpec(**config["model"])
     d = spec.d_model
     src_embed = EMBEDDINGS.build(config["embedding"]["src"], "embedding.src", d_model=d,
-                                 vocab_size=src_tok.vocab_size, padding_idx=src_tok.pad_id)
+                                 vocab_size=src_tok.vocab_size, padding_idx=src_tok.pad_id,
+                                 n_features=getattr(src_tok, "n_features", None))
     if spec.share_embeddings:
         if src_tok is not tgt_tok:
             raise ConfigError("`model.share_embeddings=true` needs one joint vocabulary: set `tokenizer.tgt` to "
@@ -114,6 +115,12 @@ class Seq2SeqModule(L.LightningModule):
         self.model = build_model(config, self.src_tok, self.tgt_tok)
         self.optim = OptimSpec(**config["optim"])
         self.decode_spec = DecodeSpec(**config["decode"])
+        # A label domain's target tokenizer names its label ids; decoding then emits nothing else.
+        self.label_ids: list[int] | None = getattr(self.tgt_tok, "label_ids", None)
+        allowed = torch.zeros(self.tgt_tok.vocab_size, dtype=torch.bool)
+        if self.label_ids is not None:
+            allowed[self.label_ids] = True
+        self.register_buffer("allowed", allowed if self.label_ids is not None else None, persistent=False)
         self.metrics = nn.ModuleDict({
             stage: MetricCollection(
                 {name: METRICS.build({"name": name}, "metrics", tokenizer=self.tgt_tok) for name in config["metrics"]},
@@ -126,13 +133,41 @@ class Seq2SeqModule(L.LightningModule):
         return self.model(batch.src, batch.src_keep, batch.tgt_in, batch.tgt_keep)  # (B, T, V)
 
     def loss(self, batch: Batch) -> Tensor:
+        if self.decode_spec.one_shot:
+            batch = Batch(batch.src, batch.src_keep, one_shot_input(batch.tgt_in, self.tgt_tok.bos_id), batch.tgt_out)
         return sequence_loss(self.model, batch, self.optim.label_smoothing)
 
+    def decode_tokens(self, src: Tensor, src_keep: Tensor) -> Tensor:
+        """Decode a source batch with the configured search (greedy, beam or one-shot): tokens (B, L)."""
+        spec, tok = self.decode_spec, self.tgt_tok
+        max_len = max_length(src_keep, spec.max_len_a, spec.max_len_b)
+        if spec.one_shot:
+            return one_shot(self.model, src, src_keep, bos=tok.bos_id, length=max_len, allowed=self.allowed)
+        if spec.beam > 1:
+            return beam_search(self.model, src, src_keep, bos=tok.bos_id, eos=tok.eos_id, max_len=max_len,
+                               beam=spec.beam, length_penalty=spec.length_penalty, allowed=self.allowed).tokens[:, 0]
+        return greedy(self.model, src, src_keep, bos=tok.bos_id, eos=tok.eos_id, max_len=max_len, allowed=self.allowed)
+
     def generate(self, src: Tensor, src_keep: Tensor) -> list[list[int]]:
-        """Greedy, cached decoding of a source batch; token ids per example, cut at EOS."""
-        max_len = max_length(src_keep, self.decode_spec.max_len_a, self.decode_spec.max_len_b)
-        tokens = greedy(self.model, src, src_keep, bos=self.tgt_tok.bos_id, eos=self.tgt_tok.eos_id, max_len=max_len)
-        return strip(tokens, self.tgt_tok.eos_id)
+        """Decoded token ids per example, cut at EOS."""
+        return strip(self.decode_tokens(src, src_keep), self.tgt_tok.eos_id)
+
+    @torch.no_grad()
+    def label_probabilities(self, src: Tensor, src_keep: Tensor) -> Tensor:
+        """Label domains: (B, L, C) probability of each label (in `label_ids` order) at each decoded position.
+
+        Autoregressive mode conditions position k on the decoded labels before it; one-shot mode on nothing.
+        """
+        if self.label_ids is None:
+            raise ConfigError("label probabilities need a target tokenizer with `label_ids` (a label domain)")
+        tokens = self.decode_tokens(src, src_keep)  # (B, L)
+        bos = self.tgt_tok.bos_id
+        if self.decode_spec.one_shot:
+            tgt_in = one_shot_input(tokens, bos)
+        else:
+            tgt_in = torch.cat([torch.full_like(tokens[:, :1], bos), tokens[:, :-1]], dim=1)
+        logits = self.model(src, src_keep, tgt_in, torch.ones_like(tgt_in, dtype=torch.bool))  # (B, L, V)
+        return logits[..., self.label_ids].float().softmax(-1)
 
     @torch.no_grad()
     def predict(self, sources: list[Any], batch_size: int = 64) -> list[str]:
@@ -166,11 +201,15 @@ class Seq2SeqModule(L.LightningModule):
 
     def _score(self, stage: str, batch: Batch) -> None:
         self.log(f"{stage}/loss", self.loss(batch), prog_bar=True, sync_dist=True, batch_size=batch.src.shape[0])
+        if not self.metrics[stage]:
+            return  # nothing to decode for
         eos = self.tgt_tok.eos_id
         refs = strip(batch.tgt_out.masked_fill(batch.tgt_out == IGNORE_INDEX, eos), eos)
         self.metrics[stage].update(self.generate(batch.src, batch.src_keep), refs)
 
     def _log_metrics(self, stage: str) -> None:
+        if not self.metrics[stage]:
+            return
         self.log_dict(self.metrics[stage].compute(), prog_bar=True)
         self.metrics[stage].reset()
 
