@@ -10,6 +10,7 @@ Convert only at the boundary with APIs of the opposite meaning (``nn.MultiheadAt
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,15 @@ class MultiHeadAttention(nn.Module):
         else:
             q, (k, v) = self._q(x), self._kv(memory)
         return self._attend(q, k, v, keep)
+
+    @torch.no_grad()
+    def weights(self, x: Tensor, memory: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+        """Attention probabilities (B, H, T, L) of `forward(x, memory, keep)`, for inspection and plots."""
+        q, k = self._q(x), self._kv(x if memory is None else memory)[0]
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, L)
+        if keep is not None:
+            scores = scores.masked_fill(~keep, float("-inf"))
+        return scores.softmax(-1)
 
     def empty_cache(self, batch: int, capacity: int, like: Tensor) -> KVCache:
         shape = (batch, self.n_heads, capacity, self.d_model // self.n_heads)  # (B, H, capacity, Dh)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -155,6 +156,22 @@ class EncoderDecoder(nn.Module):
     def forward(self, src: Tensor, src_keep: Tensor, tgt_in: Tensor, tgt_keep: Tensor) -> Tensor:
         """Teacher-forced logits (B, T, V)."""
         return self.head(self.decode(tgt_in, self.encode(src, src_keep), src_keep, tgt_keep))
+
+    @torch.no_grad()
+    def cross_attention(self, src: Tensor, src_keep: Tensor, tgt_in: Tensor) -> Tensor:
+        """Last decoder layer's cross-attention probabilities (B, H, T, S) on a teacher-forced pass."""
+        seen: dict[str, Tensor] = {}
+        layer = self.decoder[-1].cross_attn
+
+        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen["x"], seen["memory"], seen["keep"] = args[0], args[1], kwargs["keep"]
+
+        handle = layer.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            self(src, src_keep, tgt_in, torch.ones_like(tgt_in, dtype=torch.bool))
+        finally:
+            handle.remove()
+        return layer.weights(seen["x"], seen["memory"], seen["keep"])
 
     def start_decoding(self, memory: Tensor, src_keep: Tensor, max_len: int) -> DecoderState:
         """Caches for up to `max_len` decoding steps over memory (B, S, D)."""

@@ -8,6 +8,7 @@ teacher-forced loss, decodes for validation metrics and sets up the optimizer. I
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -169,12 +170,8 @@ class Seq2SeqModule(L.LightningModule):
         logits = self.model(src, src_keep, tgt_in, torch.ones_like(tgt_in, dtype=torch.bool))  # (B, L, V)
         return logits[..., self.label_ids].float().softmax(-1)
 
-    @torch.no_grad()
-    def predict(self, sources: list[Any], batch_size: int = 64) -> list[str]:
-        """Decode raw sources (as the domain's reader yields them) to output strings, in input order.
-
-        Runs in eval mode (dropout off) whatever mode the module is in, and restores that mode afterwards.
-        """
+    def _source_batches(self, sources: list[Any], batch_size: int) -> Iterator[tuple[list[int], Batch]]:
+        """Encode raw sources and batch them by length; yields (input positions, batch) in eval mode."""
         encoded = [self.src_tok.encode(s) for s in sources]
         limit = self.model.spec.max_positions
         bad = [i for i, s in enumerate(encoded, 1) if not 0 < len(s) <= limit]
@@ -183,16 +180,37 @@ class Seq2SeqModule(L.LightningModule):
                             f"the model's {limit} positions; shorten or split them")
         collate = Collate.for_tokenizers(self.src_tok, self.tgt_tok)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch together
-        outputs = [""] * len(encoded)
         was_training = self.training
         self.eval()
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = collate([(encoded[i], torch.empty(0, dtype=torch.long)) for i in idx]).to(self.device)
+        try:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                yield idx, collate([(encoded[i], torch.empty(0, dtype=torch.long)) for i in idx]).to(self.device)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def predict(self, sources: list[Any], batch_size: int = 64) -> list[str]:
+        """Decode raw sources (as the domain's reader yields them) to output strings, in input order.
+
+        Runs in eval mode (dropout off) whatever mode the module is in, and restores that mode afterwards.
+        """
+        outputs = [""] * len(sources)
+        for idx, batch in self._source_batches(sources, batch_size):
             for i, hyp in zip(idx, self.generate(batch.src, batch.src_keep), strict=True):
                 outputs[i] = self.tgt_tok.decode(hyp)
-        self.train(was_training)
         return outputs
+
+    def predict_probabilities(self, sources: list[Any], batch_size: int = 256) -> Tensor:
+        """Label domains: (N, L, C) label probabilities per decoded position, in input order (eval mode)."""
+        parts: list[tuple[list[int], Tensor]] = [
+            (idx, self.label_probabilities(batch.src, batch.src_keep).cpu())
+            for idx, batch in self._source_batches(sources, batch_size)
+        ]
+        out = torch.empty(len(sources), *parts[0][1].shape[1:])
+        for idx, probs in parts:
+            out[idx] = probs
+        return out
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss = self.loss(batch)

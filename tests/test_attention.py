@@ -82,3 +82,15 @@ def test_a_full_cache_raises_instead_of_overwriting():
     attn.step(torch.randn(1, 1, D), cache)
     with pytest.raises(RuntimeError, match="cache is full"):
         attn.step(torch.randn(1, 1, D), cache)
+
+
+def test_attention_weights_reproduce_the_output_and_respect_the_mask():
+    attn = _attention()
+    x, mem = torch.randn(B, T, D), torch.randn(B, S, D)
+    keep = padding_keep(_keep(B, S, [7, 4, 1]))
+    w = attn.weights(x, mem, keep)  # (B, H, T, S)
+    torch.testing.assert_close(w.sum(-1), torch.ones(B, H, T))
+    assert (w[1, ..., 4:] == 0).all() and (w[2, ..., 1:] == 0).all()
+    D_ = attn.d_model
+    v = split_heads(F.linear(mem, attn.in_proj.weight[2 * D_ :], attn.in_proj.bias[2 * D_ :]), H)
+    torch.testing.assert_close(attn.out_proj(merge_heads(w @ v)), attn(x, mem, keep=keep), atol=1e-6, rtol=1e-5)

@@ -108,3 +108,10 @@ def test_over_long_sequence_is_a_clear_error(model):
 def test_model_spec_rejects_bad_settings_naming_them(field, value, message):
     with pytest.raises(ConfigError, match=message):
         ModelSpec(d_model=32, **{field: value})
+
+
+def test_cross_attention_maps_cover_the_real_source_positions_only(model):
+    src, src_keep, tgt, _ = random_batch()
+    w = model.cross_attention(src, src_keep, tgt)  # (B, H, T, S)
+    assert w.shape == (4, model.spec.n_heads, tgt.shape[1], src.shape[1])
+    assert (w.masked_fill(src_keep[:, None, None, :], 0) == 0).all()
