@@ -75,8 +75,10 @@ def build_model(config: dict[str, Any], src_tok: Tokenizer, tgt_tok: Tokenizer) 
     """Assemble embeddings, core and head from config; tie weights as configured."""
     spec = ModelSpec(**config["model"])
     d = spec.d_model
+    # Context a numeric source tokenizer has no notion of (vocab_size, padding_idx) is None, and vice versa.
     src_embed = EMBEDDINGS.build(config["embedding"]["src"], "embedding.src", d_model=d,
-                                 vocab_size=src_tok.vocab_size, padding_idx=src_tok.pad_id,
+                                 vocab_size=getattr(src_tok, "vocab_size", None),
+                                 padding_idx=getattr(src_tok, "pad_id", None),
                                  n_features=getattr(src_tok, "n_features", None))
     if spec.share_embeddings:
         if src_tok is not tgt_tok:
