@@ -198,7 +198,7 @@ class DailyWindows:
         if self.nan_policy == "impute":
             frame[self.features] = frame[self.features].ffill(limit=self.impute_limit)
         if self.calendar:
-            angle = 2 * np.pi * frame["date"].dt.dayofyear.to_numpy() / 365.25
+            angle = 2 * np.pi * frame["date"].dt.day_of_year.to_numpy() / 365.25
             frame = frame.assign(doy_sin=np.sin(angle), doy_cos=np.cos(angle))
         return frame
 

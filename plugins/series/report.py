@@ -17,17 +17,17 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
-from torchmetrics.functional.classification import (  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from torchmetrics.functional.classification import (
     binary_auroc,
     binary_average_precision,
     binary_f1_score,
 )
 
-from seq2seq.data import Split  # noqa: E402
+from seq2seq.data import Split
 
 POSITIVE = 1  # the label value whose probability is scored
 
@@ -61,13 +61,13 @@ def climatology(train: Split, windows: list, horizon: int) -> np.ndarray:
     hits, days = np.zeros(367), np.zeros(367)
     for window, target in train.pairs:
         for k, label in enumerate(target, 1):
-            doy = (window.end + np.timedelta64(k, "D")).dayofyear
+            doy = (window.end + np.timedelta64(k, "D")).day_of_year
             hits[doy] += label
             days[doy] += 1
     kernel = np.ones(31)
     circular = lambda a: np.convolve(np.concatenate([a[-15:], a, a[:15]]), kernel, "valid")  # noqa: E731
     rate = circular(hits[1:]) / np.maximum(circular(days[1:]), 1)  # index doy - 1
-    return np.array([[rate[(w.end + np.timedelta64(k, "D")).dayofyear - 1] for k in range(1, horizon + 1)]
+    return np.array([[rate[(w.end + np.timedelta64(k, "D")).day_of_year - 1] for k in range(1, horizon + 1)]
                      for w in windows])
 
 

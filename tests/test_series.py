@@ -1,0 +1,195 @@
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+
+from seq2seq import compose, train
+from seq2seq.errors import DataError
+from seq2seq.module import Seq2SeqModule, fit_tokenizers
+from seq2seq_plugins.series import DailyWindows, LabelTokenizer, Standardizer
+from seq2seq_plugins.series.report import scores
+
+
+def _csv(path: Path, frame: pd.DataFrame) -> str:
+    frame.to_csv(path, index=False, date_format="%Y-%m-%d")
+    return str(path)
+
+
+def _frame(days: int, start: str = "2000-01-01", seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"date": pd.date_range(start, periods=days, freq="D"),
+                         "x": rng.normal(size=days).round(3), "y": rng.integers(0, 2, days)})
+
+
+def test_windowing_counts_gaps_split_boundaries_and_missing_labels(tmp_path):
+    frame = _frame(40)  # 2000-01-01 .. 2000-02-09
+    frame = frame.drop(index=[20]).reset_index(drop=True)  # a gap on 2000-01-21
+    frame.loc[30, "y"] = np.nan  # a missing label
+    reader = DailyWindows(path=_csv(tmp_path / "d.csv", frame), features=["x"], label="y", window=5, horizon=2,
+                          calendar=False, val_from=2001, test_from=2002)
+    train = reader.read("train")
+    # 39 rows -> 33 windows of 7 days; 6 straddle the gap (they start on rows 14-19), 2 hold the missing label.
+    assert train.rows_read == 33
+    assert dict(train.rejected) == {"straddles a gap in the dates": 6, "missing label": 2}
+    assert len(train.pairs) == 33 - 8
+    assert all(len(w.values) == 5 and len(t) == 2 for w, t in train.pairs)
+
+
+def test_a_window_crossing_a_split_boundary_is_rejected_once(tmp_path):
+    path = _csv(tmp_path / "d.csv", _frame(20, start="2000-12-20"))
+    reader = DailyWindows(path=path, features=["x"], label="y", window=3, horizon=1, calendar=False,
+                          val_from=2001, test_from=2002)
+    train, val, test = (reader.read(s) for s in ("train", "val", "test"))
+    assert train.rejected == {"crosses a split boundary": 3}
+    assert train.rows_read + val.rows_read + test.rows_read == 20 - 4 + 1
+    assert all(w.end.year == 2001 for w, _ in val.pairs)
+
+
+def test_the_error_nan_policy_names_the_csv_lines(tmp_path):
+    frame = _frame(30)
+    frame["x"] = frame["x"].astype(object)
+    frame.loc[[4, 9], "x"] = ""
+    path = _csv(tmp_path / "d.csv", frame)
+    with pytest.raises(DataError, match=r"2 row\(s\) with a missing reading, line\(s\) \[6, 11\]"):
+        DailyWindows(path=path, features=["x"], label="y", window=5, horizon=1).read("train")
+    frame.loc[4, "x"] = "warm"
+    _csv(tmp_path / "d.csv", frame)
+    with pytest.raises(DataError, match=r"`x` is not a finite number on line\(s\) \[6\]"):
+        DailyWindows(path=path, features=["x"], label="y", window=5, horizon=1).read("train")
+
+
+def test_imputation_fills_short_gaps_and_rejects_what_remains(tmp_path):
+    frame = _frame(30)
+    frame.loc[5:9, "x"] = np.nan  # five missing days; impute_limit 2 fills the first two
+    reader = DailyWindows(path=_csv(tmp_path / "d.csv", frame), features=["x"], label="y", window=5, horizon=1,
+                          nan_policy="impute", impute_limit=2, calendar=False)
+    split = reader.read("train")
+    assert split.rejected["missing reading after imputation"] > 0
+    assert all(not np.isnan(w.values).any() for w, _ in split.pairs)
+    assert split.rows_read == len(split.pairs) + sum(split.rejected.values())
+
+
+def test_the_scaler_sees_only_training_rows(tmp_path):
+    frame = _frame(90, start="2000-11-01")
+    frame.loc[frame["date"].dt.year >= 2001, "x"] = 1000.0  # validation years hold huge values
+    reader = DailyWindows(path=_csv(tmp_path / "d.csv", frame), features=["x"], label="y", window=5, horizon=1,
+                          calendar=False, val_from=2001, test_from=2002)
+    scaler = Standardizer()
+    scaler.fit([w for w, _ in reader.read("train").pairs])
+    assert abs(scaler.mean[0]) < 1.0 and scaler.std[0] < 2.0
+    val_window = reader.read("val").pairs[0][0]
+    assert scaler.encode(val_window).min() > 100  # far outside the training distribution, as it should be
+
+
+def test_masking_missing_readings_adds_indicators_and_no_nan_reaches_a_tensor(tmp_path):
+    frame = _frame(20)
+    frame.loc[3, "x"] = np.nan
+    reader = DailyWindows(path=_csv(tmp_path / "d.csv", frame), features=["x"], label="y", window=5, horizon=1,
+                          nan_policy="mask", calendar=False)
+    pairs = reader.read("train").pairs
+    with pytest.raises(DataError, match="mask_missing"):
+        strict = Standardizer()
+        strict.fit([w for w, _ in pairs])
+        strict.encode(pairs[0][0])
+    scaler = Standardizer(mask_missing=True)
+    scaler.fit([w for w, _ in pairs])
+    x = scaler.encode(pairs[0][0])  # (W, 2F)
+    assert x.shape == (5, 2) and torch.isfinite(x).all() and x[3, 1] == 1 and x[3, 0] == 0
+
+
+def test_label_tokenizer_round_trips_and_names_its_label_ids():
+    tok = LabelTokenizer()
+    tok.fit([[0, 1, 0], [0, 0, 0]])
+    assert tok.label_ids == [3, 4]
+    assert tok.decode(tok.encode([1, 0, 1]).tolist()) == "1 0 1"
+
+
+def _storm_module(overrides: list[str] = ()) -> tuple[Seq2SeqModule, DailyWindows]:
+    config = compose(["experiment=storm_onset", *overrides])
+    reader = DailyWindows(**{k: v for k, v in config["data"].items() if k != "name"})
+    return Seq2SeqModule(config, fit_tokenizers(config, reader.read("train").pairs[:500])), reader
+
+
+@pytest.mark.parametrize("mode", ["decode.one_shot=false", "decode.one_shot=true", "decode.beam=3"])
+def test_label_decoding_never_emits_a_non_label_token(mode):
+    module, reader = _storm_module([mode])
+    windows = [w for w, _ in reader.read("val").pairs[:64]]
+    for _, batch in module._source_batches(windows, 64):
+        tokens = module.decode_tokens(batch.src, batch.src_keep)
+        assert tokens.shape[1] == 7 and set(tokens.unique().tolist()) <= set(module.label_ids)
+    probs = module.predict_probabilities(windows)  # (N, H, C)
+    assert probs.shape == (64, 7, 2)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(64, 7))
+
+
+def test_scores_equal_the_reference_formulas():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p = np.clip(y * 0.3 + rng.random(200) * 0.7, 0, 1)
+    got = scores(p, y, threshold=0.5)
+    assert got["auroc"] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
+    assert got["ap"] == pytest.approx(average_precision_score(y, p), abs=1e-6)
+    assert got["brier"] == pytest.approx(np.mean((p - y) ** 2), abs=1e-6)
+    assert got["f1"] == pytest.approx(f1_score(y, p > 0.5), abs=1e-6)
+
+
+def _learnable_series(path: Path, days: int = 3000) -> str:
+    """Label of day t is 1 when the mean of x over days t-9..t-7 exceeds 0.3: every label of a 7-day horizon
+    depends only on inputs inside the 20-day window before it."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=days)
+    mean3 = pd.Series(x).rolling(3).mean().shift(7).fillna(0).to_numpy()
+    frame = pd.DataFrame({"date": pd.date_range("1990-01-01", periods=days, freq="D"), "x": x.round(4),
+                          "y": (mean3 > 0.3).astype(int)})
+    return _csv(path, frame)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("one_shot", [False, True])
+def test_both_decoding_modes_learn_labels_that_depend_on_the_inputs(one_shot, tmp_path):
+    path = _learnable_series(tmp_path / "series.csv")
+    config = compose(["experiment=storm_onset", f"data.path={path}", "data.features=[x]", "data.label=y",
+                      "data.window=20", "data.calendar=false", "data.nan_policy=error", "data.val_from=1996",
+                      "data.test_from=1997", f"decode.one_shot={str(one_shot).lower()}", "trainer.max_epochs=25",
+                      "loader.batch_size=32", "optim.warmup_steps=100", "optim.lr=2e-3", "model.dropout=0.0",
+                      "monitor.patience=null", "trainer.enable_progress_bar=false"])
+    module = train(config, tmp_path / "run")
+    test = DailyWindows(**{k: v for k, v in config["data"].items() if k != "name"}).read("test")
+    decoded = np.array([[int(v) for v in s.split()] for s in module.predict([w for w, _ in test.pairs])])
+    accuracy = (decoded == np.array([t for _, t in test.pairs])).mean()
+    assert accuracy >= 0.95, f"label accuracy {accuracy:.3f}"
+
+
+@pytest.mark.slow
+def test_predict_writes_probabilities_and_labels_for_every_complete_window(tmp_path):
+    config = compose(["experiment=storm_onset", "trainer.max_epochs=1", "trainer.limit_train_batches=5",
+                      "trainer.enable_progress_bar=false"])
+    train(config, tmp_path / "run")
+    recent = pd.read_csv(DailyWindows().path).query("date >= '2020-10-01'")[["date", "tmin", "tmax"]]
+    recent.to_csv(tmp_path / "recent.csv", index=False)
+    result = subprocess.run(
+        [sys.executable, "-c", "from seq2seq.cli import main; main()", "predict",
+         f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"input={tmp_path / 'recent.csv'}",
+         f"output={tmp_path / 'forecast.csv'}", f"hydra.run.dir={tmp_path / 'predict'}"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "forecast.csv")))
+    windows = len(recent) - 30 + 1
+    assert len(rows) == windows * 7
+    assert rows[0]["window_end"] == "2020-10-30" and rows[0]["lead_day"] == "1" and rows[0]["date"] == "2020-10-31"
+    assert all(0.0 <= float(r["probability"]) <= 1.0 and r["label"] in ("0", "1") for r in rows)
+
+    lines = (tmp_path / "recent.csv").read_text().splitlines()
+    lines[5] = "2020-10-05,hot,70.0"
+    (tmp_path / "bad.csv").write_text("\n".join(lines) + "\n")
+    bad = subprocess.run(
+        [sys.executable, "-c", "from seq2seq.cli import main; main()", "predict",
+         f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"input={tmp_path / 'bad.csv'}",
+         f"hydra.run.dir={tmp_path / 'predict2'}"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "`tmin` is not a finite number on line(s) [6]" in bad.stderr
