@@ -179,7 +179,7 @@ def test_predict_writes_probabilities_and_labels_for_every_complete_window(tmp_p
          f"output={tmp_path / 'forecast.csv'}", f"hydra.run.dir={tmp_path / 'predict'}"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = list(csv.DictReader(open(tmp_path / "forecast.csv")))
+    rows = list(csv.DictReader((tmp_path / "forecast.csv").read_text().splitlines()))
     windows = len(recent) - 30 + 1
     assert len(rows) == windows * 7
     assert rows[0]["window_end"] == "2020-10-30" and rows[0]["lead_day"] == "1" and rows[0]["date"] == "2020-10-31"
