@@ -64,13 +64,21 @@ def test_the_error_nan_policy_names_the_csv_lines(tmp_path):
         DailyWindows(path=path, features=["x"], label="y", window=5, horizon=1).read("train")
 
 
-def test_imputation_fills_short_gaps_and_rejects_what_remains(tmp_path):
+@pytest.mark.parametrize("method", ["ffill", "interpolate"])
+def test_imputation_fills_short_runs_only_and_rejects_what_remains(method, tmp_path):
     frame = _frame(30)
-    frame.loc[5:9, "x"] = np.nan  # five missing days; impute_limit 2 fills the first two
+    frame.loc[3:4, "x"] = np.nan  # a run of 2 missing days: filled with impute_limit 2
+    frame.loc[10:14, "x"] = np.nan  # a run of 5: left missing, and its windows rejected
     reader = DailyWindows(path=_csv(tmp_path / "d.csv", frame), features=["x"], label="y", window=5, horizon=1,
-                          nan_policy="impute", impute_limit=2, calendar=False)
+                          nan_policy="impute", impute_method=method, impute_limit=2, calendar=False)
+    filled = reader.frame()["x"]
+    assert filled[3:5].notna().all() and filled[10:15].isna().all()
+    if method == "interpolate":
+        assert filled[3] == pytest.approx(frame["x"][2] + (frame["x"][5] - frame["x"][2]) / 3, abs=1e-6)
+    else:
+        assert filled[4] == frame["x"][2]
     split = reader.read("train")
-    assert split.rejected["missing reading after imputation"] > 0
+    assert split.rejected["missing reading after imputation"] == 5 + 4  # windows touching rows 10-14
     assert all(not np.isnan(w.values).any() for w, _ in split.pairs)
     assert split.rows_read == len(split.pairs) + sum(split.rejected.values())
 

@@ -8,7 +8,8 @@ decodes nothing but labels; the `linear` embedding maps F values to d_model. The
 temperatures at Clemson, SC, and Atlantic storm onsets (`data/README.md`); `build_data.py` rebuilds it.
 
 Rows are read as text and checked: a bad date, number or label is an error naming its CSV line. Missing readings
-follow `nan_policy`: `error` (default; names the lines), `impute` (forward-fill up to `impute_limit` days), or
+follow `nan_policy`: `error` (default; names the lines), `impute` (`impute_method` ffill or linear interpolation,
+across at most `impute_limit` consecutive missing days), or
 `mask` (kept; the tokenizer then needs `mask_missing: true`, which zeroes them and adds indicator features).
 Windows are rejected, and counted, when they straddle a gap in the dates, cross a split boundary, or (after
 imputation) still miss a reading or a label. Splits are by year, so no window sees the future of another split.
@@ -33,6 +34,7 @@ from seq2seq.registry import DATASETS, EMBEDDINGS, TOKENIZERS
 EMBEDDED = Path(__file__).parent / "data" / "clemson_storms.csv"
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 NAN_POLICIES = ("error", "impute", "mask")
+IMPUTE_METHODS = ("ffill", "interpolate")
 
 
 @dataclass
@@ -171,12 +173,15 @@ class DailyWindows:
         stride: int = 1,
         calendar: bool = True,
         nan_policy: str = "error",
+        impute_method: str = "ffill",
         impute_limit: int = 3,
         val_from: int = 2010,
         test_from: int = 2015,
     ) -> None:
         if nan_policy not in NAN_POLICIES:
             raise ConfigError(f"`data.nan_policy` must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}")
+        if impute_method not in IMPUTE_METHODS:
+            raise ConfigError(f"`data.impute_method` must be one of {', '.join(IMPUTE_METHODS)}, got {impute_method!r}")
         if min(window, horizon, stride) < 1:
             raise ConfigError("`data.window`, `data.horizon` and `data.stride` must be positive")
         if not val_from <= test_from:
@@ -185,7 +190,7 @@ class DailyWindows:
         self.features = features or ["tmin", "tmax"]
         self.label, self.date_column = label, date_column
         self.window, self.horizon, self.stride, self.calendar = window, horizon, stride, calendar
-        self.nan_policy, self.impute_limit = nan_policy, impute_limit
+        self.nan_policy, self.impute_method, self.impute_limit = nan_policy, impute_method, impute_limit
         self.bounds = {"train": (None, val_from), "val": (val_from, test_from), "test": (test_from, None)}
         self._frame: pd.DataFrame | None = None
 
@@ -196,7 +201,11 @@ class DailyWindows:
             raise DataError(f"{path}: {int(gaps.sum())} row(s) with a missing reading, line(s) {_bad_lines(gaps)}; "
                             "set `data.nan_policy=impute` (forward-fill) or `mask`")
         if self.nan_policy == "impute":
-            frame[self.features] = frame[self.features].ffill(limit=self.impute_limit)
+            for c in self.features:
+                col = frame[c]
+                run = col.isna().groupby(col.notna().cumsum()).transform("sum")  # length of each missing run
+                filled = col.ffill() if self.impute_method == "ffill" else col.interpolate(limit_area="inside")
+                frame[c] = filled.where(col.notna() | (run <= self.impute_limit))  # longer runs stay missing
         if self.calendar:
             angle = 2 * np.pi * frame["date"].dt.day_of_year.to_numpy() / 365.25
             frame = frame.assign(doy_sin=np.sin(angle), doy_cos=np.cos(angle))
