@@ -40,6 +40,7 @@ class TrainerSpec:
     precision: str = "32-true"
     max_epochs: int = 10
     max_steps: int = -1
+    max_time: str | None = None  # "DD:HH:MM:SS": stop training after this wall time
     gradient_clip_val: float | None = 1.0
     accumulate_grad_batches: int = 1
     val_check_interval: Any = None

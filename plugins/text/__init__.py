@@ -1,0 +1,320 @@
+"""Text domain: parallel sentences in one language -> sentences in another.
+
+Contract. A raw item is a string. Tokenizers are trained locally on the training split and saved inside the
+checkpoint: `bpe` (HF `tokenizers`, byte-level-safe Metaspace pre-tokenization; the default), `sentencepiece`
+(unigram or BPE), `char` and `word`. All share the special ids pad 0, bos 1, eos 2, unk 3, and `decode` gives back
+detokenized text, which is what metrics score. The core's `token` embedding and tied `linear` head do the rest.
+
+The `parallel` reader takes TSV/CSV/Parquet (optionally .gz), column names by config. Text is read as text: "NA",
+"null" and "" stay strings, blank lines are rows. Rows are rejected, and counted by reason, for an empty side,
+undecodable bytes, more than `max_chars` characters on a side, or a length ratio above `max_ratio`.
+Splits come from a split column, or deterministically from a hash of the source text.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import re
+import unicodedata
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+from torchmetrics.text import CHRFScore, SacreBLEUScore
+
+from seq2seq.data import Split
+from seq2seq.errors import ConfigError, DataError
+from seq2seq.registry import DATASETS, METRICS, TOKENIZERS
+
+EMBEDDED = Path(__file__).parent / "data" / "libreoffice_help_ko_en.tsv.gz"
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+NORMALIZATIONS = ("none", "NFC", "NFKC")
+
+
+class _TextTokenizer:
+    """Shared parts: special ids, Unicode normalization, and ids -> text without specials."""
+
+    pad_id, bos_id, eos_id, unk_id = 0, 1, 2, 3
+
+    def __init__(self, normalization: str = "NFKC") -> None:
+        if normalization not in NORMALIZATIONS:
+            raise ConfigError(f"tokenizer `normalization` must be one of {', '.join(NORMALIZATIONS)}, "
+                              f"got {normalization!r}")
+        self.normalization = normalization
+
+    def normalize(self, text: str) -> str:
+        return text if self.normalization == "none" else unicodedata.normalize(self.normalization, text)
+
+    def _content(self, ids: list[int]) -> list[int]:
+        return [i for i in ids if i >= len(SPECIALS) or i == self.unk_id]
+
+
+@TOKENIZERS.register("bpe")
+class BPETokenizer(_TextTokenizer):
+    """Byte-pair encoding trained with HF `tokenizers`; spaces are kept as '▁' so decoding restores the text."""
+
+    def __init__(self, vocab_size: int = 8000, min_frequency: int = 2, normalization: str = "NFKC") -> None:
+        super().__init__(normalization)
+        self.vocab_size_wanted, self.min_frequency = vocab_size, min_frequency
+        self._tok: Any = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def fit(self, items: list[str]) -> None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=self.vocab_size_wanted, min_frequency=self.min_frequency,
+                                      special_tokens=list(SPECIALS), show_progress=False)
+        tok.train_from_iterator((self.normalize(t) for t in items), trainer=trainer)
+        self._tok = tok
+
+    def encode(self, item: str) -> Tensor:
+        return torch.tensor(self._tok.encode(self.normalize(item)).ids, dtype=torch.long)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(self._content(ids), skip_special_tokens=False).replace("<unk>", "⁇")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"json": self._tok.to_str()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_str(state["json"])
+
+
+@TOKENIZERS.register("sentencepiece")
+class SentencePieceTokenizer(_TextTokenizer):
+    """SentencePiece (unigram by default) trained in memory; the model travels in the checkpoint as text."""
+
+    def __init__(self, vocab_size: int = 8000, model_type: str = "unigram", character_coverage: float = 0.9995,
+                 normalization: str = "NFKC") -> None:
+        super().__init__(normalization)
+        self.vocab_size_wanted, self.model_type, self.coverage = vocab_size, model_type, character_coverage
+        self._sp: Any = None
+        self._model = b""
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def fit(self, items: list[str]) -> None:
+        import sentencepiece as spm
+
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=(self.normalize(t) for t in items), model_writer=model,
+            vocab_size=self.vocab_size_wanted, model_type=self.model_type, character_coverage=self.coverage,
+            pad_id=0, bos_id=1, eos_id=2, unk_id=3, normalization_rule_name="identity", hard_vocab_limit=False,
+            minloglevel=2)
+        self._load(model.getvalue())
+
+    def _load(self, model: bytes) -> None:
+        import sentencepiece as spm
+
+        self._model, self._sp = model, spm.SentencePieceProcessor(model_proto=model)
+
+    def encode(self, item: str) -> Tensor:
+        return torch.tensor(self._sp.encode(self.normalize(item)), dtype=torch.long)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode(self._content(ids))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": base64.b64encode(self._model).decode("ascii")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._load(base64.b64decode(state["model"]))
+
+
+class _VocabTokenizer(_TextTokenizer):
+    """A fixed list of units (characters or words) kept by frequency; others map to <unk>."""
+
+    def __init__(self, max_vocab: int, min_frequency: int, normalization: str) -> None:
+        super().__init__(normalization)
+        self.max_vocab, self.min_frequency = max_vocab, min_frequency
+        self.itos: list[str] = list(SPECIALS)
+        self.stoi: dict[str, int] = {}
+
+    def units(self, text: str) -> list[str]:
+        raise NotImplementedError
+
+    def join(self, units: list[str]) -> str:
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def fit(self, items: list[str]) -> None:
+        counts = Counter(u for t in items for u in self.units(self.normalize(t)))
+        kept = [u for u, n in counts.most_common(self.max_vocab - len(SPECIALS)) if n >= self.min_frequency]
+        self.load_state_dict({"itos": [*SPECIALS, *kept]})
+
+    def encode(self, item: str) -> Tensor:
+        return torch.tensor([self.stoi.get(u, self.unk_id) for u in self.units(self.normalize(item))])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.join([self.itos[i] if i != self.unk_id else "⁇" for i in self._content(ids)])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"itos": list(self.itos)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.itos = list(state["itos"])
+        self.stoi = {u: i for i, u in enumerate(self.itos)}
+
+
+@TOKENIZERS.register("char")
+class CharTokenizer(_VocabTokenizer):
+    def __init__(self, max_vocab: int = 4000, min_frequency: int = 1, normalization: str = "NFKC") -> None:
+        super().__init__(max_vocab, min_frequency, normalization)
+
+    def units(self, text: str) -> list[str]:
+        return list(text)
+
+    def join(self, units: list[str]) -> str:
+        return "".join(units)
+
+
+WORD = re.compile(r"\w+|[^\w\s]")
+
+
+@TOKENIZERS.register("word")
+class WordTokenizer(_VocabTokenizer):
+    """Words and punctuation marks; decoding joins with spaces (not a faithful detokenizer)."""
+
+    def __init__(self, max_vocab: int = 16000, min_frequency: int = 1, normalization: str = "NFKC") -> None:
+        super().__init__(max_vocab, min_frequency, normalization)
+
+    def units(self, text: str) -> list[str]:
+        return WORD.findall(text)
+
+    def join(self, units: list[str]) -> str:
+        return " ".join(units)
+
+
+@METRICS.register("bleu")
+class BLEU(SacreBLEUScore):
+    """Corpus SacreBLEU (13a tokenization) on detokenized hypotheses and references."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        super().__init__(tokenize="13a")
+        self.detokenize = tokenizer.decode
+
+    def update(self, hyps: list[list[int]], refs: list[list[int]]) -> None:  # type: ignore[override]
+        super().update([self.detokenize(h) for h in hyps], [[self.detokenize(r)] for r in refs])
+
+
+@METRICS.register("chrf")
+class ChrF(CHRFScore):
+    """Corpus chrF on detokenized hypotheses and references."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        super().__init__()
+        self.detokenize = tokenizer.decode
+
+    def update(self, hyps: list[list[int]], refs: list[list[int]]) -> None:  # type: ignore[override]
+        super().update([self.detokenize(h) for h in hyps], [[self.detokenize(r)] for r in refs])
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Every row as text: nothing becomes NaN, blank lines stay rows, undecodable bytes become U+FFFD."""
+    name = str(path).removesuffix(".gz")
+    if name.endswith(".parquet"):
+        return pd.read_parquet(path).astype(str)
+    tsv = name.endswith(".tsv")
+    return pd.read_csv(path, sep="\t" if tsv else ",", dtype=str, keep_default_na=False, na_filter=False,
+                       skip_blank_lines=False, encoding="utf-8", encoding_errors="replace", quoting=3 if tsv else 0)
+
+
+def _split_of(text: str, val_fraction: float, test_fraction: float) -> str:
+    u = int(hashlib.sha1(text.encode()).hexdigest(), 16) % 1_000_000 / 1_000_000
+    return "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
+
+
+@DATASETS.register("parallel")
+class ParallelCorpus:
+    """Sentence pairs from one table; `split_column` picks the split, else a hash of the source text does."""
+
+    splits = ("train", "val", "test")
+
+    def __init__(  # noqa: PLR0913 - flat options are the schema of the `data:` block
+        self,
+        path: str | None = None,
+        source: str = "ko",
+        target: str = "en",
+        split_column: str | None = "split",
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        max_chars: int = 1000,
+        max_ratio: float = 9.0,
+    ) -> None:
+        self.path = path or str(EMBEDDED)
+        self.source, self.target, self.split_column = source, target, split_column
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.max_chars, self.max_ratio = max_chars, max_ratio
+        self._frame: pd.DataFrame | None = None
+
+    def frame(self) -> pd.DataFrame:
+        if self._frame is None:
+            frame = read_table(self.path)
+            wanted = [self.source, self.target] + ([self.split_column] if self.split_column else [])
+            missing = [c for c in wanted if c not in frame.columns]
+            if missing:
+                raise DataError(f"{self.path}: missing column(s) {missing}; found {list(frame.columns)}. Set "
+                                "`data.source`, `data.target` and `data.split_column` (null to split by hash)")
+            if self.split_column:
+                bad = ~frame[self.split_column].isin(self.splits)
+                if bad.any():
+                    lines = (frame.index[bad] + 2).tolist()[:10]
+                    raise DataError(f"{self.path}: `{self.split_column}` must be train, val or test; lines {lines}")
+                frame = frame.rename(columns={self.split_column: "_split"})
+            else:
+                frame = frame.assign(_split=frame[self.source].map(
+                    lambda t: _split_of(t, self.val_fraction, self.test_fraction)))
+            self._frame = frame
+        return self._frame
+
+    def _reason(self, src: str, tgt: str) -> str | None:
+        if "\ufffd" in src or "\ufffd" in tgt:
+            return "undecodable text"
+        if not src.strip():
+            return "empty source"
+        if not tgt.strip():
+            return "empty target"
+        if max(len(src), len(tgt)) > self.max_chars:
+            return f"longer than {self.max_chars} characters"
+        if max(len(src), len(tgt)) > self.max_ratio * min(len(src), len(tgt)):
+            return f"length ratio above {self.max_ratio}"
+        return None
+
+    def read(self, split: str) -> Split:
+        rows = self.frame()
+        rows = rows[rows["_split"] == split]
+        pairs, rejected = [], Counter()
+        for src, tgt in zip(rows[self.source], rows[self.target], strict=True):
+            reason = self._reason(src, tgt)
+            if reason:
+                rejected[reason] += 1
+            else:
+                pairs.append((src.strip(), tgt.strip()))
+        return Split(pairs, rows_read=len(rows), rejected=rejected)
+
+    def read_inputs(self, path: str) -> list[str]:
+        """One source sentence per line ('-' for standard input is handled by the caller)."""
+        lines = Path(path).read_bytes().decode("utf-8", errors="replace").splitlines()
+        bad = [i for i, line in enumerate(lines, 1) if "\ufffd" in line or not line.strip()]
+        if bad:
+            raise DataError(f"{path}: blank or undecodable line(s) {bad[:10]} ({len(bad)} in all)")
+        return lines
