@@ -1,0 +1,103 @@
+import pytest
+import sacrebleu
+import torch
+
+from seq2seq.errors import DataError
+from seq2seq_plugins.text import (
+    BLEU,
+    BPETokenizer,
+    CharTokenizer,
+    ChrF,
+    ParallelCorpus,
+    SentencePieceTokenizer,
+    WordTokenizer,
+)
+
+CORPUS = [
+    ("새 문서를 만듭니다.", "Creates a new document."),
+    ("셀의 내용을 위쪽에 맞춥니다.", "Aligns the contents of the cell to the top edge of the cell."),
+    ("%s 파일을 열 수 없습니다.", "The file %s cannot be opened."),
+    ("표를 삽입합니다.", "Inserts a table."),
+] * 20
+SAMPLES = ["새 문서를 만듭니다. %s 표", "The file %s cannot be opened.", "셀의 내용을 위쪽에 맞춥니다."]
+
+
+@pytest.mark.parametrize("make", [lambda: BPETokenizer(vocab_size=300, min_frequency=1),
+                                  lambda: SentencePieceTokenizer(vocab_size=120), CharTokenizer])
+def test_tokenizers_round_trip_korean_english_and_placeholders(make):
+    tok = make()
+    tok.fit([s for pair in CORPUS for s in pair])
+    restored = make()
+    restored.load_state_dict(tok.state_dict())
+    for text in SAMPLES:
+        ids = tok.encode(text)
+        assert ids.dtype == torch.long and (ids >= 0).all()
+        assert tok.decode(ids.tolist()) == text
+        assert torch.equal(restored.encode(text), ids)
+    assert tok.decode([tok.bos_id, *tok.encode("표").tolist(), tok.eos_id, tok.pad_id]) == "표"
+
+
+def test_word_tokenizer_maps_unknown_words_to_unk():
+    tok = WordTokenizer()
+    tok.fit(["a table", "a cell"])
+    assert tok.decode(tok.encode("a chair").tolist()) == "a ⁇"
+
+
+def _write(path, rows: list[bytes]) -> str:
+    path.write_bytes(b"ko\ten\tsplit\n" + b"\n".join(rows) + b"\n")
+    return str(path)
+
+
+def test_reader_keeps_na_text_and_counts_every_rejection(tmp_path):
+    rows = [
+        "표\tTable\ttrain".encode(),
+        b"NA\tnull\ttrain",  # real text, never NaN
+        b"\tEmpty source\ttrain",
+        "빈 대상\t\ttrain".encode(),
+        b"\t\ttrain",  # a blank pair
+        "긴 문장\t".encode() + b"x" * 50 + b"\ttrain",  # ratio
+        "abc\xff\xfe\tbad bytes\ttrain".encode("latin-1"),
+        "셀\t".encode() + b"y" * 200 + b"\ttrain",  # too long
+    ]
+    reader = ParallelCorpus(path=_write(tmp_path / "c.tsv", rows), max_chars=100, max_ratio=5.0)
+    split = reader.read("train")
+    assert split.pairs == [("표", "Table"), ("NA", "null")]
+    assert dict(split.rejected) == {"empty source": 2, "empty target": 1, "length ratio above 5.0": 1,
+                                    "undecodable text": 1, "longer than 100 characters": 1}
+    assert split.rows_read == len(split.pairs) + sum(split.rejected.values()) == 8
+
+
+def test_reader_splits_by_hash_when_there_is_no_split_column(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("src,tgt\n" + "".join(f"문장 {i},sentence {i}\n" for i in range(400)))
+    reader = ParallelCorpus(path=str(path), source="src", target="tgt", split_column=None, val_fraction=0.1,
+                            test_fraction=0.1)
+    sizes = {s: len(reader.read(s).pairs) for s in reader.splits}
+    assert sum(sizes.values()) == 400 and 20 < sizes["val"] < 65 and 20 < sizes["test"] < 65
+    again = ParallelCorpus(path=str(path), source="src", target="tgt", split_column=None, val_fraction=0.1,
+                           test_fraction=0.1)
+    assert again.read("val").pairs == reader.read("val").pairs
+
+
+def test_reader_names_missing_columns_and_bad_split_values(tmp_path):
+    with pytest.raises(DataError, match=r"missing column\(s\) \['de'\]"):
+        ParallelCorpus(path=_write(tmp_path / "c.tsv", [b"a\tb\ttrain"]), source="de").read("train")
+    with pytest.raises(DataError, match=r"lines \[3\]"):
+        ParallelCorpus(path=_write(tmp_path / "c.tsv", [b"a\tb\ttrain", b"c\td\tdev"])).read("train")
+
+
+def test_bleu_and_chrf_equal_sacrebleu_on_the_same_strings():
+    tok = CharTokenizer()
+    hyps = ["Creates a new document.", "Aligns the cell to the top.", "The file cannot open."]
+    refs = ["Creates a new document.", "Aligns the contents of the cell to the top edge.",
+            "The file %s cannot be opened."]
+    tok.fit(hyps + refs)
+    ids = lambda texts: [tok.encode(t).tolist() for t in texts]  # noqa: E731
+    bleu, chrf = BLEU(tok), ChrF(tok)
+    bleu.update(ids(hyps[:2]), ids(refs[:2]))  # two batches: corpus statistics accumulate
+    bleu.update(ids(hyps[2:]), ids(refs[2:]))
+    chrf.update(ids(hyps), ids(refs))
+    assert float(bleu.compute()) * 100 == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-3)
+    # torchmetrics smooths zero n-gram counts like the original chrF++.py (sacrebleu's eps_smoothing=True)
+    reference_chrf = sacrebleu.metrics.CHRF(eps_smoothing=True).corpus_score(hyps, [refs]).score
+    assert float(chrf.compute()) * 100 == pytest.approx(reference_chrf, abs=1e-3)
