@@ -11,8 +11,9 @@ from seq2seq.data import Batch
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.model import EncoderDecoder, ModelSpec
 from seq2seq.module import Seq2SeqModule
+from seq2seq.translate import Translator
 
 __all__ = [
-    "Batch", "ConfigError", "DataError", "EncoderDecoder", "ModelSpec", "Seq2SeqModule",
+    "Batch", "ConfigError", "DataError", "EncoderDecoder", "ModelSpec", "Seq2SeqModule", "Translator",
     "compose", "evaluate", "predict", "train", "validate",
 ]

@@ -27,6 +27,7 @@ from seq2seq.data import LoaderSpec, Seq2SeqDataModule, Split
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.module import Seq2SeqModule, fit_tokenizers
 from seq2seq.registry import DATASETS
+from seq2seq.translate import Translator
 
 log = logging.getLogger("seq2seq")
 
@@ -140,8 +141,24 @@ def predict(config: dict[str, Any], run_dir: Path) -> None:
     log.info("wrote %d predictions to %s", len(outputs), output)
 
 
+def translate(config: dict[str, Any], run_dir: Path) -> None:
+    """Lines from `input=FILE` (default: standard input) to `output=FILE` (default: standard output)."""
+    translator = Translator(_load(config), config["loader"]["batch_size"])
+    reader = DATASETS.build(translator.module.config["data"], "data")
+    lines = reader.read_inputs(config["input"] or "/dev/stdin")
+    results = translator.n_best(lines, config["n_best"], config["beam"], config["length_penalty"])
+    if config["n_best"] == 1:
+        text = "".join(f"{best[0][1]}\n" for best in results)
+    else:
+        text = "".join(f"{i}\t{score:.4f}\t{out}\n" for i, best in enumerate(results, 1) for score, out in best)
+    if config["output"]:
+        Path(config["output"]).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+
+
 COMMANDS: dict[str, Callable[[dict[str, Any], Path], None]] = {
-    "train": train, "evaluate": evaluate, "predict": predict,
+    "train": train, "evaluate": evaluate, "predict": predict, "translate": translate,
 }
 
 

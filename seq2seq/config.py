@@ -88,7 +88,10 @@ class Config:
     loggers: list[str] = field(default_factory=lambda: ["csv"])  # csv | tensorboard
     ckpt: str | None = None  # evaluate / predict: the checkpoint to load
     input: str | None = None  # predict: file of sources
-    output: str | None = None  # predict: where predictions go (default: the run dir)
+    output: str | None = None  # predict: where predictions go (default: the run dir); translate: default stdout
+    beam: int | None = None  # translate: beam size (default: the checkpoint's decode.beam)
+    length_penalty: float | None = None  # translate: GNMT alpha (default: the checkpoint's)
+    n_best: int = 1  # translate: outputs per input; above 1, lines are "input_number<TAB>score<TAB>output"
 
 
 def _field_type(schema: type, key: str, path: str) -> Any:

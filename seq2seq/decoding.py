@@ -1,4 +1,4 @@
-"""Autoregressive decoding over the encoder-decoder: greedy and batched beam search on the key/value cache.
+"""Autoregressive decoding over the encoder-decoder: greedy, sampling and batched beam search on the KV cache.
 
 Shapes: B batch, S source length, K beam, N n-best, L decoded length, V output vocabulary.
 Search loops call `EncoderDecoder.decode_step`; the uncached path recomputes the whole prefix each step and exists
@@ -7,11 +7,13 @@ to prove the cache exact. A label domain passes `allowed` (V,) to restrict the s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from seq2seq.errors import ConfigError
 from seq2seq.model import DecoderState, EncoderDecoder
 
 
@@ -24,6 +26,19 @@ class DecodeSpec:
     beam: int = 1  # 1 = greedy search
     one_shot: bool = False  # decode all max_len positions in one pass from BOS inputs (label domains)
     length_penalty: float = 0.0  # GNMT alpha: final scores are divided by ((5 + length) / 6) ** alpha
+    length_normalization: str = "gnmt"  # gnmt (uses length_penalty) | average (score per token)
+    no_repeat_ngram: int = 0  # > 0: never emit a token that repeats an n-gram of this size
+    sampling: bool = False  # sample instead of searching (with temperature, top_k, top_p)
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = no limit
+    top_p: float = 1.0  # nucleus: smallest set of tokens whose probability reaches top_p
+
+    def __post_init__(self) -> None:
+        if self.length_normalization not in ("gnmt", "average"):
+            raise ConfigError(f"`decode.length_normalization` must be gnmt or average, "
+                              f"got {self.length_normalization!r}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.beam < 1:
+            raise ConfigError("need decode.temperature > 0, 0 < decode.top_p <= 1, decode.top_k >= 0, decode.beam >= 1")
 
 
 def max_length(src_keep: Tensor, a: float, b: int) -> int:
@@ -31,19 +46,47 @@ def max_length(src_keep: Tensor, a: float, b: int) -> int:
     return max(1, int(a * int(src_keep.sum(1).max()) + b))
 
 
+def repeated_ngram_mask(tokens: Tensor, n: int, vocab: int) -> Tensor:
+    """(B, V) True where emitting the token would repeat an n-gram already in `tokens` (B, t)."""
+    B, t = tokens.shape
+    banned = torch.zeros(B, vocab, device=tokens.device)
+    if n <= 0 or t < n:
+        return banned.bool()
+    windows = tokens.unfold(1, n, 1)  # (B, t - n + 1, n)
+    match = (windows[..., :-1] == tokens[:, None, t - n + 1 :]).all(-1)  # (B, t - n + 1): same n-1 prefix
+    return banned.scatter_add_(1, windows[..., -1], match.float()) > 0
+
+
 def _next_logits(model: EncoderDecoder, tokens: Tensor, memory: Tensor, src_keep: Tensor,
-                 state: DecoderState | None, allowed: Tensor | None) -> Tensor:
+                 state: DecoderState | None, allowed: Tensor | None, no_repeat: int = 0) -> Tensor:
     """Logits (B, V) for the position after `tokens` (B, 1 + t), through the cache when there is one."""
     if state is not None:
         logits = model.decode_step(tokens[:, -1], state)
     else:
         keep = torch.ones_like(tokens, dtype=torch.bool)
         logits = model.head(model.decode(tokens, memory, src_keep, keep)[:, -1])
+    if no_repeat:
+        logits = logits.masked_fill(repeated_ngram_mask(tokens[:, 1:], no_repeat, logits.shape[-1]), float("-inf"))
     return logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
 
 
+def sample_from(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Draw one token per row of logits (B, V) after temperature, top-k and nucleus (top-p) filtering."""
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs >= top_p  # tokens after the nucleus is complete
+        logits = logits.masked_fill(outside.scatter(1, order, outside), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]  # (B,)
+
+
 @torch.no_grad()
-def greedy(
+def greedy(  # noqa: PLR0913 - the search's inputs, all keyword-only past the model's
     model: EncoderDecoder,
     src: Tensor,
     src_keep: Tensor,
@@ -53,8 +96,11 @@ def greedy(
     max_len: int,
     allowed: Tensor | None = None,
     use_cache: bool = True,
+    no_repeat_ngram: int = 0,
+    sampler: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
-    """Greedy search: tokens (B, L) without BOS, L <= max_len; positions after a row's EOS hold EOS.
+    """Greedy search (or sampling, given `sampler`): tokens (B, L) without BOS, L <= max_len; positions after a
+    row's EOS hold EOS.
 
     `allowed` is a boolean (V,) mask of tokens the search may emit (EOS must be among them).
     """
@@ -63,8 +109,10 @@ def greedy(
     tokens = torch.full((B, 1), bos, dtype=torch.long, device=src.device)  # (B, 1 + L)
     done = torch.zeros(B, dtype=torch.bool, device=src.device)
     state = model.start_decoding(memory, src_keep, max_len) if use_cache else None
+    choose = sampler or (lambda logits: logits.argmax(-1))
     for _ in range(max_len):
-        nxt = _next_logits(model, tokens, memory, src_keep, state, allowed).argmax(-1).masked_fill(done, eos)  # (B,)
+        logits = _next_logits(model, tokens, memory, src_keep, state, allowed, no_repeat_ngram)  # (B, V)
+        nxt = choose(logits).masked_fill(done, eos)  # (B,)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         done |= nxt == eos
         if bool(done.all()):
@@ -106,13 +154,16 @@ def beam_search(  # noqa: PLR0913 - the search's inputs, all keyword-only past t
     beam: int,
     n_best: int = 1,
     length_penalty: float = 0.0,
+    length_normalization: str = "gnmt",
     allowed: Tensor | None = None,
     use_cache: bool = True,
+    no_repeat_ngram: int = 0,
 ) -> Hypotheses:
     """Batched beam search; the score of a hypothesis is its summed token log-probability.
 
     A finished hypothesis (it emitted EOS) keeps its score and competes with the live ones; it can only be extended
-    by EOS at no cost. The length penalty re-ranks the final beam.
+    by EOS at no cost. The final beam is re-ranked by score / ((5 + length) / 6) ** length_penalty (GNMT), or by
+    score / length with `length_normalization="average"`; length counts the EOS.
     """
     if not 1 <= n_best <= beam:
         raise ValueError(f"n_best ({n_best}) must be between 1 and the beam size ({beam})")
@@ -125,7 +176,8 @@ def beam_search(  # noqa: PLR0913 - the search's inputs, all keyword-only past t
     scores[:, 0] = 0.0  # every beam starts as the same empty hypothesis: expand only one
     done = torch.zeros(B * K, dtype=torch.bool, device=src.device)
     for _ in range(max_len):
-        logp = _next_logits(model, tokens, memory, keep, state, allowed).float().log_softmax(-1)  # (B*K, V)
+        logits = _next_logits(model, tokens, memory, keep, state, allowed, no_repeat_ngram)
+        logp = logits.float().log_softmax(-1)  # (B*K, V)
         logp[done] = float("-inf")
         logp[done, eos] = 0.0
         V = logp.shape[-1]
@@ -141,7 +193,8 @@ def beam_search(  # noqa: PLR0913 - the search's inputs, all keyword-only past t
             break
     out = tokens[:, 1:].view(B, K, -1)  # (B, K, L)
     length = ((out != eos).cumprod(-1).sum(-1) + (out == eos).any(-1).long()).clamp(min=1)  # tokens incl. EOS
-    final = scores / ((5.0 + length) / 6.0) ** length_penalty
+    norm = length if length_normalization == "average" else ((5.0 + length) / 6.0) ** length_penalty
+    final = scores / norm
     order = final.argsort(dim=-1, descending=True)[:, :n_best]  # (B, N)
     return Hypotheses(out.gather(1, order[..., None].expand(-1, -1, out.shape[-1])), final.gather(1, order))
 

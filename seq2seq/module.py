@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,16 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from seq2seq.data import IGNORE_INDEX, Batch, Collate, Tokenizer
-from seq2seq.decoding import DecodeSpec, beam_search, greedy, max_length, one_shot, one_shot_input, strip
+from seq2seq.decoding import (
+    DecodeSpec,
+    beam_search,
+    greedy,
+    max_length,
+    one_shot,
+    one_shot_input,
+    sample_from,
+    strip,
+)
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.model import EncoderDecoder, ModelSpec
 from seq2seq.registry import EMBEDDINGS, HEADS, METRICS, TOKENIZERS
@@ -146,10 +156,15 @@ class Seq2SeqModule(L.LightningModule):
         max_len = max_length(src_keep, spec.max_len_a, spec.max_len_b)
         if spec.one_shot:
             return one_shot(self.model, src, src_keep, bos=tok.bos_id, length=max_len, allowed=self.allowed)
-        if spec.beam > 1:
+        if spec.beam > 1 and not spec.sampling:
             return beam_search(self.model, src, src_keep, bos=tok.bos_id, eos=tok.eos_id, max_len=max_len,
-                               beam=spec.beam, length_penalty=spec.length_penalty, allowed=self.allowed).tokens[:, 0]
-        return greedy(self.model, src, src_keep, bos=tok.bos_id, eos=tok.eos_id, max_len=max_len, allowed=self.allowed)
+                               beam=spec.beam, length_penalty=spec.length_penalty,
+                               length_normalization=spec.length_normalization, allowed=self.allowed,
+                               no_repeat_ngram=spec.no_repeat_ngram).tokens[:, 0]
+        sampler = partial(sample_from, temperature=spec.temperature, top_k=spec.top_k,
+                          top_p=spec.top_p) if spec.sampling else None
+        return greedy(self.model, src, src_keep, bos=tok.bos_id, eos=tok.eos_id, max_len=max_len,
+                      allowed=self.allowed, no_repeat_ngram=spec.no_repeat_ngram, sampler=sampler)
 
     def generate(self, src: Tensor, src_keep: Tensor) -> list[list[int]]:
         """Decoded token ids per example, cut at EOS."""
@@ -172,7 +187,7 @@ class Seq2SeqModule(L.LightningModule):
         logits = self.model(src, src_keep, tgt_in, torch.ones_like(tgt_in, dtype=torch.bool))  # (B, L, V)
         return logits[..., self.label_ids].float().softmax(-1)
 
-    def _source_batches(self, sources: list[Any], batch_size: int) -> Iterator[tuple[list[int], Batch]]:
+    def source_batches(self, sources: list[Any], batch_size: int) -> Iterator[tuple[list[int], Batch]]:
         """Encode raw sources and batch them by length; yields (input positions, batch) in eval mode."""
         encoded = [self.src_tok.encode(s) for s in sources]
         limit = self.model.spec.max_positions
@@ -198,7 +213,7 @@ class Seq2SeqModule(L.LightningModule):
         Runs in eval mode (dropout off) whatever mode the module is in, and restores that mode afterwards.
         """
         outputs = [""] * len(sources)
-        for idx, batch in self._source_batches(sources, batch_size):
+        for idx, batch in self.source_batches(sources, batch_size):
             for i, hyp in zip(idx, self.generate(batch.src, batch.src_keep), strict=True):
                 outputs[i] = self.tgt_tok.decode(hyp)
         return outputs
@@ -207,7 +222,7 @@ class Seq2SeqModule(L.LightningModule):
         """Label domains: (N, L, C) label probabilities per decoded position, in input order (eval mode)."""
         parts: list[tuple[list[int], Tensor]] = [
             (idx, self.label_probabilities(batch.src, batch.src_keep).cpu())
-            for idx, batch in self._source_batches(sources, batch_size)
+            for idx, batch in self.source_batches(sources, batch_size)
         ]
         out = torch.empty(len(sources), *parts[0][1].shape[1:])
         for idx, probs in parts:

@@ -1,7 +1,10 @@
+import itertools
+from functools import partial
+
 import pytest
 import torch
 
-from seq2seq.decoding import beam_search, greedy, max_length, strip
+from seq2seq.decoding import beam_search, greedy, max_length, repeated_ngram_mask, sample_from, strip
 from seq2seq.testing import BOS, EOS, random_batch
 from seq2seq.testing import VOCAB as V
 from seq2seq.testing import tiny_model as make_model
@@ -88,3 +91,55 @@ def test_beam_search_respects_the_allowed_set():
     allowed[[5, 6]] = True  # labels only, no EOS: decodes exactly max_len steps
     out = beam_search(model, src, src_keep, bos=BOS, eos=EOS, max_len=7, beam=3, allowed=allowed)
     assert out.tokens.shape[-1] == 7 and set(out.tokens.unique().tolist()) <= {5, 6}
+
+
+def test_repeated_ngram_mask_bans_exactly_the_completing_tokens():
+    tokens = torch.tensor([[5, 6, 5], [7, 8, 9]])
+    banned = repeated_ngram_mask(tokens, 2, V)  # row 0 ends with 5 and "5 6" occurred: 6 is banned
+    assert banned[0].nonzero().flatten().tolist() == [6]
+    assert not banned[1].any()
+    assert repeated_ngram_mask(tokens, 1, V)[1].nonzero().flatten().tolist() == [7, 8, 9]
+
+
+def test_no_repeat_ngram_decoding_never_repeats_a_bigram():
+    model = make_model(seed=8)
+    src, src_keep, _, _ = random_batch()
+    no_eos = torch.ones(V, dtype=torch.bool)
+    no_eos[EOS] = False
+    for search in (greedy, lambda *a, **k: beam_search(*a, beam=3, **k).tokens[:, 0]):
+        out = search(model, src, src_keep, bos=BOS, eos=EOS, max_len=15, allowed=no_eos, no_repeat_ngram=2)
+        for row in out.tolist():
+            bigrams = list(itertools.pairwise(row))
+            assert len(bigrams) == len(set(bigrams))
+
+
+def test_sampling_respects_top_k_and_top_p_and_is_reproducible_with_a_generator():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    top2 = sample_from(logits, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(top2.tolist()) == {0, 1}
+    nucleus = sample_from(logits, top_p=0.7, generator=torch.Generator().manual_seed(0))
+    assert set(nucleus.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7; 2 and 3 are outside
+    cold = sample_from(logits, temperature=0.05, generator=torch.Generator().manual_seed(0))
+    assert (cold == 0).float().mean() > 0.99
+    again = sample_from(logits, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(top2, again)
+    assert 0.55 < (top2 == 0).float().mean() < 0.70  # 0.5 / 0.8 = 0.625
+
+
+def test_sampled_decoding_uses_the_cache_exactly():
+    model = make_model(seed=9)
+    src, src_keep, _, _ = random_batch()
+    runs = [greedy(model, src, src_keep, bos=BOS, eos=EOS, max_len=10, use_cache=cache,
+                   sampler=partial(sample_from, generator=torch.Generator().manual_seed(3)))
+            for cache in (True, False)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_average_length_normalization_ranks_by_score_per_token():
+    model = make_model(seed=10)
+    src, src_keep, _, _ = random_batch()
+    out = beam_search(model, src, src_keep, bos=BOS, eos=EOS, max_len=9, beam=4, n_best=4,
+                      length_normalization="average")
+    raw = torch.stack([_sequence_logprob(model, src, src_keep, out.tokens[:, k]) for k in range(4)], dim=1)
+    length = ((out.tokens != EOS).cumprod(-1).sum(-1) + (out.tokens == EOS).any(-1).long()).clamp(min=1)
+    torch.testing.assert_close(out.scores, raw / length, atol=1e-4, rtol=1e-4)

@@ -128,7 +128,7 @@ def _storm_module(overrides: list[str] = ()) -> tuple[Seq2SeqModule, DailyWindow
 def test_label_decoding_never_emits_a_non_label_token(mode):
     module, reader = _storm_module([mode])
     windows = [w for w, _ in reader.read("val").pairs[:64]]
-    for _, batch in module._source_batches(windows, 64):
+    for _, batch in module.source_batches(windows, 64):
         tokens = module.decode_tokens(batch.src, batch.src_keep)
         assert tokens.shape[1] == 7 and set(tokens.unique().tolist()) <= set(module.label_ids)
     probs = module.predict_probabilities(windows)  # (N, H, C)
