@@ -155,6 +155,10 @@ def translate(config: dict[str, Any], run_dir: Path) -> None:
         Path(config["output"]).write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
+    if config["attention"]:
+        if not hasattr(reader, "plot_attention"):
+            raise ConfigError("`attention=` needs a domain that draws attention maps (the text domain does)")
+        reader.plot_attention(translator.module, lines[:4], Path(config["attention"]))
 
 
 COMMANDS: dict[str, Callable[[dict[str, Any], Path], None]] = {

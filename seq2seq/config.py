@@ -92,6 +92,7 @@ class Config:
     beam: int | None = None  # translate: beam size (default: the checkpoint's decode.beam)
     length_penalty: float | None = None  # translate: GNMT alpha (default: the checkpoint's)
     n_best: int = 1  # translate: outputs per input; above 1, lines are "input_number<TAB>score<TAB>output"
+    attention: str | None = None  # translate: also save cross-attention heatmaps of the inputs to this PNG
 
 
 def _field_type(schema: type, key: str, path: str) -> Any:

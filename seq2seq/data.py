@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,9 @@ import lightning as L
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
+
+from seq2seq.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +68,20 @@ class Reader(Protocol):
     def read_inputs(self, path: str) -> list[Any]: ...  # raw sources for `seq2seq predict`
 
 
+def read_lines(path: str | Path) -> tuple[list[str], list[int]]:
+    """Lines of a UTF-8 text file split on newlines only (not on U+2028 and kin, as `str.splitlines` would), and
+    the 1-based numbers of blank or undecodable lines, for the caller to report."""
+    text = Path(path).read_bytes().decode("utf-8", errors="replace")
+    lines = [line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")]
+    return lines, [i for i, line in enumerate(lines, 1) if not line.strip() or "\ufffd" in line]
+
+
 @dataclass
 class LoaderSpec:
     """The `loader:` config block."""
 
-    batch_size: int = 64
+    batch_size: int = 64  # examples per batch (evaluation, and training without max_tokens)
+    max_tokens: int | None = None  # training batches of similar lengths, at most this many padded tokens
     num_workers: int = 0
     max_src_len: int | None = None  # longer sources are rejected and counted (default: model.max_positions)
     max_tgt_len: int | None = None  # same for targets, counting the EOS
@@ -136,6 +148,51 @@ def encode_split(
     return kept, rejected
 
 
+class TokenBudgetSampler(Sampler[list[int]]):
+    """Batches of similar-length examples, each at most `max_tokens` padded tokens (longest × count).
+
+    Lengths are sorted with random tie-breaks and the batch order is shuffled, both from `seed + epoch`, so every
+    process draws the same batches. With `num_replicas` > 1 the batch list is extended by repeating its first
+    batches to a multiple of `num_replicas` and rank r takes every r-th batch: all ranks run the same number of
+    steps. On one process every example appears exactly once per epoch.
+    """
+
+    def __init__(self, lengths: list[int], max_tokens: int, seed: int = 0, shuffle: bool = True,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        too_long = max(lengths, default=0)
+        if too_long > max_tokens:
+            raise ConfigError(f"`loader.max_tokens` ({max_tokens}) is below the longest example ({too_long} "
+                              "tokens); raise it or cap lengths with `loader.max_src_len` / `loader.max_tgt_len`")
+        self.lengths, self.max_tokens, self.seed, self.shuffle = lengths, max_tokens, seed, shuffle
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], rng.random()))
+        batches: list[list[int]] = [[]]
+        longest = 0
+        for i in order:
+            longest = max(longest, self.lengths[i])
+            if batches[-1] and longest * (len(batches[-1]) + 1) > self.max_tokens:
+                batches.append([])
+                longest = self.lengths[i]
+            batches[-1].append(i)
+        if self.shuffle:
+            rng.shuffle(batches)
+        short = -len(batches) % self.num_replicas
+        batches += batches[:short]
+        return batches[self.rank :: self.num_replicas]
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
 class Seq2SeqDataModule(L.LightningDataModule):
     """Encodes and batches the splits a reader read; writes the per-split counts to `report_path`."""
 
@@ -182,7 +239,16 @@ class Seq2SeqDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        if self.loader.max_tokens is None:
+            return self._loader("train", shuffle=True)
+        examples = self.examples["train"]
+        trainer = self.trainer
+        sampler = TokenBudgetSampler(
+            [max(len(s), len(t) + 1) for s, t in examples], self.loader.max_tokens,
+            seed=torch.initial_seed() % 2**31,
+            num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0)
+        return DataLoader(examples, batch_sampler=sampler, num_workers=self.loader.num_workers,  # type: ignore[arg-type]
+                          collate_fn=self.collate, persistent_workers=self.loader.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -231,7 +231,10 @@ class Seq2SeqModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch.src.shape[0])
+        B = batch.src.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        real = batch.src_keep.sum() + batch.tgt_keep.sum()
+        self.log("train/padding", 1 - real / (batch.src_keep.numel() + batch.tgt_keep.numel()), batch_size=B)
         return loss
 
     def _score(self, stage: str, batch: Batch) -> None:

@@ -1,9 +1,19 @@
+import random
 from collections import Counter
 
 import pytest
 import torch
 
-from seq2seq.data import IGNORE_INDEX, Collate, LoaderSpec, Seq2SeqDataModule, Split, encode_split
+from seq2seq.data import (
+    IGNORE_INDEX,
+    Collate,
+    LoaderSpec,
+    Seq2SeqDataModule,
+    Split,
+    TokenBudgetSampler,
+    encode_split,
+)
+from seq2seq.errors import ConfigError
 from seq2seq_plugins.synthetic import SymbolTokenizer
 
 BOS, EOS, PAD = 1, 2, 0
@@ -63,3 +73,28 @@ def test_symbol_tokenizer_round_trips_and_names_unknown_symbols():
     assert restored.itos == tok.itos
     with pytest.raises(ValueError, match="'z'.*not in the vocabulary"):
         tok.encode("a z")
+
+
+def test_token_budget_batches_hold_every_example_once_within_the_budget():
+    lengths = [random.Random(i).randint(1, 40) for i in range(500)]
+    sampler = TokenBudgetSampler(lengths, max_tokens=128, seed=3)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert sorted(i for b in batches for i in b) == list(range(500))
+        assert all(max(lengths[i] for i in b) * len(b) <= 128 for b in batches)
+    sampler.set_epoch(0)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first, "each epoch reshuffles"
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in first)
+    assert sum(lengths) / padded > 0.9, "similar lengths batch together"
+
+
+def test_token_budget_batches_give_every_rank_the_same_number_of_steps():
+    lengths = [random.Random(i).randint(1, 30) for i in range(301)]
+    ranks = [list(TokenBudgetSampler(lengths, 64, seed=5, num_replicas=3, rank=r)) for r in range(3)]
+    assert len({len(r) for r in ranks}) == 1
+    assert {i for r in ranks for b in r for i in b} == set(range(301))
+    with pytest.raises(ConfigError, match="max_tokens"):
+        TokenBudgetSampler([10, 70], 64)

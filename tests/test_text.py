@@ -97,7 +97,7 @@ def test_bleu_and_chrf_equal_sacrebleu_on_the_same_strings():
     bleu.update(ids(hyps[:2]), ids(refs[:2]))  # two batches: corpus statistics accumulate
     bleu.update(ids(hyps[2:]), ids(refs[2:]))
     chrf.update(ids(hyps), ids(refs))
-    assert float(bleu.compute()) * 100 == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-3)
+    assert float(bleu.compute()) == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-3)
     # torchmetrics smooths zero n-gram counts like the original chrF++.py (sacrebleu's eps_smoothing=True)
     reference_chrf = sacrebleu.metrics.CHRF(eps_smoothing=True).corpus_score(hyps, [refs]).score
-    assert float(chrf.compute()) * 100 == pytest.approx(reference_chrf, abs=1e-3)
+    assert float(chrf.compute()) == pytest.approx(reference_chrf, abs=1e-3)

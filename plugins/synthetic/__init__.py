@@ -8,13 +8,12 @@ is the same on every machine and process; lengths vary within [min_len, max_len]
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from seq2seq.data import Split
+from seq2seq.data import Split, read_lines
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.registry import DATASETS, TOKENIZERS
 
@@ -119,8 +118,8 @@ class SyntheticTask:
 
     def read_inputs(self, path: str) -> list[str]:
         """One source per line; a blank line is an error (it would silently become an empty output)."""
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-        blank = [i for i, line in enumerate(lines, 1) if not line.strip()]
-        if blank:
-            raise DataError(f"{path}: blank input on line(s) {blank[:10]}; every line must hold one sequence")
+        lines, bad = read_lines(path)
+        if bad:
+            raise DataError(f"{path}: blank or undecodable input on line(s) {bad[:10]}; every line must hold one "
+                            "sequence")
         return lines

@@ -8,7 +8,8 @@ detokenized text, which is what metrics score. The core's `token` embedding and 
 The `parallel` reader takes TSV/CSV/Parquet (optionally .gz), column names by config. Text is read as text: "NA",
 "null" and "" stay strings, blank lines are rows. Rows are rejected, and counted by reason, for an empty side,
 undecodable bytes, more than `max_chars` characters on a side, or a length ratio above `max_ratio`.
-Splits come from a split column, or deterministically from a hash of the source text.
+Splits come from a split column, or deterministically from a hash of the source text. After training, the
+reader's `report` saves cross-attention heatmaps of a few validation sentences (`attention.py`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 from torchmetrics.text import CHRFScore, SacreBLEUScore
 
-from seq2seq.data import Split
+from seq2seq.data import Split, read_lines
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.registry import DATASETS, METRICS, TOKENIZERS
 
@@ -84,6 +85,9 @@ class BPETokenizer(_TextTokenizer):
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(self._content(ids), skip_special_tokens=False).replace("<unk>", "⁇")
 
+    def pieces(self, ids: list[int]) -> list[str]:
+        return [self._tok.id_to_token(i) for i in ids]
+
     def state_dict(self) -> dict[str, Any]:
         return {"json": self._tok.to_str()}
 
@@ -130,6 +134,9 @@ class SentencePieceTokenizer(_TextTokenizer):
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(self._content(ids))
 
+    def pieces(self, ids: list[int]) -> list[str]:
+        return [self._sp.id_to_piece(i) for i in ids]
+
     def state_dict(self) -> dict[str, Any]:
         return {"model": base64.b64encode(self._model).decode("ascii")}
 
@@ -166,6 +173,9 @@ class _VocabTokenizer(_TextTokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self.join([self.itos[i] if i != self.unk_id else "⁇" for i in self._content(ids)])
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        return [self.itos[i] for i in ids]
 
     def state_dict(self) -> dict[str, Any]:
         return {"itos": list(self.itos)}
@@ -206,7 +216,7 @@ class WordTokenizer(_VocabTokenizer):
 
 @METRICS.register("bleu")
 class BLEU(SacreBLEUScore):
-    """Corpus SacreBLEU (13a tokenization) on detokenized hypotheses and references."""
+    """Corpus SacreBLEU (13a tokenization) on detokenized hypotheses and references, on the 0-100 scale."""
 
     def __init__(self, tokenizer: Any) -> None:
         super().__init__(tokenize="13a")
@@ -215,10 +225,13 @@ class BLEU(SacreBLEUScore):
     def update(self, hyps: list[list[int]], refs: list[list[int]]) -> None:  # type: ignore[override]
         super().update([self.detokenize(h) for h in hyps], [[self.detokenize(r)] for r in refs])
 
+    def compute(self) -> Tensor:
+        return super().compute() * 100
+
 
 @METRICS.register("chrf")
 class ChrF(CHRFScore):
-    """Corpus chrF (character 6-grams, no word n-grams: not chrF++) on detokenized hypotheses and references.
+    """Corpus chrF (character 6-grams, no word n-grams: not chrF++) on detokenized text, on the 0-100 scale.
 
     Zero n-gram counts are smoothed as in the original chrF++.py, i.e. sacrebleu's `CHRF(eps_smoothing=True)`;
     sacrebleu's default differs in the second decimal on short corpora.
@@ -230,6 +243,9 @@ class ChrF(CHRFScore):
 
     def update(self, hyps: list[list[int]], refs: list[list[int]]) -> None:  # type: ignore[override]
         super().update([self.detokenize(h) for h in hyps], [[self.detokenize(r)] for r in refs])
+
+    def compute(self) -> Tensor:  # type: ignore[override]
+        return super().compute() * 100
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -315,10 +331,20 @@ class ParallelCorpus:
                 pairs.append((src.strip(), tgt.strip()))
         return Split(pairs, rows_read=len(rows), rejected=rejected)
 
+    def report(self, module: Any, splits: dict[str, Split], run_dir: Path) -> dict[str, float]:
+        """Attention heatmaps for the first validation sentences (plots/attention.png); no extra scores."""
+        (run_dir / "plots").mkdir(exist_ok=True)
+        self.plot_attention(module, [src for src, _ in splits["val"].pairs[:3]], run_dir / "plots" / "attention.png")
+        return {}
+
+    def plot_attention(self, module: Any, sources: list[str], path: Path) -> None:
+        from seq2seq_plugins.text.attention import plot_attention
+
+        plot_attention(module, sources, path)
+
     def read_inputs(self, path: str) -> list[str]:
-        """One source sentence per line ('-' for standard input is handled by the caller)."""
-        lines = Path(path).read_bytes().decode("utf-8", errors="replace").splitlines()
-        bad = [i for i, line in enumerate(lines, 1) if "\ufffd" in line or not line.strip()]
+        """One source sentence per line."""
+        lines, bad = read_lines(path)
         if bad:
             raise DataError(f"{path}: blank or undecodable line(s) {bad[:10]} ({len(bad)} in all)")
         return lines

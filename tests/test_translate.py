@@ -1,0 +1,60 @@
+"""Text end to end: a tiny task must overfit, and `seq2seq translate` works from its checkpoint alone."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from seq2seq import Translator, compose, train
+from seq2seq_plugins.text import EMBEDDED
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny_translation")
+    pairs = pd.read_csv(EMBEDDED, sep="\t", dtype=str, keep_default_na=False)
+    pairs = pairs[(pairs["split"] == "train") & (pairs["en"].str.len().between(10, 40))].head(24)
+    corpus = pd.concat([pairs.assign(split=s) for s in ("train", "val", "test")])  # memorize: same pairs everywhere
+    corpus.to_csv(tmp / "tiny.tsv", sep="\t", index=False)
+    config = compose([
+        "experiment=translate_ko_en", f"data.path={tmp / 'tiny.tsv'}", "tokenizer.src.vocab_size=400",
+        "tokenizer.src.min_frequency=1", "model.d_model=64", "model.n_heads=4", "model.d_ff=128",
+        "model.n_encoder_layers=2", "model.n_decoder_layers=2", "model.dropout=0.0", "optim.label_smoothing=0.0",
+        "optim.schedule=constant", "optim.warmup_steps=40", "optim.lr=3e-3", "loader.batch_size=8",
+        "trainer.max_epochs=120",
+        "trainer.check_val_every_n_epoch=30", "monitor.patience=null", "trainer.enable_progress_bar=false"])
+    module = train(config, tmp / "run")
+    return tmp, module, json.loads((tmp / "run" / "metrics.json").read_text()), pairs
+
+
+def test_a_tiny_translation_task_overfits_to_high_bleu(tiny_run):
+    tmp, _, metrics, _ = tiny_run
+    assert metrics["val/bleu"] >= 90 and metrics["val/chrf"] >= 90
+    assert (tmp / "run" / "plots" / "attention.png").stat().st_size > 10_000
+
+
+def _translate(*args: str, stdin: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-c", "from seq2seq.cli import main; main()", "translate", *args],
+                            input=stdin, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_translate_reads_stdin_and_prints_translations_from_the_checkpoint_alone(tiny_run):
+    tmp, module, metrics, pairs = tiny_run
+    sources, references = list(pairs["ko"][:6]), list(pairs["en"][:6])
+    ckpt = metrics["best_checkpoint"]
+    out = _translate(f"ckpt={ckpt}", "beam=5", f"hydra.run.dir={tmp / 't1'}", f"attention={tmp / 'att.png'}",
+                     stdin="\n".join(sources) + "\n").stdout.removesuffix("\n").split("\n")
+    assert len(out) == 6 and sum(o == r for o, r in zip(out, references, strict=True)) >= 5
+    assert out == Translator(module).translate(sources, beam=5)
+    assert (tmp / "att.png").stat().st_size > 10_000
+    nbest = _translate(f"ckpt={ckpt}", "n_best=3", f"hydra.run.dir={tmp / 't2'}", stdin=sources[0] + "\n")
+    rows = [line.split("\t") for line in nbest.stdout.splitlines()]
+    assert [r[0] for r in rows] == ["1", "1", "1"]
+    scores = [float(r[1]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and rows[0][2] == references[0]
