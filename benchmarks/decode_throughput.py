@@ -16,27 +16,10 @@ import time
 from collections.abc import Callable
 
 import torch
+from presets import BOS, EOS, PAD, PRESETS, ours
 from transformers import MarianConfig, MarianMTModel
 
 from seq2seq.decoding import beam_search, greedy
-from seq2seq.embeddings import TokenEmbedding
-from seq2seq.heads import LinearHead
-from seq2seq.model import EncoderDecoder, ModelSpec
-
-PRESETS = {
-    "small": {"d_model": 256, "n_heads": 4, "layers": 3, "d_ff": 1024, "vocab": 8000},
-    "base": {"d_model": 512, "n_heads": 8, "layers": 6, "d_ff": 2048, "vocab": 32000},
-}
-PAD, BOS, EOS = 0, 1, 2
-
-
-def ours(p: dict) -> EncoderDecoder:
-    spec = ModelSpec(d_model=p["d_model"], n_heads=p["n_heads"], n_encoder_layers=p["layers"],
-                     n_decoder_layers=p["layers"], d_ff=p["d_ff"], dropout=0.0, share_embeddings=True)
-    embed = TokenEmbedding(p["vocab"], p["d_model"], padding_idx=PAD)
-    head = LinearHead(p["d_model"], p["vocab"])
-    head.tie(embed.weight)
-    return EncoderDecoder(spec, embed, embed, head).eval()
 
 
 def marian(p: dict) -> MarianMTModel:
@@ -64,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     p = PRESETS[args.preset]
     torch.manual_seed(0)
-    model, hf = ours(p), marian(p)
+    model, hf = ours(p, dropout=0.0).eval(), marian(p)
     src = torch.randint(3, p["vocab"], (args.batch, args.src_len))
     keep = torch.ones_like(src, dtype=torch.bool)
     no_eos = torch.ones(p["vocab"], dtype=torch.bool)

@@ -17,19 +17,15 @@ import time
 
 import torch
 import torch.nn.functional as F
+from presets import BOS, PAD, PRESETS, ours
 from torch import nn
 
 from seq2seq.data import Batch
-from seq2seq.embeddings import SinusoidalPositions, TokenEmbedding
-from seq2seq.heads import LinearHead
-from seq2seq.model import EncoderDecoder, ModelSpec
+from seq2seq.embeddings import SinusoidalPositions
+from seq2seq.model import EncoderDecoder
 from seq2seq.module import sequence_loss
 
-PRESETS = {
-    "small": {"d_model": 256, "n_heads": 4, "layers": 3, "d_ff": 1024, "vocab": 8000, "batch": 32, "length": 32},
-    "base": {"d_model": 512, "n_heads": 8, "layers": 6, "d_ff": 2048, "vocab": 32000, "batch": 32, "length": 32},
-}
-PAD, BOS = 0, 1
+BATCH, LENGTH = 32, 32
 
 
 class HandWritten(nn.Module):
@@ -59,18 +55,9 @@ class HandWritten(nn.Module):
         return self.out(h)
 
 
-def ours(p: dict) -> EncoderDecoder:
-    spec = ModelSpec(d_model=p["d_model"], n_heads=p["n_heads"], n_encoder_layers=p["layers"],
-                     n_decoder_layers=p["layers"], d_ff=p["d_ff"], dropout=0.1, share_embeddings=True)
-    embed = TokenEmbedding(p["vocab"], p["d_model"], padding_idx=PAD)
-    head = LinearHead(p["d_model"], p["vocab"])
-    head.tie(embed.weight)
-    return EncoderDecoder(spec, embed, embed, head)
-
-
 def batches(p: dict, n: int, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
     g = torch.Generator().manual_seed(seed)
-    B, L, V = p["batch"], p["length"], p["vocab"]
+    B, L, V = BATCH, LENGTH, p["vocab"]
     out = []
     for _ in range(n):
         src_len = torch.randint(L // 2, L + 1, (B,), generator=g)
@@ -87,7 +74,7 @@ def batches(p: dict, n: int, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
 def step_flops(p: dict, B: int) -> float:
     """FLOPs of one training step (forward + backward) by the formula in BENCHMARKS.md, on padded shapes."""
     d, dff, V, Le, Ld = p["d_model"], p["d_ff"], p["vocab"], p["layers"], p["layers"]
-    S = T = p["length"]
+    S = T = LENGTH
     return B * (6 * S * (Le * (4 * d * d + 2 * d * dff) + Ld * 2 * d * d)
                 + 6 * T * (Ld * (6 * d * d + 2 * d * dff) + d * V)
                 + 12 * d * (Le * S * S + Ld * (T * T + T * S)))
@@ -119,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     p = PRESETS[args.preset]
     torch.manual_seed(0)
-    models = {"hand-written nn.Transformer": HandWritten(p), "seq2seq": ours(p)}
+    models = {"hand-written nn.Transformer": HandWritten(p), "seq2seq": ours(p, dropout=0.1)}
     opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
     data = batches(p, args.steps)
     tokens = sum(int(b[3].sum()) for b in data)  # real (non-pad) target tokens
@@ -130,9 +117,9 @@ def main() -> None:
         order = list(models) if rep % 2 == 0 else list(reversed(models))
         for name in order:
             times[name].append(time_steps(models[name], opts[name], data))
-    flops = step_flops(p, p["batch"]) * len(data)
-    print(f"preset {args.preset}: {p}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{args.reps} reps x {args.steps} steps, medians")
+    flops = step_flops(p, BATCH) * len(data)
+    print(f"preset {args.preset}: {p}, batch {BATCH} x length <= {LENGTH}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, {args.reps} reps x {args.steps} steps, medians")
     print(f"{'model':<30}{'target tok/s':>14}{'MFU':>8}{'ratio':>8}")
     base = statistics.median(times["hand-written nn.Transformer"])
     for name, ts in times.items():

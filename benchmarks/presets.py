@@ -1,0 +1,23 @@
+"""Model sizes shared by the benchmarks (BENCHMARKS.md presets) and our model built at those sizes."""
+
+from __future__ import annotations
+
+from seq2seq.embeddings import TokenEmbedding
+from seq2seq.heads import LinearHead
+from seq2seq.model import EncoderDecoder, ModelSpec
+
+PRESETS = {
+    "small": {"d_model": 256, "n_heads": 4, "layers": 3, "d_ff": 1024, "vocab": 8000},
+    "base": {"d_model": 512, "n_heads": 8, "layers": 6, "d_ff": 2048, "vocab": 32000},
+}
+PAD, BOS, EOS = 0, 1, 2
+
+
+def ours(p: dict, dropout: float) -> EncoderDecoder:
+    """Shared, tied token embeddings, sinusoidal positions, post-norm: the `small`/`base` model of our presets."""
+    spec = ModelSpec(d_model=p["d_model"], n_heads=p["n_heads"], n_encoder_layers=p["layers"],
+                     n_decoder_layers=p["layers"], d_ff=p["d_ff"], dropout=dropout, share_embeddings=True)
+    embed = TokenEmbedding(p["vocab"], p["d_model"], padding_idx=PAD)
+    head = LinearHead(p["d_model"], p["vocab"])
+    head.tie(embed.weight)
+    return EncoderDecoder(spec, embed, embed, head)
