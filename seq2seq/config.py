@@ -141,6 +141,11 @@ def prepare_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
                 text = "++" + text  # inside a plugin block
                 break
             schema = _field_type(schema, key, ".".join(parts[:depth]))
+        if isinstance(override.value(), dict) and type(None) in typing.get_args(schema):
+            # OmegaConf cannot merge a block into a node that composed to null.
+            raise ConfigError(f"`{override.key_or_group}` cannot be given as a block on the command line; choose "
+                              "a config group option that defines it (e.g. `tokenizer=bpe_separate` for separate "
+                              "vocabularies), then override its keys")
         prepared.append(text)
     return prepared
 

@@ -2,7 +2,7 @@ import pytest
 import sacrebleu
 import torch
 
-from seq2seq.errors import DataError
+from seq2seq.errors import ConfigError, DataError
 from seq2seq_plugins.text import (
     BLEU,
     BPETokenizer,
@@ -101,3 +101,26 @@ def test_bleu_and_chrf_equal_sacrebleu_on_the_same_strings():
     # torchmetrics smooths zero n-gram counts like the original chrF++.py (sacrebleu's eps_smoothing=True)
     reference_chrf = sacrebleu.metrics.CHRF(eps_smoothing=True).corpus_score(hyps, [refs]).score
     assert float(chrf.compute()) == pytest.approx(reference_chrf, abs=1e-3)
+
+
+def test_splits_can_come_from_separate_files(tmp_path):
+    for name, rows in (("train", 5), ("val", 2), ("test", 3)):
+        (tmp_path / f"{name}.csv").write_text("de,en\n" + "".join(f"Satz {i},sentence {i}\n" for i in range(rows)))
+    reader = ParallelCorpus(path=str(tmp_path / "train.csv"), source="de", val_path=str(tmp_path / "val.csv"),
+                            test_path=str(tmp_path / "test.csv"))
+    assert [len(reader.read(s).pairs) for s in reader.splits] == [5, 2, 3]
+    assert reader.read("val").pairs[1] == ("Satz 1", "sentence 1")
+
+
+def test_separate_source_and_target_vocabularies_build_and_decode():
+    from seq2seq import compose
+    from seq2seq.module import Seq2SeqModule, fit_tokenizers
+
+    with pytest.raises(ConfigError, match="tokenizer=bpe_separate"):
+        compose(["experiment=translate_ko_en", "tokenizer.tgt={name: char}"])
+    config = compose(["experiment=translate_ko_en", "model=tiny", "model.share_embeddings=false",
+                      "tokenizer=bpe_separate", "tokenizer.tgt.vocab_size=300", "tokenizer.src.vocab_size=500"])
+    module = Seq2SeqModule(config, fit_tokenizers(config, CORPUS))
+    assert module.src_tok is not module.tgt_tok and module.model.src_embed is not module.model.tgt_embed
+    assert module.tgt_tok.decode(module.tgt_tok.encode("Inserts a table.").tolist()) == "Inserts a table."
+    assert len(module.predict(["표를 삽입합니다."])) == 1

@@ -8,7 +8,8 @@ detokenized text, which is what metrics score. The core's `token` embedding and 
 The `parallel` reader takes TSV/CSV/Parquet (optionally .gz), column names by config. Text is read as text: "NA",
 "null" and "" stay strings, blank lines are rows. Rows are rejected, and counted by reason, for an empty side,
 undecodable bytes, more than `max_chars` characters on a side, or a length ratio above `max_ratio`.
-Splits come from a split column, or deterministically from a hash of the source text. After training, the
+Splits come from separate files (`val_path`, `test_path`), a split column, or deterministically from a hash of the
+source text. After training, the
 reader's `report` saves cross-attention heatmaps of a few validation sentences (`attention.py`).
 """
 
@@ -265,11 +266,11 @@ def _split_of(text: str, val_fraction: float, test_fraction: float) -> str:
 
 @DATASETS.register("parallel")
 class ParallelCorpus:
-    """Sentence pairs from one table; `split_column` picks the split, else a hash of the source text does."""
+    """Sentence pairs; the split is the file's (`val_path`/`test_path`), else `split_column`'s, else a hash's."""
 
     splits = ("train", "val", "test")
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - flat options are the schema of the `data:` block
         self,
         path: str | None = None,
         source: str = "ko",
@@ -279,21 +280,33 @@ class ParallelCorpus:
         test_fraction: float = 0.05,
         max_chars: int = 1000,
         max_ratio: float = 9.0,
+        val_path: str | None = None,
+        test_path: str | None = None,
     ) -> None:
+        if (val_path is None) != (test_path is None):
+            raise ConfigError("give both `data.val_path` and `data.test_path`, or neither")
         self.path = path or str(EMBEDDED)
+        self.files = {"train": self.path, "val": val_path, "test": test_path} if val_path else None
         self.source, self.target, self.split_column = source, target, split_column
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.max_chars, self.max_ratio = max_chars, max_ratio
         self._frame: pd.DataFrame | None = None
 
+    def _table(self, path: str, split_column: str | None) -> pd.DataFrame:
+        frame = read_table(path)
+        wanted = [self.source, self.target] + ([split_column] if split_column else [])
+        missing = [c for c in wanted if c not in frame.columns]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}. Set "
+                            "`data.source`, `data.target` and `data.split_column` (null to split by hash)")
+        return frame
+
     def frame(self) -> pd.DataFrame:
+        if self._frame is None and self.files:
+            self._frame = pd.concat([self._table(path, None).assign(_split=split)
+                                     for split, path in self.files.items()], ignore_index=True)
         if self._frame is None:
-            frame = read_table(self.path)
-            wanted = [self.source, self.target] + ([self.split_column] if self.split_column else [])
-            missing = [c for c in wanted if c not in frame.columns]
-            if missing:
-                raise DataError(f"{self.path}: missing column(s) {missing}; found {list(frame.columns)}. Set "
-                                "`data.source`, `data.target` and `data.split_column` (null to split by hash)")
+            frame = self._table(self.path, self.split_column)
             if self.split_column:
                 bad = ~frame[self.split_column].isin(self.splits)
                 if bad.any():
