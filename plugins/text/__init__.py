@@ -1,16 +1,17 @@
 """Text domain: parallel sentences in one language -> sentences in another.
 
 Contract. A raw item is a string. Tokenizers are trained locally on the training split and saved inside the
-checkpoint: `bpe` (HF `tokenizers`, byte-level-safe Metaspace pre-tokenization; the default), `sentencepiece`
-(unigram or BPE), `char` and `word`. All share the special ids pad 0, bos 1, eos 2, unk 3, and `decode` gives back
-detokenized text, which is what metrics score. The core's `token` embedding and tied `linear` head do the rest.
+checkpoint (`tokenizers.py`): `bpe` (HF `tokenizers` with Metaspace pre-tokenization, so spaces survive decoding;
+the default), `sentencepiece` (unigram or BPE), `char` and `word`. All share the special ids pad 0, bos 1, eos 2,
+unk 3, and `decode` gives back detokenized text, which is what metrics score. The core's `token` embedding and tied
+`linear` head do the rest.
 
 The `parallel` reader takes TSV/CSV/Parquet (optionally .gz), column names by config. Text is read as text: "NA",
 "null" and "" stay strings, blank lines are rows. Rows are rejected, and counted by reason, for an empty side,
 undecodable bytes, more than `max_chars` characters on a side, or a length ratio above `max_ratio`.
 Splits come from separate files (`val_path`, `test_path`), a split column, or deterministically from a hash of the
-source text. After training, the
-reader's `report` saves cross-attention heatmaps of a few validation sentences (`attention.py`).
+source text. After training, the reader's `report` saves cross-attention heatmaps of a few validation sentences
+(`attention.py`).
 """
 
 from __future__ import annotations
