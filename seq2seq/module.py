@@ -130,10 +130,11 @@ class Seq2SeqModule(L.LightningModule):
         self.decode_spec = DecodeSpec(**config["decode"])
         # A label domain's target tokenizer names its label ids; decoding then emits nothing else.
         self.label_ids: list[int] | None = getattr(self.tgt_tok, "label_ids", None)
-        allowed = torch.zeros(self.tgt_tok.vocab_size, dtype=torch.bool)
+        allowed = None
         if self.label_ids is not None:
+            allowed = torch.zeros(self.tgt_tok.vocab_size, dtype=torch.bool)  # (V,)
             allowed[self.label_ids] = True
-        self.register_buffer("allowed", allowed if self.label_ids is not None else None, persistent=False)
+        self.register_buffer("allowed", allowed, persistent=False)
         self.metrics = nn.ModuleDict({
             stage: MetricCollection(
                 {name: METRICS.build({"name": name}, "metrics", tokenizer=self.tgt_tok) for name in config["metrics"]},
@@ -151,7 +152,7 @@ class Seq2SeqModule(L.LightningModule):
         return sequence_loss(self.model, batch, self.optim.label_smoothing)
 
     def decode_tokens(self, src: Tensor, src_keep: Tensor) -> Tensor:
-        """Decode a source batch with the configured search (greedy, beam or one-shot): tokens (B, L)."""
+        """Decode a source batch as `decode:` says (greedy, beam, sampling or one-shot): tokens (B, L)."""
         spec, tok = self.decode_spec, self.tgt_tok
         max_len = max_length(src_keep, spec.max_len_a, spec.max_len_b)
         if spec.one_shot:
