@@ -178,7 +178,8 @@ def _task(command: Callable[[dict[str, Any], Path], None], cfg: DictConfig) -> N
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         print(f"usage: seq2seq {{{'|'.join(COMMANDS)}}} [key=value ...] [hydra options]\n"
-              "  e.g. seq2seq train experiment=reverse model.d_model=128", file=sys.stderr)
+              "  e.g. seq2seq train experiment=translate_ko_en model.d_model=512 trainer.max_epochs=20",
+              file=sys.stderr)
         sys.exit(2)
     command = COMMANDS[sys.argv.pop(1)]
     try:
