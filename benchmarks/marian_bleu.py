@@ -36,8 +36,11 @@ def main() -> None:
     reader = DATASETS.build(cfg["data"], "data")
     train, test = reader.read("train").pairs, reader.read("test").pairs
     tok, _ = load_tokenizers(cfg, fit_tokenizers(cfg, train))
+    def fits(src: str, tgt: str) -> bool:  # the length limits our data module applies (it counts the rest)
+        return len(tok.encode(src)) <= lo["max_src_len"] and len(tok.encode(tgt)) < lo["max_tgt_len"]
+
+    train, test = [p for p in train if fits(*p)], [p for p in test if fits(*p)]
     examples = [(tok.encode(s), tok.encode(t)) for s, t in train]
-    examples = [(s, t) for s, t in examples if len(s) <= lo["max_src_len"] and len(t) < lo["max_tgt_len"]]
     config = MarianConfig(
         vocab_size=tok.vocab_size, d_model=m["d_model"], encoder_layers=m["n_encoder_layers"],
         decoder_layers=m["n_decoder_layers"], encoder_attention_heads=m["n_heads"],
