@@ -1,7 +1,8 @@
 """Quality at equal time: HF `MarianMTModel` trained like `experiment=translate_ko_en`, for the same wall time.
 
 Every setting comes from the composed experiment: the data and splits, the joint BPE (trained on the training
-split), the sizes (shared and tied embeddings), the token-budget batches, Adam (0.9, 0.98, 1e-9) with the paper's
+split), the sizes (shared and tied embeddings), the activation and the three dropouts,
+the token-budget batches, Adam (0.9, 0.98, 1e-9) with the paper's
 warm-up, label smoothing and gradient clipping. The loop trains without pausing
 for validation (our run validates every epoch inside its budget, so this favours the peer), then decodes the test
 split greedily (`max_new_tokens` = 1.5 · source + 10) and scores it with sacrebleu, as our run does.
@@ -47,6 +48,8 @@ def main() -> None:
         decoder_attention_heads=m["n_heads"], encoder_ffn_dim=m["d_ff"], decoder_ffn_dim=m["d_ff"],
         max_position_embeddings=m["max_positions"], pad_token_id=tok.pad_id, eos_token_id=tok.eos_id,
         decoder_start_token_id=tok.bos_id, forced_eos_token_id=None, scale_embedding=True, dropout=m["dropout"],
+        attention_dropout=m["attention_dropout"], activation_dropout=m["activation_dropout"],
+        activation_function=m["activation"],
         share_encoder_decoder_embeddings=True, tie_word_embeddings=True)
     model = MarianMTModel(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])

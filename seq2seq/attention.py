@@ -125,12 +125,15 @@ class MultiHeadAttention(nn.Module):
         """Attend from one new position x (B, 1, D) through a cache.
 
         `grow=True` is self-attention: x's own key/value are appended first. `grow=False` is cross-attention over
-        a cache from `memory_cache`, with the source keep mask (B, 1, 1, S).
+        a cache from `memory_cache` with the source keep mask (B_src, 1, 1, S). There x may hold G = B / B_src
+        consecutive rows per source (the beams of beam search): they attend as G queries of that source, so its
+        keys and values are neither copied per beam nor reordered.
         """
         if grow:
             q, k, v = (split_heads(t, self.n_heads) for t in self.in_proj(x).chunk(3, dim=-1))  # (B, H, 1, Dh)
             cache.append(k, v)
-        else:
-            q = self._q(x)
-        k, v = cache.keys_values()  # (B, H, L, Dh)
-        return self._attend(q, k, v, keep)
+            return self._attend(q, *cache.keys_values(), keep)
+        k, v = cache.keys_values()  # (B_src, H, S, Dh)
+        B, G = x.shape[0], x.shape[0] // k.shape[0]
+        q = self._q(x.view(k.shape[0], G, self.d_model))  # (B_src, H, G, Dh)
+        return self._attend(q, k, v, keep).view(B, 1, self.d_model)

@@ -168,15 +168,16 @@ def beam_search(  # noqa: PLR0913 - the search's inputs, all keyword-only past t
     if not 1 <= n_best <= beam:
         raise ValueError(f"n_best ({n_best}) must be between 1 and the beam size ({beam})")
     B, K = src.shape[0], beam
-    memory = model.encode(src, src_keep).repeat_interleave(K, dim=0)  # (B*K, S, D)
-    keep = src_keep.repeat_interleave(K, dim=0)  # (B*K, S)
-    state = model.start_decoding(memory, keep, max_len) if use_cache else None
+    memory = model.encode(src, src_keep)  # (B, S, D)
+    state = model.start_decoding(memory, src_keep, max_len, beam=K) if use_cache else None
+    if not use_cache:  # the uncached decoder takes one memory row per hypothesis
+        memory, src_keep = memory.repeat_interleave(K, dim=0), src_keep.repeat_interleave(K, dim=0)  # (B*K, ...)
     tokens = torch.full((B * K, 1), bos, dtype=torch.long, device=src.device)  # (B*K, 1 + t)
     scores = torch.full((B, K), float("-inf"), device=src.device)
     scores[:, 0] = 0.0  # every beam starts as the same empty hypothesis: expand only one
     done = torch.zeros(B * K, dtype=torch.bool, device=src.device)
     for _ in range(max_len):
-        logits = _next_logits(model, tokens, memory, keep, state, allowed, no_repeat_ngram)
+        logits = _next_logits(model, tokens, memory, src_keep, state, allowed, no_repeat_ngram)
         logp = logits.float().log_softmax(-1)  # (B*K, V)
         logp[done] = float("-inf")
         logp[done, eos] = 0.0

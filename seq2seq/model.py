@@ -28,7 +28,9 @@ class ModelSpec:
     n_encoder_layers: int = 6
     n_decoder_layers: int = 6
     d_ff: int = 2048
-    dropout: float = 0.1
+    dropout: float = 0.1  # the paper's residual dropout: sublayer outputs and embedding + position sums
+    attention_dropout: float = 0.0  # on attention probabilities (tensor2tensor, fairseq); not in the paper
+    activation_dropout: float = 0.0  # inside the feed-forward, after the activation; not in the paper
     activation: str = "relu"  # relu | gelu
     norm_first: bool = False  # False: post-norm Add & Norm as in the paper; True: pre-norm
     positions: str = "sinusoidal"  # sinusoidal | learned
@@ -52,7 +54,7 @@ class FeedForward(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.w1, self.w2 = nn.Linear(spec.d_model, spec.d_ff), nn.Linear(spec.d_ff, spec.d_model)
-        self.act, self.dropout = ACTIVATIONS[spec.activation], nn.Dropout(spec.dropout)
+        self.act, self.dropout = ACTIVATIONS[spec.activation], nn.Dropout(spec.activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(self.dropout(self.act(self.w1(x))))
@@ -75,7 +77,7 @@ class _Sublayers(nn.Module):
 class EncoderLayer(_Sublayers):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec, 2)
-        self.self_attn = MultiHeadAttention(spec.d_model, spec.n_heads, spec.dropout)
+        self.self_attn = MultiHeadAttention(spec.d_model, spec.n_heads, spec.attention_dropout)
         self.ff = FeedForward(spec)
 
     def forward(self, x: Tensor, keep: Tensor) -> Tensor:
@@ -87,8 +89,8 @@ class EncoderLayer(_Sublayers):
 class DecoderLayer(_Sublayers):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec, 3)
-        self.self_attn = MultiHeadAttention(spec.d_model, spec.n_heads, spec.dropout)
-        self.cross_attn = MultiHeadAttention(spec.d_model, spec.n_heads, spec.dropout)
+        self.self_attn = MultiHeadAttention(spec.d_model, spec.n_heads, spec.attention_dropout)
+        self.cross_attn = MultiHeadAttention(spec.d_model, spec.n_heads, spec.attention_dropout)
         self.ff = FeedForward(spec)
 
     def forward(self, y: Tensor, memory: Tensor, self_keep: Tensor, memory_keep: Tensor) -> Tensor:
@@ -106,7 +108,11 @@ class DecoderLayer(_Sublayers):
 
 @dataclass
 class DecoderState:
-    """What incremental decoding carries between steps: per-layer caches and the next position."""
+    """What incremental decoding carries between steps: per-layer caches and the next position.
+
+    Self-attention caches hold one row per hypothesis (B · beam); cross-attention caches and the source mask one
+    row per source (B), shared by its beams.
+    """
 
     memory_keep: Tensor  # (B, 1, 1, S)
     self_caches: list[KVCache]
@@ -114,9 +120,8 @@ class DecoderState:
     position: int = 0
 
     def reorder(self, index: Tensor) -> None:
-        """Keep batch rows `index` (B',) of every cache, e.g. when beam search reorders hypotheses."""
-        self.memory_keep = self.memory_keep.index_select(0, index)
-        for cache in (*self.self_caches, *self.cross_caches):
+        """Beam search: hypothesis row i continues row index[i] (B · beam,), a row of the same source."""
+        for cache in self.self_caches:
             cache.reorder(index)
 
 
@@ -173,12 +178,12 @@ class EncoderDecoder(nn.Module):
             handle.remove()
         return layer.weights(seen["x"], seen["memory"], seen["keep"])
 
-    def start_decoding(self, memory: Tensor, src_keep: Tensor, max_len: int) -> DecoderState:
-        """Caches for up to `max_len` decoding steps over memory (B, S, D)."""
-        B = memory.shape[0]
+    def start_decoding(self, memory: Tensor, src_keep: Tensor, max_len: int, beam: int = 1) -> DecoderState:
+        """Caches for up to `max_len` decoding steps of `beam` hypotheses per source over memory (B, S, D)."""
+        rows = memory.shape[0] * beam
         return DecoderState(
             memory_keep=padding_keep(src_keep),
-            self_caches=[layer.self_attn.empty_cache(B, max_len, memory) for layer in self.decoder],
+            self_caches=[layer.self_attn.empty_cache(rows, max_len, memory) for layer in self.decoder],
             cross_caches=[layer.cross_attn.memory_cache(memory) for layer in self.decoder],
         )
 
