@@ -1,10 +1,9 @@
 """Quality at equal time: HF `MarianMTModel` trained like `experiment=translate_ko_en`, for the same wall time.
 
 Every setting comes from the composed experiment: the data and splits, the joint BPE (trained on the training
-split), the sizes (shared and tied embeddings), the activation and the three dropouts,
-the token-budget batches, Adam (0.9, 0.98, 1e-9) with the paper's
-warm-up, label smoothing and gradient clipping. The loop trains without pausing
-for validation (our run validates every epoch inside its budget, so this favours the peer), then decodes the test
+split), the sizes (shared and tied embeddings), the activation and the three dropouts, the token-budget batches,
+Adam (0.9, 0.98, 1e-9) with the paper's warm-up, label smoothing and gradient clipping. The loop trains without
+pausing for validation (our run validates inside its budget, so this favours the peer), then decodes the test
 split greedily (`max_new_tokens` = 1.5 · source + 10) and scores it with sacrebleu, as our run does.
 
     python benchmarks/marian_bleu.py --minutes 30     # compare with test/bleu in our run's metrics.json
