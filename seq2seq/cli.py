@@ -26,6 +26,7 @@ from seq2seq.config import prepare_overrides, validate
 from seq2seq.data import LoaderSpec, Seq2SeqDataModule, Split
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.module import Seq2SeqModule, fit_tokenizers
+from seq2seq.plugins import listing, searchpath_override
 from seq2seq.registry import DATASETS
 from seq2seq.translate import Translator
 
@@ -176,14 +177,17 @@ def _task(command: Callable[[dict[str, Any], Path], None], cfg: DictConfig) -> N
 
 
 def main() -> None:
+    if sys.argv[1:] == ["plugins"]:
+        print(listing())
+        return
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        print(f"usage: seq2seq {{{'|'.join(COMMANDS)}}} [key=value ...] [hydra options]\n"
+        print(f"usage: seq2seq {{{'|'.join(COMMANDS)}}} [key=value ...] [hydra options] | seq2seq plugins\n"
               "  e.g. seq2seq train experiment=translate_ko_en model.d_model=512 trainer.max_epochs=20",
               file=sys.stderr)
         sys.exit(2)
     command = COMMANDS[sys.argv.pop(1)]
     try:
-        sys.argv[1:] = prepare_overrides(sys.argv[1:])
+        sys.argv[1:] = [*searchpath_override(), *prepare_overrides(sys.argv[1:])]
     except ConfigError as err:
         print(f"seq2seq: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -24,7 +24,7 @@ from seq2seq.data import LoaderSpec
 from seq2seq.decoding import DecodeSpec
 from seq2seq.errors import ConfigError
 from seq2seq.model import ModelSpec
-from seq2seq.module import import_plugins
+from seq2seq.plugins import import_plugins, searchpath_override
 from seq2seq.registry import DATASETS, EMBEDDINGS, HEADS, METRICS, TOKENIZERS, hint
 from seq2seq.schedule import OptimSpec
 
@@ -216,4 +216,4 @@ ConfigStore.instance().store(name="schema", node=Config)
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Compose `conf/` with command-line style overrides and validate it, without running a Hydra app."""
     with hydra.initialize_config_module("seq2seq_conf", version_base="1.3"):
-        return validate(hydra.compose("config", overrides=prepare_overrides(overrides)))
+        return validate(hydra.compose("config", overrides=[*prepare_overrides(overrides), *searchpath_override()]))

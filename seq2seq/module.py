@@ -7,7 +7,6 @@ teacher-forced loss, decodes for validation metrics and sets up the optimizer. I
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from functools import partial
 from importlib import metadata
@@ -33,27 +32,9 @@ from seq2seq.decoding import (
 )
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.model import EncoderDecoder, ModelSpec
+from seq2seq.plugins import import_plugins, plugin_versions
 from seq2seq.registry import EMBEDDINGS, HEADS, METRICS, TOKENIZERS
 from seq2seq.schedule import OptimSpec, configure
-
-
-def import_plugins(modules: list[str]) -> None:
-    """Import the plugin modules a config lists; their import registers their components."""
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as err:
-            raise ConfigError(f"plugin module `{name}` (listed in `plugins:`) failed to import: {err}") from err
-
-
-def plugin_versions(modules: list[str]) -> dict[str, str]:
-    """Version of the installed distribution that provides each plugin module."""
-    providers = metadata.packages_distributions()
-    versions = {}
-    for name in modules:
-        dists = providers.get(name.split(".")[0], [])
-        versions[name] = metadata.version(dists[0]) if dists else "unknown"
-    return versions
 
 
 def fit_tokenizers(config: dict[str, Any], train_pairs: list[tuple[Any, Any]]) -> dict[str, Any]:

@@ -1,0 +1,85 @@
+"""Plugins: modules whose import registers components (tokenizers, embeddings, heads, datasets, metrics).
+
+A config lists the plugin modules it needs under `plugins:`; they are imported before anything is built. An
+installed package announces its plugin module in the `seq2seq.plugins` entry-point group::
+
+    [project.entry-points."seq2seq.plugins"]
+    g2p = "seq2seq_g2p"
+
+and, when that module has a `conf/` folder, the folder joins Hydra's config search path, so its experiments and
+group options are selectable by name (`seq2seq train experiment=g2p`). `seq2seq plugins` imports every announced
+module and lists what each one registered.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib import metadata
+from importlib.util import find_spec
+from pathlib import Path
+
+from seq2seq.errors import ConfigError
+from seq2seq.registry import DATASETS, EMBEDDINGS, HEADS, METRICS, TOKENIZERS
+
+GROUP = "seq2seq.plugins"
+
+
+def announced() -> list[metadata.EntryPoint]:
+    return sorted(metadata.entry_points(group=GROUP), key=lambda ep: ep.name)
+
+
+def import_plugins(modules: list[str]) -> None:
+    """Import plugin modules; their import registers their components. A module that fails to import is named."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as err:
+            raise ConfigError(f"plugin module `{name}` failed to import: {type(err).__name__}: {err}. "
+                              f"Is it installed (`pip install ...`)? Its provider: {provider(name)}") from err
+
+
+def import_announced() -> None:
+    """Import every installed plugin (`seq2seq plugins` lists them all)."""
+    import_plugins([ep.value for ep in announced()])
+
+
+def provider(module: str) -> str:
+    """'distribution version' of the installed package that provides `module`, or 'not installed'."""
+    dists = metadata.packages_distributions().get(module.split(".")[0], [])
+    return f"{dists[0]} {metadata.version(dists[0])}" if dists else "not installed"
+
+
+def plugin_versions(modules: list[str]) -> dict[str, str]:
+    """What checkpoints record: each plugin module with the distribution and version providing it."""
+    return {name: provider(name) for name in modules}
+
+
+def search_path() -> list[str]:
+    """Hydra search-path entries for the `conf/` folders of announced plugin modules (found without importing)."""
+    paths = []
+    for ep in announced():
+        spec = find_spec(ep.value)
+        folders = spec.submodule_search_locations if spec else None
+        if folders and any((Path(folder) / "conf").is_dir() for folder in folders):
+            paths.append(f"pkg://{ep.value}.conf")
+    return paths
+
+
+def searchpath_override() -> list[str]:
+    """The Hydra override that adds the plugins' config folders (none when no plugin has one)."""
+    paths = search_path()
+    return [f"hydra.searchpath=[{','.join(paths)}]"] if paths else []
+
+
+def listing() -> str:
+    """Every registered component by kind: name, defining module, and the package and version it comes from."""
+    import_announced()
+    lines = []
+    for registry in (TOKENIZERS, EMBEDDINGS, HEADS, DATASETS, METRICS):
+        lines.append(f"{registry.kind}s:")
+        for name in registry.names():
+            module = registry.get(name).__module__
+            lines.append(f"  {name:<16} {module:<36} {provider(module)}")
+    lines.append("announced plugins (entry-point group `seq2seq.plugins`):")
+    lines += [f"  {ep.name:<16} {ep.value:<36} {provider(ep.value)}" for ep in announced()]
+    return "\n".join(lines)
