@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from transformers import MarianConfig, MarianMTModel
 
 from seq2seq import compose
-from seq2seq.data import Collate, TokenBudgetSampler
+from seq2seq.data import Collate, TrainingBatches
 from seq2seq.module import fit_tokenizers, load_tokenizers
 from seq2seq.registry import DATASETS
 from seq2seq.schedule import WarmupSchedule
@@ -54,7 +54,7 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
     schedule = WarmupSchedule("noam", m["d_model"], o["warmup_steps"], 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    sampler = TokenBudgetSampler([max(len(s), len(t) + 1) for s, t in examples], lo["max_tokens"])
+    sampler = TrainingBatches([max(len(s), len(t) + 1) for s, t in examples], lo["max_tokens"])
     collate = Collate(tok.pad_id, tok.pad_id, tok.bos_id, tok.eos_id)
     deadline, steps, epoch, tokens = time.perf_counter() + args.minutes * 60, 0, 0, 0
     model.train()

@@ -10,15 +10,20 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
+import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,28 +38,68 @@ from seq2seq.translate import Translator
 log = logging.getLogger("seq2seq")
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint beside its target and renames it into place: a write cut short (a crash, a full disk,
+    a killed job) leaves the previous file whole. Loads with `weights_only=True`: checkpoints hold plain data."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        with open(partial, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+# The data module resumes mid-epoch itself (`Seq2SeqDataModule.state_dict`); Lightning cannot see that.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    """The most recently written checkpoint of a run (partial writes are never named *.ckpt)."""
+    found = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+    if not found:
+        raise ConfigError(f"`resume={run_dir}`: no checkpoint in {run_dir / 'checkpoints'}")
+    return found[-1]
+
+
 def _trainer(config: dict[str, Any], run_dir: Path, fit: bool) -> L.Trainer:
     monitor = config["monitor"]
-    loggers: list[Logger] = [CSVLogger(run_dir, name="logs", version="")]
+    # A resumed run logs beside the first part of its logs, not over them.
+    version = f"resumed-{time.strftime('%Y%m%d-%H%M%S')}" if config["resume"] else ""
+    loggers: list[Logger] = [CSVLogger(run_dir, name="logs", version=version)]
     if "tensorboard" in config["loggers"]:
-        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
+        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=version))
     callbacks: list[L.Callback] = []
     if fit:
         callbacks += [
             ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-step{step}", monitor=monitor["metric"],
                             mode=monitor["mode"], save_top_k=1, save_last=True, auto_insert_metric_name=False),
+            # last.ckpt every N steps too, for resuming after a crash; on Ctrl-C or an error, interrupted.ckpt
+            ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False,
+                            every_n_train_steps=config["save_every_n_steps"]),
+            OnExceptionCheckpoint(run_dir / "checkpoints", filename="interrupted"),
             LearningRateMonitor(logging_interval="step"),
         ]
         if monitor["patience"] is not None:
             callbacks.append(EarlyStopping(monitor=monitor["metric"], mode=monitor["mode"],
                                            patience=monitor["patience"]))
-    return L.Trainer(**config["trainer"], default_root_dir=run_dir, callbacks=callbacks, logger=loggers)
+    # The data module shards batches over ranks itself (equal step counts for training; nothing repeated for
+    # evaluation), so Lightning must not wrap its samplers.
+    return L.Trainer(**config["trainer"], default_root_dir=run_dir, callbacks=callbacks, logger=loggers,
+                     plugins=[AtomicCheckpointIO()], use_distributed_sampler=False)
 
 
 def _datamodule(config: dict[str, Any], module: Seq2SeqModule, splits: dict[str, Split],
                 run_dir: Path) -> Seq2SeqDataModule:
     return Seq2SeqDataModule(splits, module.src_tok, module.tgt_tok, LoaderSpec(**config["loader"]),
-                             module.model.spec.max_positions, report_path=run_dir / "data_report.json")
+                             module.model.spec.max_positions, report_path=run_dir / "data_report.json",
+                             seed=config["seed"])
 
 
 def _write_metrics(trainer: L.Trainer, run_dir: Path, results: dict[str, Any]) -> None:
@@ -63,23 +108,43 @@ def _write_metrics(trainer: L.Trainer, run_dir: Path, results: dict[str, Any]) -
         log.info("metrics: %s", json.dumps(results))
 
 
+def _resume(config: dict[str, Any], run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to resume from and its fitted tokenizers; the config must be the run's, but for `trainer`."""
+    if Path(config["resume"]).resolve() != run_dir.resolve():
+        raise ConfigError(f"`resume={config['resume']}` must be the run directory ({run_dir}); "
+                          "`seq2seq train ... resume=DIR` sets both")
+    stored = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    assert isinstance(stored, dict)
+    changed = sorted(k for k in config.keys() | stored.keys()
+                     if k not in ("trainer", "resume") and config.get(k) != stored.get(k))
+    if changed:
+        raise ConfigError(f"resuming {run_dir} with a config that differs in {', '.join(changed)}: pass the run's "
+                          "overrides again (only `trainer.*` may change), or start a new run")
+    ckpt = newest_checkpoint(run_dir)
+    log.info("resuming from %s", ckpt)
+    return ckpt, torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["tokenizers"]
+
+
 def train(config: dict[str, Any], run_dir: Path) -> Seq2SeqModule:
-    """Fit, then score the best checkpoint on every held-out split; returns the module with the best weights."""
+    """Fit (or resume, with `config["resume"]`), then score the best checkpoint on every held-out split; returns
+    the module with the best weights."""
+    ckpt, tokenizers = _resume(config, run_dir) if config["resume"] else (None, None)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
     L.seed_everything(config["seed"], workers=True)
     reader = DATASETS.build(config["data"], "data")
     splits = {name: reader.read(name) for name in reader.splits}
-    module = Seq2SeqModule(config, fit_tokenizers(config, splits["train"].pairs))
+    module = Seq2SeqModule(config, tokenizers or fit_tokenizers(config, splits["train"].pairs))
     datamodule = _datamodule(config, module, splits, run_dir)
     trainer = _trainer(config, run_dir, fit=True)
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     best = trainer.checkpoint_callback.best_model_path  # type: ignore[union-attr]
     results: dict[str, Any] = {}
     for stage in ("val", "test"):
         if stage in splits:
             run = trainer.validate if stage == "val" else trainer.test
-            results.update(run(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0])
+            for scores in run(module, datamodule=datamodule, ckpt_path=best or None, verbose=False):
+                results.update(scores)  # none when the split is switched off (limit_val_batches=0)
     _write_metrics(trainer, run_dir, {**results, **_report(reader, trainer, module, splits, run_dir),
                                       "best_checkpoint": best})
     return module
@@ -188,6 +253,8 @@ def main() -> None:
     command = COMMANDS[sys.argv.pop(1)]
     try:
         sys.argv[1:] = [*searchpath_override(), *prepare_overrides(sys.argv[1:])]
+        # `resume=DIR` continues that run in its own directory
+        sys.argv += [f"hydra.run.dir={a.split('=', 1)[1]}" for a in sys.argv[1:] if a.startswith("resume=")]
     except ConfigError as err:
         print(f"seq2seq: error: {err}", file=sys.stderr)
         sys.exit(2)

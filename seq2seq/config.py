@@ -86,6 +86,8 @@ class Config:
     head: dict[str, Any] = field(default_factory=dict)
     metrics: list[str] = field(default_factory=lambda: ["exact_match"])
     loggers: list[str] = field(default_factory=lambda: ["csv"])  # csv | tensorboard
+    save_every_n_steps: int | None = None  # train: also write checkpoints/last.ckpt every N steps
+    resume: str | None = None  # train: continue the run in this run directory from its newest checkpoint
     ckpt: str | None = None  # evaluate / predict: the checkpoint to load
     input: str | None = None  # predict: file of sources
     output: str | None = None  # predict: where predictions go (default: the run dir); translate: default stdout

@@ -13,6 +13,7 @@ import json
 import logging
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -148,49 +149,80 @@ def encode_split(
     return kept, rejected
 
 
-class TokenBudgetSampler(Sampler[list[int]]):
-    """Batches of similar-length examples, each at most `max_tokens` padded tokens (longest × count).
+class TrainingBatches(Sampler[list[int]]):
+    """The training batches of an epoch, drawn from `seed + epoch` alone, so every process and every resumed run
+    draws the same ones.
 
-    Lengths are sorted with random tie-breaks and the batch order is shuffled, both from `seed + epoch`, so every
-    process draws the same batches. With `num_replicas` > 1 the batch list is extended by repeating its first
-    batches to a multiple of `num_replicas` and rank r takes every r-th batch: all ranks run the same number of
-    steps. On one process every example appears exactly once per epoch.
+    With `max_tokens`, batches hold examples of similar lengths, at most `max_tokens` padded tokens each (longest
+    × count; lengths sorted with random tie-breaks), in shuffled order; otherwise `batch_size` examples of a
+    shuffled order. With `num_replicas` > 1 the batch list is extended by repeating its first batches to a multiple
+    of `num_replicas` and rank r takes every r-th batch: all ranks run the same number of steps. On one process
+    every example appears exactly once per epoch. `resume(epoch, done)` makes the next pass over that epoch skip
+    its first `done` batches (exact resume mid-epoch).
     """
 
-    def __init__(self, lengths: list[int], max_tokens: int, seed: int = 0, shuffle: bool = True,
-                 num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(self, lengths: list[int], max_tokens: int | None = None, batch_size: int = 64, seed: int = 0,
+                 shuffle: bool = True, num_replicas: int = 1, rank: int = 0) -> None:
         too_long = max(lengths, default=0)
-        if too_long > max_tokens:
+        if max_tokens is not None and too_long > max_tokens:
             raise ConfigError(f"`loader.max_tokens` ({max_tokens}) is below the longest example ({too_long} "
                               "tokens); raise it or cap lengths with `loader.max_src_len` / `loader.max_tgt_len`")
-        self.lengths, self.max_tokens, self.seed, self.shuffle = lengths, max_tokens, seed, shuffle
-        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self.lengths, self.max_tokens, self.batch_size = lengths, max_tokens, batch_size
+        self.seed, self.shuffle, self.num_replicas, self.rank = seed, shuffle, num_replicas, rank
+        self.epoch, self.skip = 0, (0, 0)  # skip: (epoch, batches to leave out at its start)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def batches(self) -> list[list[int]]:
-        rng = random.Random(self.seed + self.epoch)
+    @property
+    def sampler(self) -> TrainingBatches:
+        """Itself: training loops set the epoch on `batch_sampler.sampler` (torch's BatchSampler layout)."""
+        return self
+
+    def resume(self, epoch: int, done: int) -> None:
+        self.skip = (epoch, done)
+
+    def _by_tokens(self, rng: random.Random) -> list[list[int]]:
         order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], rng.random()))
         batches: list[list[int]] = [[]]
         longest = 0
         for i in order:
             longest = max(longest, self.lengths[i])
-            if batches[-1] and longest * (len(batches[-1]) + 1) > self.max_tokens:
+            if batches[-1] and longest * (len(batches[-1]) + 1) > self.max_tokens:  # type: ignore[operator]
                 batches.append([])
                 longest = self.lengths[i]
             batches[-1].append(i)
         if self.shuffle:
             rng.shuffle(batches)
-        short = -len(batches) % self.num_replicas
-        batches += batches[:short]
+        return batches
+
+    def batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        if self.max_tokens is not None:
+            batches = self._by_tokens(rng)
+        else:
+            order = list(range(len(self.lengths)))
+            if self.shuffle:
+                rng.shuffle(order)
+            batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches += batches[: -len(batches) % self.num_replicas]
         return batches[self.rank :: self.num_replicas]
 
-    def __iter__(self):
-        return iter(self.batches())
+    def __iter__(self) -> Iterator[list[int]]:
+        # A generator: the batches are drawn at the first `next`, after the loop has set the epoch.
+        batches = self.batches()
+        if self.skip[0] == self.epoch:
+            batches, self.skip = batches[self.skip[1] :], (0, 0)
+        yield from batches
 
     def __len__(self) -> int:
         return len(self.batches())
+
+
+def shard(n: int, batch_size: int, num_replicas: int = 1, rank: int = 0) -> list[list[int]]:
+    """Evaluation batches of examples 0..n-1 in order, every `num_replicas`-th batch from `rank`: nothing is
+    repeated or dropped, so corpus-level metrics summed over ranks equal one process's."""
+    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)][rank::num_replicas]
 
 
 class Seq2SeqDataModule(L.LightningDataModule):
@@ -204,8 +236,10 @@ class Seq2SeqDataModule(L.LightningDataModule):
         loader: LoaderSpec,
         max_positions: int,
         report_path: Path | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        self.seed, self._resume = seed, None
         self.splits, self.src_tok, self.tgt_tok, self.loader = splits, src_tok, tgt_tok, loader
         self.max_src = min(loader.max_src_len or max_positions, max_positions)
         self.max_tgt = min(loader.max_tgt_len or max_positions, max_positions)
@@ -228,30 +262,37 @@ class Seq2SeqDataModule(L.LightningDataModule):
         if self.report_path is not None and self.trainer is not None and self.trainer.is_global_zero:
             self.report_path.write_text(json.dumps(self.report, indent=2) + "\n")
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.examples[split],  # type: ignore[arg-type]
-            batch_size=self.loader.batch_size,
-            shuffle=shuffle,
-            num_workers=self.loader.num_workers,
-            collate_fn=self.collate,
-            persistent_workers=self.loader.num_workers > 0,
-        )
+    def _ranks(self) -> tuple[int, int]:
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+
+    def _loader(self, split: str, batches: Sampler[list[int]] | list[list[int]]) -> DataLoader:
+        # The loader's own generator: iterating never draws from the global RNG, which dropout uses.
+        return DataLoader(self.examples[split], batch_sampler=batches,  # type: ignore[arg-type]
+                          num_workers=self.loader.num_workers, collate_fn=self.collate,
+                          persistent_workers=self.loader.num_workers > 0, generator=torch.Generator())
 
     def train_dataloader(self) -> DataLoader:
-        if self.loader.max_tokens is None:
-            return self._loader("train", shuffle=True)
         examples = self.examples["train"]
-        trainer = self.trainer
-        sampler = TokenBudgetSampler(
-            [max(len(s), len(t) + 1) for s, t in examples], self.loader.max_tokens,
-            seed=torch.initial_seed() % 2**31,
-            num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0)
-        return DataLoader(examples, batch_sampler=sampler, num_workers=self.loader.num_workers,  # type: ignore[arg-type]
-                          collate_fn=self.collate, persistent_workers=self.loader.num_workers > 0)
+        replicas, rank = self._ranks()
+        self.sampler = TrainingBatches([max(len(s), len(t) + 1) for s, t in examples], self.loader.max_tokens,
+                                       self.loader.batch_size, self.seed, num_replicas=replicas, rank=rank)
+        if self._resume is not None:
+            self.sampler.resume(*self._resume)
+        return self._loader("train", self.sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val", shard(len(self.examples["val"]), self.loader.batch_size, *self._ranks()))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test", shard(len(self.examples["test"]), self.loader.batch_size, *self._ranks()))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in its epoch, for exact resume: the epoch and the batches it has trained on."""
+        if self.trainer is None:
+            return {}
+        loop = self.trainer.fit_loop
+        return {"epoch": loop.epoch_progress.current.processed,
+                "batches": loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = (state["epoch"], state["batches"]) if state else None

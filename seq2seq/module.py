@@ -7,6 +7,7 @@ teacher-forced loss, decodes for validation metrics and sets up the optimizer. I
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from functools import partial
 from importlib import metadata
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -100,6 +102,23 @@ def sequence_loss(model: EncoderDecoder, batch: Batch, label_smoothing: float = 
     return F.cross_entropy(logits.float(), batch.tgt_out[keep], label_smoothing=label_smoothing)
 
 
+def rng_state() -> dict[str, Any]:
+    """The global generators dropout and plugins may draw from, as plain data (checkpoints load weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class Seq2SeqModule(L.LightningModule):
     def __init__(self, config: dict[str, Any], tokenizers: dict[str, Any]) -> None:
         super().__init__()
@@ -116,6 +135,8 @@ class Seq2SeqModule(L.LightningModule):
             allowed = torch.zeros(self.tgt_tok.vocab_size, dtype=torch.bool)  # (V,)
             allowed[self.label_ids] = True
         self.register_buffer("allowed", allowed, persistent=False)
+        self._rng_to_restore: dict[str, Any] | None = None
+        self._rng_at_batch_start: dict[str, Any] | None = None
         self.metrics = nn.ModuleDict({
             stage: MetricCollection(
                 {name: METRICS.build({"name": name}, "metrics", tokenizer=self.tgt_tok) for name in config["metrics"]},
@@ -217,7 +238,19 @@ class Seq2SeqModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         real = batch.src_keep.sum() + batch.tgt_keep.sum()
         self.log("train/padding", 1 - real / (batch.src_keep.numel() + batch.tgt_keep.numel()), batch_size=B)
+        world = self.trainer.world_size
+        if world > 1:
+            # DDP averages gradients over ranks. Weighting each rank's per-token mean by its share of the global
+            # batch's target tokens makes that average the gradient of the global per-token mean, as on one process.
+            tokens = batch.tgt_keep.sum()
+            loss = loss * (tokens * world / self.all_gather(tokens).sum())
         return loss
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:  # the first step after resuming draws what the stopped run would have
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+        self._rng_at_batch_start = rng_state()
 
     def _score(self, stage: str, batch: Batch) -> None:
         self.log(f"{stage}/loss", self.loss(batch), prog_bar=True, sync_dist=True, batch_size=batch.src.shape[0])
@@ -249,10 +282,16 @@ class Seq2SeqModule(L.LightningModule):
         return configure(self.optim, self.model, self.model.spec.d_model, int(self.trainer.estimated_stepping_batches))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The RNG state the next training step starts from: an interrupted step starts over.
+        interrupted = self._trainer is not None and self.trainer.interrupted
         checkpoint["seq2seq"] = {
             "version": metadata.version("seq2seq"),
             "plugins": plugin_versions(self.config["plugins"]),
+            "rng": self._rng_at_batch_start if interrupted and self._rng_at_batch_start else rng_state(),
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("seq2seq", {}).get("rng")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Seq2SeqModule:

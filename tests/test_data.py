@@ -10,7 +10,7 @@ from seq2seq.data import (
     LoaderSpec,
     Seq2SeqDataModule,
     Split,
-    TokenBudgetSampler,
+    TrainingBatches,
     encode_split,
 )
 from seq2seq.errors import ConfigError
@@ -77,7 +77,7 @@ def test_symbol_tokenizer_round_trips_and_names_unknown_symbols():
 
 def test_token_budget_batches_hold_every_example_once_within_the_budget():
     lengths = [random.Random(i).randint(1, 40) for i in range(500)]
-    sampler = TokenBudgetSampler(lengths, max_tokens=128, seed=3)
+    sampler = TrainingBatches(lengths, max_tokens=128, seed=3)
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
         batches = list(sampler)
@@ -93,8 +93,8 @@ def test_token_budget_batches_hold_every_example_once_within_the_budget():
 
 def test_token_budget_batches_give_every_rank_the_same_number_of_steps():
     lengths = [random.Random(i).randint(1, 30) for i in range(301)]
-    ranks = [list(TokenBudgetSampler(lengths, 64, seed=5, num_replicas=3, rank=r)) for r in range(3)]
+    ranks = [list(TrainingBatches(lengths, 64, seed=5, num_replicas=3, rank=r)) for r in range(3)]
     assert len({len(r) for r in ranks}) == 1
     assert {i for r in ranks for b in r for i in b} == set(range(301))
     with pytest.raises(ConfigError, match="max_tokens"):
-        TokenBudgetSampler([10, 70], 64)
+        TrainingBatches([10, 70], 64)

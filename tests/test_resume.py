@@ -1,0 +1,95 @@
+"""Exact resume: stop a run at any step, resume it, and land on the same parameters as a run that never stopped."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from seq2seq import compose, train
+from seq2seq.cli import AtomicCheckpointIO, newest_checkpoint
+from seq2seq.errors import ConfigError
+from seq2seq.module import Seq2SeqModule
+
+# Dropout on, shuffled token-budget batches, 12 batches per epoch: step 17 stops mid-epoch 2 of 3.
+BASE = ["experiment=reverse", "model=tiny", "model.dropout=0.1", "data.n_train=384", "data.n_val=32",
+        "data.n_test=32", "loader.max_tokens=256", "trainer.max_epochs=-1", "monitor.patience=null",
+        "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "save_every_n_steps=1"]
+
+
+def _final(run_dir):
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    return ckpt["global_step"], ckpt["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight")
+    train(compose([*BASE, "trainer.max_steps=30"]), run_dir)
+    return _final(run_dir)
+
+
+def _interrupt_mid_step(monkeypatch, step):
+    """Ctrl-C inside training step `step`, after its forward pass has drawn its dropout masks."""
+    forward = Seq2SeqModule.training_step
+
+    def training_step(self, batch, batch_idx):
+        loss = forward(self, batch, batch_idx)
+        if self.global_step == step:
+            raise KeyboardInterrupt
+        return loss
+
+    monkeypatch.setattr(Seq2SeqModule, "training_step", training_step)
+
+
+@pytest.mark.parametrize("stop", ["max_steps", "ctrl_c"])
+def test_stop_and_resume_lands_on_the_same_parameters(straight, tmp_path, monkeypatch, stop):
+    if stop == "max_steps":
+        train(compose([*BASE, "trainer.max_steps=17"]), tmp_path)
+    else:
+        _interrupt_mid_step(monkeypatch, 11)
+        with pytest.raises(SystemExit):  # Lightning saves interrupted.ckpt, then exits 1
+            train(compose([*BASE, "trainer.max_steps=30"]), tmp_path)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C
+        monkeypatch.undo()
+        assert newest_checkpoint(tmp_path).name == "interrupted.ckpt"
+    train(compose([*BASE, "trainer.max_steps=30", f"resume={tmp_path}"]), tmp_path)
+    (step_a, a), (step_b, b) = straight, _final(tmp_path)
+    assert step_a == step_b == 30
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    train(compose([*BASE, "trainer.max_steps=2", "trainer.limit_val_batches=0"]), tmp_path)
+    with pytest.raises(ConfigError, match="differs in model"):
+        train(compose([*BASE, "model.d_model=128", f"resume={tmp_path}"]), tmp_path)
+    with pytest.raises(ConfigError, match="must be the run directory"):
+        train(compose([*BASE, f"resume={tmp_path / 'elsewhere'}"]), tmp_path)
+
+
+def test_an_interrupted_write_leaves_the_previous_checkpoint_whole(tmp_path):
+    io, path = AtomicCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.save_checkpoint({"step": torch.tensor(2), "big": torch.zeros(1000), "bad": Unpicklable()}, path)
+    assert io.load_checkpoint(path)["step"] == 1
+    assert path.with_name("last.ckpt.partial").exists()  # the cut-short write, never named *.ckpt
+    assert newest_checkpoint(tmp_path) == path
+
+
+def test_resume_picks_the_newest_checkpoint(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for i, name in enumerate(["best-step10.ckpt", "interrupted.ckpt", "last.ckpt"]):
+        (folder / name).write_bytes(b"x")
+        os.utime(folder / name, ns=(time.time_ns(), time.time_ns() + [2, 3, 1][i] * 10**9))
+    assert newest_checkpoint(tmp_path).name == "interrupted.ckpt"
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        newest_checkpoint(tmp_path / "nothing")
