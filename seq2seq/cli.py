@@ -22,7 +22,9 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
@@ -130,7 +132,8 @@ def train(config: dict[str, Any], run_dir: Path) -> Seq2SeqModule:
     the module with the best weights."""
     ckpt, tokenizers = _resume(config, run_dir) if config["resume"] else (None, None)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
+    if rank_zero_only.rank == 0:  # re-launched ranks share the run dir and its one config.yaml
+        OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
     L.seed_everything(config["seed"], workers=True)
     reader = DATASETS.build(config["data"], "data")
     splits = {name: reader.read(name) for name in reader.splits}
@@ -138,7 +141,7 @@ def train(config: dict[str, Any], run_dir: Path) -> Seq2SeqModule:
     datamodule = _datamodule(config, module, splits, run_dir)
     trainer = _trainer(config, run_dir, fit=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    best = trainer.checkpoint_callback.best_model_path  # type: ignore[union-attr]
+    best = _final_candidate(config, trainer, module, datamodule, run_dir) if "val" in splits else ""
     results: dict[str, Any] = {}
     for stage in ("val", "test"):
         if stage in splits:
@@ -148,6 +151,25 @@ def train(config: dict[str, Any], run_dir: Path) -> Seq2SeqModule:
     _write_metrics(trainer, run_dir, {**results, **_report(reader, trainer, module, splits, run_dir),
                                       "best_checkpoint": best})
     return module
+
+
+def _final_candidate(config: dict[str, Any], trainer: L.Trainer, module: Seq2SeqModule,
+                     datamodule: Seq2SeqDataModule, run_dir: Path) -> str:
+    """The best checkpoint, the final weights included: a run stopped by `max_time` or `max_steps` between two
+    validations is validated once more, and its final weights are kept when they score better."""
+    callback: ModelCheckpoint = trainer.checkpoint_callback  # type: ignore[assignment]
+    if module.validated_at == trainer.global_step:
+        return callback.best_model_path
+    metric, mode = config["monitor"]["metric"], config["monitor"]["mode"]
+    score = trainer.validate(module, datamodule=datamodule, verbose=False)[0].get(metric)
+    best = callback.best_model_score
+    if score is None or (best is not None and (score <= best if mode == "max" else score >= best)):
+        return callback.best_model_path
+    path = run_dir / "checkpoints" / f"best-step{trainer.global_step}.ckpt"
+    trainer.save_checkpoint(path)
+    log.info("the final weights (step %d) score %s=%.4f, better than the last validation's", trainer.global_step,
+             metric, score)
+    return str(path)
 
 
 def _report(reader: Any, trainer: L.Trainer, module: Seq2SeqModule, splits: dict[str, Split],
@@ -232,9 +254,25 @@ COMMANDS: dict[str, Callable[[dict[str, Any], Path], None]] = {
 }
 
 
+# Strategies whose launcher re-runs the command line once per extra process (Lightning's subprocess launcher).
+RELAUNCHING = ("ddp", "fsdp", "deepspeed")
+
+
+def _check_multirun(config: dict[str, Any]) -> None:
+    trainer = config["trainer"]
+    if HydraConfig.get().mode == RunMode.MULTIRUN and str(trainer["strategy"]).startswith(RELAUNCHING) and (
+            trainer["devices"] not in (1, "1") or trainer["num_nodes"] > 1):
+        raise ConfigError(f"`trainer.strategy={trainer['strategy']}` re-launches the command line for each extra "
+                          "process, which under multirun (-m) would start the whole sweep again in each of them. "
+                          "Sweep with `trainer=ddp_spawn`, or run each job on its own")
+
+
 def _task(command: Callable[[dict[str, Any], Path], None], cfg: DictConfig) -> None:
+    # Multi-process launchers re-run this command line for the other ranks: put the command back in it.
+    sys.argv[1:1] = [command.__name__]
     try:
         config = validate(cfg)
+        _check_multirun(config)
         command(config, Path(HydraConfig.get().runtime.output_dir))
     except (ConfigError, DataError) as err:
         print(f"seq2seq: error: {err}", file=sys.stderr)
@@ -252,9 +290,12 @@ def main() -> None:
         sys.exit(2)
     command = COMMANDS[sys.argv.pop(1)]
     try:
-        sys.argv[1:] = [*searchpath_override(), *prepare_overrides(sys.argv[1:])]
-        # `resume=DIR` continues that run in its own directory
-        sys.argv += [f"hydra.run.dir={a.split('=', 1)[1]}" for a in sys.argv[1:] if a.startswith("resume=")]
+        overrides = prepare_overrides(sys.argv[1:])
+        if not any(o.startswith("hydra.searchpath=") for o in overrides):  # a re-launched rank has it already
+            overrides = [*searchpath_override(), *overrides]
+        if not any(o.startswith("hydra.run.dir=") for o in overrides):  # `resume=DIR` continues in that run dir
+            overrides += [f"hydra.run.dir={o.split('=', 1)[1]}" for o in overrides if o.startswith("resume=")]
+        sys.argv[1:] = overrides
     except ConfigError as err:
         print(f"seq2seq: error: {err}", file=sys.stderr)
         sys.exit(2)

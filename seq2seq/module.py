@@ -136,6 +136,7 @@ class Seq2SeqModule(L.LightningModule):
             allowed[self.label_ids] = True
         self.register_buffer("allowed", allowed, persistent=False)
         self._rng_to_restore: dict[str, Any] | None = None
+        self.validated_at = -1  # the training step of the last validation
         self._rng_at_batch_start: dict[str, Any] | None = None
         self.metrics = nn.ModuleDict({
             stage: MetricCollection(
@@ -271,6 +272,8 @@ class Seq2SeqModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
+        if not self.trainer.sanity_checking:
+            self.validated_at = self.global_step
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._score("test", batch)

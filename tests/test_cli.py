@@ -32,7 +32,7 @@ def test_train_writes_the_run_directory(tmp_path):
     assert report["train"] == {"rows_read": 256, "kept": 256, "rejected": {}}
     ckpt = torch.load(metrics["best_checkpoint"], weights_only=True)  # plain data only
     assert ckpt["hyper_parameters"]["config"]["data"]["task"] == "copy"
-    assert ckpt["seq2seq"]["plugins"] == {"seq2seq_plugins.synthetic": ckpt["seq2seq"]["version"]}
+    assert ckpt["seq2seq"]["plugins"] == {"seq2seq_plugins.synthetic": f"seq2seq {ckpt['seq2seq']['version']}"}
 
 
 def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path):
