@@ -290,12 +290,13 @@ def main() -> None:
         sys.exit(2)
     command = COMMANDS[sys.argv.pop(1)]
     try:
-        overrides = prepare_overrides(sys.argv[1:])
-        if not any(o.startswith("hydra.searchpath=") for o in overrides):  # a re-launched rank has it already
-            overrides = [*searchpath_override(), *overrides]
-        if not any(o.startswith("hydra.run.dir=") for o in overrides):  # `resume=DIR` continues in that run dir
-            overrides += [f"hydra.run.dir={o.split('=', 1)[1]}" for o in overrides if o.startswith("resume=")]
-        sys.argv[1:] = overrides
+        args = prepare_overrides(sys.argv[1:])
+        extra = [] if any(a.startswith("hydra.searchpath=") for a in args) else searchpath_override()
+        if not any(a.startswith("hydra.run.dir=") for a in args):  # `resume=DIR` continues in that run dir
+            extra += [f"hydra.run.dir={a.split('=', 1)[1]}" for a in args if a.startswith("resume=")]
+        # Hydra's overrides must stay one block among its flags (`-m`, `--cfg job`): join the user's.
+        at = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), 0)
+        sys.argv[1:] = [*args[:at], *extra, *args[at:]]
     except ConfigError as err:
         print(f"seq2seq: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -220,9 +220,13 @@ class TrainingBatches(Sampler[list[int]]):
 
 
 def shard(n: int, batch_size: int, num_replicas: int = 1, rank: int = 0) -> list[list[int]]:
-    """Evaluation batches of examples 0..n-1 in order, every `num_replicas`-th batch from `rank`: nothing is
-    repeated or dropped, so corpus-level metrics summed over ranks equal one process's."""
-    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)][rank::num_replicas]
+    """Evaluation batches over examples 0..n-1 in order, dealt out to ranks in turn: the batches are those of one
+    process (so are the decoded outputs, to the last bit), nothing is repeated or dropped (so corpus-level metrics
+    summed over ranks equal one process's), and every rank gets at least one (batches shrink if need be)."""
+    if n < num_replicas:
+        raise ConfigError(f"an evaluation split of {n} examples cannot be shared by {num_replicas} processes")
+    size = min(batch_size, -(-n // num_replicas))
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)][rank::num_replicas]
 
 
 class Seq2SeqDataModule(L.LightningDataModule):
