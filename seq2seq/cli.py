@@ -249,7 +249,7 @@ def translate(config: dict[str, Any], run_dir: Path) -> None:
         reader.plot_attention(translator.module, lines[:4], Path(config["attention"]))
 
 
-COMMANDS: dict[str, Callable[[dict[str, Any], Path], None]] = {
+COMMANDS: dict[str, Callable[[dict[str, Any], Path], Any]] = {
     "train": train, "evaluate": evaluate, "predict": predict, "translate": translate,
 }
 
@@ -267,13 +267,19 @@ def _check_multirun(config: dict[str, Any]) -> None:
                           "Sweep with `trainer=ddp_spawn`, or run each job on its own")
 
 
-def _task(command: Callable[[dict[str, Any], Path], None], cfg: DictConfig) -> None:
+def _task(command: Callable[[dict[str, Any], Path], Any], cfg: DictConfig) -> float | None:
+    """Run one command on one composed config; `train` returns its best `monitor.metric` (for sweepers)."""
     # Multi-process launchers re-run this command line for the other ranks: put the command back in it.
-    sys.argv[1:1] = [command.__name__]
+    if sys.argv[1:2] != [command.__name__]:  # once, though multirun calls this per job
+        sys.argv[1:1] = [command.__name__]
     try:
         config = validate(cfg)
         _check_multirun(config)
-        command(config, Path(HydraConfig.get().runtime.output_dir))
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        command(config, run_dir)
+        if command is train and (run_dir / "metrics.json").is_file():
+            return json.loads((run_dir / "metrics.json").read_text()).get(config["monitor"]["metric"])
+        return None
     except (ConfigError, DataError) as err:
         print(f"seq2seq: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -134,7 +134,8 @@ def prepare_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
             continue
         override = parser.parse_override(text)
         parts = override.key_or_group.split(".")
-        if override.is_add() or override.is_delete() or override.is_force_add() or parts[0] in ("hydra", "experiment"):
+        groups_only = ("hydra", "experiment", "sweep")  # no schema field behind these
+        if override.is_add() or override.is_delete() or override.is_force_add() or parts[0] in groups_only:
             prepared.append(text)
             continue
         schema: Any = Config
@@ -213,6 +214,9 @@ def validate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 
 
 ConfigStore.instance().store(name="schema", node=Config)
+# `conf/sweep/optuna.yaml` turns `monitor.mode` into the sweeper's direction.
+OmegaConf.register_new_resolver("seq2seq.direction", lambda mode: {"max": "maximize", "min": "minimize"}[mode],
+                                replace=True)
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
