@@ -7,6 +7,7 @@ teacher-forced loss, decodes for validation metrics and sets up the optimizer. I
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator
 from functools import partial
@@ -37,6 +38,8 @@ from seq2seq.model import EncoderDecoder, ModelSpec
 from seq2seq.plugins import import_plugins, plugin_versions
 from seq2seq.registry import EMBEDDINGS, HEADS, METRICS, TOKENIZERS
 from seq2seq.schedule import OptimSpec, configure
+
+log = logging.getLogger(__name__)
 
 
 def fit_tokenizers(config: dict[str, Any], train_pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
@@ -302,6 +305,10 @@ class Seq2SeqModule(L.LightningModule):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
         hparams = ckpt["hyper_parameters"]
         import_plugins(hparams["config"]["plugins"])
+        for name, saved in ckpt.get("seq2seq", {}).get("plugins", {}).items():
+            if (now := plugin_versions([name])[name]) != saved:
+                log.warning("%s: plugin %s was %s when the checkpoint was written, and is %s now", path, name, saved,
+                            now)
         module = cls(hparams["config"], hparams["tokenizers"])
         module.load_state_dict(ckpt["state_dict"])
         return module.eval()

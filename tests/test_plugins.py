@@ -1,0 +1,50 @@
+"""Plugin discovery: entry points, config search path, the listing, and what checkpoints record of plugins."""
+
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from seq2seq import testing
+from seq2seq.errors import ConfigError
+from seq2seq.module import Seq2SeqModule
+from seq2seq.plugins import announced, import_plugins, listing, plugin_versions, search_path
+
+
+def test_built_in_domains_are_announced_like_any_installed_plugin():
+    assert {"synthetic", "series", "text"} <= {ep.name for ep in announced()}
+    lines = listing().splitlines()
+    assert any(line.split()[:2] == ["bpe", "seq2seq_plugins.text.tokenizers"] and "seq2seq" in line
+               for line in lines)
+    assert any(line.split()[:2] == ["token", "seq2seq.embeddings"] for line in lines)
+
+
+def test_the_cli_lists_plugins():
+    out = subprocess.run([sys.executable, "-m", "seq2seq", "plugins"], capture_output=True, text=True, check=True)
+    assert "tokenizers:" in out.stdout and "daily_windows" in out.stdout
+
+
+def test_a_plugin_with_a_conf_folder_joins_the_search_path():
+    # The example plugin (examples/g2p) is installed with the dev setup; its conf/ makes `experiment=g2p` exist.
+    assert "pkg://seq2seq_g2p.conf" in search_path()
+
+
+def test_a_plugin_that_fails_to_import_is_named(tmp_path, monkeypatch):
+    (tmp_path / "broken_plugin.py").write_text("raise RuntimeError('missing weights file')\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    with pytest.raises(ConfigError, match="plugin module `broken_plugin` failed to import: RuntimeError: missing"):
+        import_plugins(["broken_plugin"])
+
+
+def test_checkpoints_record_plugin_versions_and_warn_when_they_changed(tmp_path, caplog):
+    testing.check_checkpoint(["experiment=reverse"], tmp_path)  # writes tmp_path/kit.ckpt
+    path = tmp_path / "kit.ckpt"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["seq2seq"]["plugins"] == plugin_versions(["seq2seq_plugins.synthetic"])
+    ckpt["seq2seq"]["plugins"]["seq2seq_plugins.synthetic"] = "seq2seq 0.0.1"
+    torch.save(ckpt, path)
+    with caplog.at_level(logging.WARNING):
+        Seq2SeqModule.from_checkpoint(path)
+    assert "was seq2seq 0.0.1 when the checkpoint was written" in caplog.text
