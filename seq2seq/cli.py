@@ -161,7 +161,8 @@ def _final_candidate(config: dict[str, Any], trainer: L.Trainer, module: Seq2Seq
     if module.validated_at == trainer.global_step:
         return callback.best_model_path
     metric, mode = config["monitor"]["metric"], config["monitor"]["mode"]
-    score = trainer.validate(module, datamodule=datamodule, verbose=False)[0].get(metric)
+    scores = trainer.validate(module, datamodule=datamodule, verbose=False)  # [] with limit_val_batches=0
+    score = scores[0].get(metric) if scores else None
     best = callback.best_model_score
     if score is None or (best is not None and (score <= best if mode == "max" else score >= best)):
         return callback.best_model_path
