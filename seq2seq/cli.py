@@ -261,7 +261,9 @@ RELAUNCHING = ("ddp", "fsdp", "deepspeed")
 
 def _check_multirun(config: dict[str, Any]) -> None:
     trainer = config["trainer"]
-    if HydraConfig.get().mode == RunMode.MULTIRUN and str(trainer["strategy"]).startswith(RELAUNCHING) and (
+    strategy = str(trainer["strategy"])
+    relaunching = strategy.startswith(RELAUNCHING) and not any(k in strategy for k in ("spawn", "fork", "notebook"))
+    if HydraConfig.get().mode == RunMode.MULTIRUN and relaunching and (
             trainer["devices"] not in (1, "1") or trainer["num_nodes"] > 1):
         raise ConfigError(f"`trainer.strategy={trainer['strategy']}` re-launches the command line for each extra "
                           "process, which under multirun (-m) would start the whole sweep again in each of them. "
