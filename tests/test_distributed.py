@@ -108,7 +108,8 @@ def test_multirun_with_a_relaunching_strategy_is_refused(tmp_path):
 
 
 def test_multirun_with_spawned_ranks_gives_each_job_its_own_run(tmp_path):
-    _cli("train", "-m", *REVERSE, *DDP, "trainer=ddp_spawn", "data.n_train=128", "trainer.max_steps=2",
+    spawn = ["trainer=ddp_spawn", *DDP[1:]]
+    _cli("train", "-m", *REVERSE, *spawn, "data.n_train=128", "trainer.max_steps=2",
          "model.d_model=32,64", f"hydra.sweep.dir={tmp_path}")
     for job, width in (("0", 32), ("1", 64)):
         assert f"d_model: {width}" in (tmp_path / job / "config.yaml").read_text()
