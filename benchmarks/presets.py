@@ -14,9 +14,14 @@ PAD, BOS, EOS = 0, 1, 2
 
 
 def ours(p: dict, dropout: float) -> EncoderDecoder:
-    """Shared, tied token embeddings, sinusoidal positions, post-norm: the `small`/`base` model of our presets."""
+    """Shared, tied token embeddings, sinusoidal positions, post-norm: the `small`/`base` model of our presets.
+
+    `dropout` applies where torch.nn.Transformer applies it (residual, attention weights, inside the feed-forward),
+    so that the peers do the same work.
+    """
     spec = ModelSpec(d_model=p["d_model"], n_heads=p["n_heads"], n_encoder_layers=p["layers"],
-                     n_decoder_layers=p["layers"], d_ff=p["d_ff"], dropout=dropout, share_embeddings=True)
+                     n_decoder_layers=p["layers"], d_ff=p["d_ff"], dropout=dropout, attention_dropout=dropout,
+                     activation_dropout=dropout, share_embeddings=True)
     embed = TokenEmbedding(p["vocab"], p["d_model"], padding_idx=PAD)
     head = LinearHead(p["d_model"], p["vocab"])
     head.tie(embed.weight)
