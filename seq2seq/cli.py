@@ -10,25 +10,22 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from seq2seq.checkpoints import AtomicCheckpointIO, resume_point
 from seq2seq.config import prepare_overrides, validate
 from seq2seq.data import LoaderSpec, Seq2SeqDataModule, Split
 from seq2seq.errors import ConfigError, DataError
@@ -38,36 +35,6 @@ from seq2seq.registry import DATASETS
 from seq2seq.translate import Translator
 
 log = logging.getLogger("seq2seq")
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint beside its target and renames it into place: a write cut short (a crash, a full disk,
-    a killed job) leaves the previous file whole. Loads with `weights_only=True`: checkpoints hold plain data."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-
-
-# The data module resumes mid-epoch itself (`Seq2SeqDataModule.state_dict`); Lightning cannot see that.
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-
-
-def newest_checkpoint(run_dir: Path) -> Path:
-    """The most recently written checkpoint of a run (partial writes are never named *.ckpt)."""
-    found = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
-    if not found:
-        raise ConfigError(f"`resume={run_dir}`: no checkpoint in {run_dir / 'checkpoints'}")
-    return found[-1]
 
 
 def _trainer(config: dict[str, Any], run_dir: Path, fit: bool) -> L.Trainer:
@@ -110,27 +77,10 @@ def _write_metrics(trainer: L.Trainer, run_dir: Path, results: dict[str, Any]) -
         log.info("metrics: %s", json.dumps(results))
 
 
-def _resume(config: dict[str, Any], run_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint to resume from and its fitted tokenizers; the config must be the run's, but for `trainer`."""
-    if Path(config["resume"]).resolve() != run_dir.resolve():
-        raise ConfigError(f"`resume={config['resume']}` must be the run directory ({run_dir}); "
-                          "`seq2seq train ... resume=DIR` sets both")
-    stored = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
-    assert isinstance(stored, dict)
-    changed = sorted(k for k in config.keys() | stored.keys()
-                     if k not in ("trainer", "resume") and config.get(k) != stored.get(k))
-    if changed:
-        raise ConfigError(f"resuming {run_dir} with a config that differs in {', '.join(changed)}: pass the run's "
-                          "overrides again (only `trainer.*` may change), or start a new run")
-    ckpt = newest_checkpoint(run_dir)
-    log.info("resuming from %s", ckpt)
-    return ckpt, torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["tokenizers"]
-
-
 def train(config: dict[str, Any], run_dir: Path) -> Seq2SeqModule:
     """Fit (or resume, with `config["resume"]`), then score the best checkpoint on every held-out split; returns
     the module with the best weights."""
-    ckpt, tokenizers = _resume(config, run_dir) if config["resume"] else (None, None)
+    ckpt, tokenizers = resume_point(config, run_dir) if config["resume"] else (None, None)
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # re-launched ranks share the run dir and its one config.yaml
         OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from seq2seq import compose, train
-from seq2seq.cli import AtomicCheckpointIO, newest_checkpoint
+from seq2seq.checkpoints import AtomicCheckpointIO, newest_checkpoint
 from seq2seq.errors import ConfigError
 from seq2seq.module import Seq2SeqModule
 
