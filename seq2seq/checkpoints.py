@@ -52,6 +52,8 @@ def resume_point(config: dict[str, Any], run_dir: Path) -> tuple[Path, dict[str,
     if Path(config["resume"]).resolve() != run_dir.resolve():
         raise ConfigError(f"`resume={config['resume']}` must be the run directory ({run_dir}); "
                           "`seq2seq train ... resume=DIR` sets both")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"`resume={config['resume']}`: no run there to resume (it has no config.yaml)")
     stored = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     assert isinstance(stored, dict)
     changed = sorted(k for k in config.keys() | stored.keys()

@@ -105,12 +105,17 @@ def sequence_loss(model: EncoderDecoder, batch: Batch, label_smoothing: float = 
     return F.cross_entropy(logits.float(), batch.tgt_out[keep], label_smoothing=label_smoothing)
 
 
-def rng_state() -> dict[str, Any]:
-    """The global generators dropout and plugins may draw from, as plain data (checkpoints load weights_only)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def _rng_snapshot() -> tuple[Any, ...]:
+    """The global generators dropout and plugins may draw from, as they are (cheap: taken every training step)."""
+    return (torch.get_rng_state(), random.getstate(), np.random.get_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def rng_state(snapshot: tuple[Any, ...] | None = None) -> dict[str, Any]:
+    """A snapshot (default: now) as plain data, for checkpoints that load with weights_only=True."""
+    torch_state, python, (kind, keys, pos, has_gauss, gauss), cuda = snapshot or _rng_snapshot()
+    return {"torch": torch_state, "python": python, "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "cuda": cuda}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -140,7 +145,7 @@ class Seq2SeqModule(L.LightningModule):
         self.register_buffer("allowed", allowed, persistent=False)
         self._rng_to_restore: dict[str, Any] | None = None
         self.validated_at = -1  # the training step of the last validation
-        self._rng_at_batch_start: dict[str, Any] | None = None
+        self._rng_at_batch_start: tuple[Any, ...] | None = None
         self.metrics = nn.ModuleDict({
             stage: MetricCollection(
                 {name: METRICS.build({"name": name}, "metrics", tokenizer=self.tgt_tok) for name in config["metrics"]},
@@ -254,7 +259,7 @@ class Seq2SeqModule(L.LightningModule):
         if self._rng_to_restore is not None:  # the first step after resuming draws what the stopped run would have
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
-        self._rng_at_batch_start = rng_state()
+        self._rng_at_batch_start = _rng_snapshot()
 
     def _score(self, stage: str, batch: Batch) -> None:
         self.log(f"{stage}/loss", self.loss(batch), prog_bar=True, sync_dist=True, batch_size=batch.src.shape[0])
@@ -293,7 +298,7 @@ class Seq2SeqModule(L.LightningModule):
         checkpoint["seq2seq"] = {
             "version": metadata.version("seq2seq"),
             "plugins": plugin_versions(self.config["plugins"]),
-            "rng": self._rng_at_batch_start if interrupted and self._rng_at_batch_start else rng_state(),
+            "rng": rng_state(self._rng_at_batch_start if interrupted else None),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -13,7 +13,9 @@ module and lists what each one registered.
 
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Mapping
 from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
@@ -43,9 +45,15 @@ def import_announced() -> None:
     import_plugins([ep.value for ep in announced()])
 
 
+@functools.cache
+def _distributions() -> Mapping[str, list[str]]:
+    """Top-level module -> distributions; scanning them takes about 0.1 s, so once per process."""
+    return metadata.packages_distributions()
+
+
 def provider(module: str) -> str:
     """'distribution version' of the installed package that provides `module`, or 'not installed'."""
-    dists = metadata.packages_distributions().get(module.split(".")[0], [])
+    dists = _distributions().get(module.split(".")[0], [])
     return f"{dists[0]} {metadata.version(dists[0])}" if dists else "not installed"
 
 

@@ -67,6 +67,8 @@ def test_resume_refuses_a_different_config(tmp_path):
         train(compose([*BASE, "model.d_model=128", f"resume={tmp_path}"]), tmp_path)
     with pytest.raises(ConfigError, match="must be the run directory"):
         train(compose([*BASE, f"resume={tmp_path / 'elsewhere'}"]), tmp_path)
+    with pytest.raises(ConfigError, match="no run there to resume"):
+        train(compose([*BASE, f"resume={tmp_path / 'empty'}"]), tmp_path / "empty")
 
 
 def test_an_interrupted_write_leaves_the_previous_checkpoint_whole(tmp_path):
