@@ -44,30 +44,34 @@ def merge_heads(x: Tensor) -> Tensor:
 
 @dataclass
 class KVCache:
-    """Keys and values of one attention module, (B, H, capacity, Dh); the first `length` positions are filled.
+    """Self-attention keys and values of one attention module during incremental decoding.
 
-    Self-attention caches start empty and grow by one position per decoding step; cross-attention caches are
-    filled once from the encoder output.
+    Stored time-major, (capacity, B, H, Dh), of which the first `length` positions are filled: the filled part is
+    one contiguous block, so appending writes one slab and beam search reorders only what is filled.
     """
 
     k: Tensor
     v: Tensor
-    length: int
+    length: int = 0
 
     def append(self, k: Tensor, v: Tensor) -> None:
-        n = k.shape[2]
-        if self.length + n > self.k.shape[2]:
-            raise RuntimeError(f"KV cache is full ({self.k.shape[2]} positions); decode with a larger max length")
-        self.k[:, :, self.length : self.length + n] = k
-        self.v[:, :, self.length : self.length + n] = v
-        self.length += n
+        """k, v (B, H, 1, Dh): one new position."""
+        if self.length == self.k.shape[0]:
+            raise RuntimeError(f"KV cache is full ({self.k.shape[0]} positions); decode with a larger max length")
+        self.k[self.length], self.v[self.length] = k[:, :, 0], v[:, :, 0]
+        self.length += 1
 
     def keys_values(self) -> tuple[Tensor, Tensor]:
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+        """The filled positions as (B, H, length, Dh) views."""
+        n = self.length
+        return self.k[:n].permute(1, 2, 0, 3), self.v[:n].permute(1, 2, 0, 3)
 
     def reorder(self, index: Tensor) -> None:
         """Select batch rows (beam search reorders hypotheses): index (B',) into B."""
-        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+        n, k, v = self.length, self.k.new_empty(self.k.shape), self.v.new_empty(self.v.shape)
+        torch.index_select(self.k[:n], 1, index, out=k[:n])
+        torch.index_select(self.v[:n], 1, index, out=v[:n])
+        self.k, self.v = k, v
 
 
 class MultiHeadAttention(nn.Module):
@@ -113,27 +117,26 @@ class MultiHeadAttention(nn.Module):
         return scores.softmax(-1)
 
     def empty_cache(self, batch: int, capacity: int, like: Tensor) -> KVCache:
-        shape = (batch, self.n_heads, capacity, self.d_model // self.n_heads)  # (B, H, capacity, Dh)
-        return KVCache(like.new_empty(shape), like.new_empty(shape), 0)
+        shape = (capacity, batch, self.n_heads, self.d_model // self.n_heads)  # (capacity, B, H, Dh)
+        return KVCache(like.new_empty(shape), like.new_empty(shape))
 
-    def memory_cache(self, memory: Tensor) -> KVCache:
-        """Cross-attention keys and values, computed once per source: memory (B, S, D)."""
-        k, v = self._kv(memory)
-        return KVCache(k, v, k.shape[2])
+    def step(self, x: Tensor, cache: KVCache) -> Tensor:
+        """Self-attention from one new position x (B, 1, D): its key and value join the cache, then it attends."""
+        q, k, v = (split_heads(t, self.n_heads) for t in self.in_proj(x).chunk(3, dim=-1))  # (B, H, 1, Dh)
+        cache.append(k, v)
+        return self._attend(q, *cache.keys_values(), None)
 
-    def step(self, x: Tensor, cache: KVCache, keep: Tensor | None = None, grow: bool = True) -> Tensor:
-        """Attend from one new position x (B, 1, D) through a cache.
+    def memory_keys_values(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys and values (B, H, S, Dh), computed once per source from memory (B, S, D)."""
+        return self._kv(memory)
 
-        `grow=True` is self-attention: x's own key/value are appended first. `grow=False` is cross-attention over
-        a cache from `memory_cache` with the source keep mask (B_src, 1, 1, S). There x may hold G = B / B_src
-        consecutive rows per source (the beams of beam search): they attend as G queries of that source, so its
-        keys and values are neither copied per beam nor reordered.
+    def step_memory(self, x: Tensor, memory_kv: tuple[Tensor, Tensor], keep: Tensor) -> Tensor:
+        """Cross-attention from one new position x (B, 1, D) over `memory_keys_values` with keep (B_src, 1, 1, S).
+
+        x may hold G = B / B_src consecutive rows per source (the beams of beam search): they attend as G queries
+        of that source, so its keys and values are neither copied per beam nor reordered.
         """
-        if grow:
-            q, k, v = (split_heads(t, self.n_heads) for t in self.in_proj(x).chunk(3, dim=-1))  # (B, H, 1, Dh)
-            cache.append(k, v)
-            return self._attend(q, *cache.keys_values(), keep)
-        k, v = cache.keys_values()  # (B_src, H, S, Dh)
+        k, v = memory_kv  # (B_src, H, S, Dh)
         B, G = x.shape[0], x.shape[0] // k.shape[0]
         q = self._q(x.view(k.shape[0], G, self.d_model))  # (B_src, H, G, Dh)
         return self._attend(q, k, v, keep).view(B, 1, self.d_model)

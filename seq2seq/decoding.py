@@ -109,7 +109,7 @@ def greedy(  # noqa: PLR0913 - the search's inputs, all keyword-only past the mo
     tokens = torch.full((B, 1), bos, dtype=torch.long, device=src.device)  # (B, 1 + L)
     done = torch.zeros(B, dtype=torch.bool, device=src.device)
     state = model.start_decoding(memory, src_keep, max_len) if use_cache else None
-    choose = sampler or (lambda logits: logits.argmax(-1))
+    choose = sampler or (lambda logits: logits.max(-1).indices)  # max: faster than argmax on CPU
     for _ in range(max_len):
         logits = _next_logits(model, tokens, memory, src_keep, state, allowed, no_repeat_ngram)  # (B, V)
         nxt = choose(logits).masked_fill(done, eos)  # (B,)
@@ -176,18 +176,19 @@ def beam_search(  # noqa: PLR0913 - the search's inputs, all keyword-only past t
     scores = torch.full((B, K), float("-inf"), device=src.device)
     scores[:, 0] = 0.0  # every beam starts as the same empty hypothesis: expand only one
     done = torch.zeros(B * K, dtype=torch.bool, device=src.device)
+    finished = torch.full((K,), float("-inf"), device=src.device)  # a finished hypothesis's continuations:
+    finished[0] = 0.0  # EOS at no cost, nothing else
     for _ in range(max_len):
-        logits = _next_logits(model, tokens, memory, src_keep, state, allowed, no_repeat_ngram)
-        logp = logits.float().log_softmax(-1)  # (B*K, V)
-        logp[done] = float("-inf")
-        logp[done, eos] = 0.0
-        V = logp.shape[-1]
-        top, index = (scores.view(-1, 1) + logp).view(B, K * V).topk(K, dim=-1)  # (B, K)
-        rows = (torch.arange(B, device=src.device)[:, None] * K + index // V).view(-1)  # (B*K,) source beams
-        nxt = (index % V).view(-1)
+        logits = _next_logits(model, tokens, memory, src_keep, state, allowed, no_repeat_ngram).float()  # (B*K, V)
+        # Only a hypothesis's K best tokens can enter the beam: rank those, as log-probabilities.
+        cand, token = logits.topk(K, dim=-1)  # (B*K, K)
+        cand = torch.where(done[:, None], finished, cand - logits.logsumexp(-1, keepdim=True))
+        token = token.masked_fill(done[:, None], eos)
+        scores, best = (scores.view(-1, 1) + cand).view(B, K * K).topk(K, dim=-1)  # (B, K)
+        rows = (torch.arange(B, device=src.device)[:, None] * K + best // K).view(-1)  # (B*K,) source beams
+        nxt = token.view(B, K * K).gather(1, best).view(-1)
         tokens = torch.cat([tokens[rows], nxt[:, None]], dim=1)
         done = done[rows] | (nxt == eos)
-        scores = top
         if state is not None:
             state.reorder(rows)
         if bool(done.all()):

@@ -99,10 +99,10 @@ class DecoderLayer(_Sublayers):
         y = self.residual(1, y, lambda h: self.cross_attn(h, memory, keep=memory_keep))
         return self.residual(2, y, self.ff)
 
-    def step(self, y: Tensor, self_cache: KVCache, cross_cache: KVCache, memory_keep: Tensor) -> Tensor:
-        """One new position y (B, 1, D) through the caches."""
+    def step(self, y: Tensor, self_cache: KVCache, memory_kv: tuple[Tensor, Tensor], memory_keep: Tensor) -> Tensor:
+        """One new position y (B, 1, D) through the self-attention cache and the memory's keys and values."""
         y = self.residual(0, y, lambda h: self.self_attn.step(h, self_cache))
-        y = self.residual(1, y, lambda h: self.cross_attn.step(h, cross_cache, memory_keep, grow=False))
+        y = self.residual(1, y, lambda h: self.cross_attn.step_memory(h, memory_kv, memory_keep))
         return self.residual(2, y, self.ff)
 
 
@@ -110,13 +110,13 @@ class DecoderLayer(_Sublayers):
 class DecoderState:
     """What incremental decoding carries between steps: per-layer caches and the next position.
 
-    Self-attention caches hold one row per hypothesis (B · beam); cross-attention caches and the source mask one
-    row per source (B), shared by its beams.
+    Self-attention caches hold one row per hypothesis (B · beam); the memory's keys and values and the source mask
+    one row per source (B), shared by its beams.
     """
 
     memory_keep: Tensor  # (B, 1, 1, S)
     self_caches: list[KVCache]
-    cross_caches: list[KVCache]
+    memory_kvs: list[tuple[Tensor, Tensor]]  # per layer, (B, H, S, Dh) each
     position: int = 0
 
     def reorder(self, index: Tensor) -> None:
@@ -184,13 +184,13 @@ class EncoderDecoder(nn.Module):
         return DecoderState(
             memory_keep=padding_keep(src_keep),
             self_caches=[layer.self_attn.empty_cache(rows, max_len, memory) for layer in self.decoder],
-            cross_caches=[layer.cross_attn.memory_cache(memory) for layer in self.decoder],
+            memory_kvs=[layer.cross_attn.memory_keys_values(memory) for layer in self.decoder],
         )
 
     def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
         """Feed the newest tokens (B,) and return next-token logits (B, V); advances `state`."""
         y = self.drop(self.tgt_pos(self.tgt_embed(tokens[:, None]), offset=state.position))  # (B, 1, D)
-        for layer, self_cache, cross_cache in zip(self.decoder, state.self_caches, state.cross_caches, strict=True):
-            y = layer.step(y, self_cache, cross_cache, state.memory_keep)
+        for layer, self_cache, memory_kv in zip(self.decoder, state.self_caches, state.memory_kvs, strict=True):
+            y = layer.step(y, self_cache, memory_kv, state.memory_keep)
         state.position += 1
         return self.head(self.decoder_norm(y))[:, 0]  # (B, V)

@@ -66,13 +66,12 @@ def test_cached_self_attention_steps_equal_full_causal_attention():
     torch.testing.assert_close(steps, full, atol=1e-6, rtol=1e-5)
 
 
-def test_cross_attention_cache_is_filled_once_and_matches_full_attention():
+def test_cross_attention_steps_over_memory_keys_values_match_full_attention():
     attn = _attention()
     x, mem = torch.randn(B, T, D), torch.randn(B, S, D)
     keep = padding_keep(_keep(B, S, [7, 4, 1]))
-    cache = attn.memory_cache(mem)
-    steps = torch.cat([attn.step(x[:, t : t + 1], cache, keep, grow=False) for t in range(T)], dim=1)
-    assert cache.length == S
+    memory_kv = attn.memory_keys_values(mem)
+    steps = torch.cat([attn.step_memory(x[:, t : t + 1], memory_kv, keep) for t in range(T)], dim=1)
     torch.testing.assert_close(steps, attn(x, mem, keep=keep), atol=1e-6, rtol=1e-5)
 
 
