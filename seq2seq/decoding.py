@@ -176,17 +176,18 @@ def beam_search(  # noqa: PLR0913 - the search's inputs, all keyword-only past t
     scores = torch.full((B, K), float("-inf"), device=src.device)
     scores[:, 0] = 0.0  # every beam starts as the same empty hypothesis: expand only one
     done = torch.zeros(B * K, dtype=torch.bool, device=src.device)
-    finished = torch.full((K,), float("-inf"), device=src.device)  # a finished hypothesis's continuations:
-    finished[0] = 0.0  # EOS at no cost, nothing else
     for _ in range(max_len):
         logits = _next_logits(model, tokens, memory, src_keep, state, allowed, no_repeat_ngram).float()  # (B*K, V)
-        # Only a hypothesis's K best tokens can enter the beam: rank those, as log-probabilities.
-        cand, token = logits.topk(K, dim=-1)  # (B*K, K)
-        cand = torch.where(done[:, None], finished, cand - logits.logsumexp(-1, keepdim=True))
+        # Only a hypothesis's K best tokens can enter the beam: rank those, as log-probabilities. A finished
+        # hypothesis has one continuation, EOS at no cost.
+        cand, token = logits.topk(min(K, logits.shape[-1]), dim=-1)  # (B*K, k)
+        cand = (cand - logits.logsumexp(-1, keepdim=True)).masked_fill(done[:, None], float("-inf"))
+        cand[:, 0].masked_fill_(done, 0.0)
         token = token.masked_fill(done[:, None], eos)
-        scores, best = (scores.view(-1, 1) + cand).view(B, K * K).topk(K, dim=-1)  # (B, K)
-        rows = (torch.arange(B, device=src.device)[:, None] * K + best // K).view(-1)  # (B*K,) source beams
-        nxt = token.view(B, K * K).gather(1, best).view(-1)
+        k = cand.shape[-1]
+        scores, best = (scores.view(-1, 1) + cand).view(B, K * k).topk(K, dim=-1)  # (B, K)
+        rows = (torch.arange(B, device=src.device)[:, None] * K + best // k).view(-1)  # (B*K,) source beams
+        nxt = token.view(B, K * k).gather(1, best).view(-1)
         tokens = torch.cat([tokens[rows], nxt[:, None]], dim=1)
         done = done[rows] | (nxt == eos)
         if state is not None:

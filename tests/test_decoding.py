@@ -93,6 +93,22 @@ def test_beam_search_respects_the_allowed_set():
     assert out.tokens.shape[-1] == 7 and set(out.tokens.unique().tolist()) <= {5, 6}
 
 
+def test_a_beam_wider_than_the_vocabulary_finds_every_sequence_in_score_order():
+    model = make_model(seed=8)
+    src, src_keep, _, _ = random_batch()
+    allowed = torch.zeros(V, dtype=torch.bool)
+    allowed[[5, 6]] = True  # 2 ** 3 sequences of length 3; the beam (30) is wider than the vocabulary (23)
+    out = beam_search(model, src, src_keep, bos=BOS, eos=EOS, max_len=3, beam=30, n_best=8, allowed=allowed)
+    every = torch.tensor(list(itertools.product([5, 6], repeat=3)))  # (8, 3)
+    for row in range(src.shape[0]):
+        tgt_in = torch.cat([torch.full((8, 1), BOS), every[:, :-1]], dim=1)
+        logits = model(src[row].expand(8, -1), src_keep[row].expand(8, -1), tgt_in, torch.ones_like(tgt_in).bool())
+        logp = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1).gather(-1, every[..., None])[..., 0]
+        best = logp.sum(-1).sort(descending=True)
+        assert torch.equal(out.tokens[row], every[best.indices])
+        torch.testing.assert_close(out.scores[row], best.values, atol=1e-5, rtol=1e-5)
+
+
 def test_repeated_ngram_mask_bans_exactly_the_completing_tokens():
     tokens = torch.tensor([[5, 6, 5], [7, 8, 9]])
     banned = repeated_ngram_mask(tokens, 2, V)  # row 0 ends with 5 and "5 6" occurred: 6 is banned
