@@ -47,12 +47,14 @@ class KVCache:
     """Self-attention keys and values of one attention module during incremental decoding.
 
     Stored time-major, (capacity, B, H, Dh), of which the first `length` positions are filled: the filled part is
-    one contiguous block, so appending writes one slab and beam search reorders only what is filled.
+    one contiguous block, so appending writes one slab and beam search reorders only what is filled, into a spare
+    buffer of the same shape that then changes places with the cache.
     """
 
     k: Tensor
     v: Tensor
     length: int = 0
+    spare: tuple[Tensor, Tensor] | None = None
 
     def append(self, k: Tensor, v: Tensor) -> None:
         """k, v (B, H, 1, Dh): one new position."""
@@ -67,11 +69,12 @@ class KVCache:
         return self.k[:n].permute(1, 2, 0, 3), self.v[:n].permute(1, 2, 0, 3)
 
     def reorder(self, index: Tensor) -> None:
-        """Select batch rows (beam search reorders hypotheses): index (B',) into B."""
-        n, k, v = self.length, self.k.new_empty(self.k.shape), self.v.new_empty(self.v.shape)
+        """Select batch rows (beam search reorders hypotheses): index (B,) into B."""
+        n = self.length
+        k, v = self.spare or (torch.empty_like(self.k), torch.empty_like(self.v))
         torch.index_select(self.k[:n], 1, index, out=k[:n])
         torch.index_select(self.v[:n], 1, index, out=v[:n])
-        self.k, self.v = k, v
+        self.k, self.v, self.spare = k, v, (self.k, self.v)
 
 
 class MultiHeadAttention(nn.Module):

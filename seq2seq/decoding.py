@@ -65,9 +65,10 @@ def _next_logits(model: EncoderDecoder, tokens: Tensor, memory: Tensor, src_keep
     else:
         keep = torch.ones_like(tokens, dtype=torch.bool)
         logits = model.head(model.decode(tokens, memory, src_keep, keep)[:, -1])
+    # The logits are this step's own output, so they are masked in place.
     if no_repeat:
-        logits = logits.masked_fill(repeated_ngram_mask(tokens[:, 1:], no_repeat, logits.shape[-1]), float("-inf"))
-    return logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
+        logits.masked_fill_(repeated_ngram_mask(tokens[:, 1:], no_repeat, logits.shape[-1]), float("-inf"))
+    return logits if allowed is None else logits.masked_fill_(~allowed, float("-inf"))
 
 
 def sample_from(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -178,10 +179,10 @@ def beam_search(  # noqa: PLR0913 - the search's inputs, all keyword-only past t
     done = torch.zeros(B * K, dtype=torch.bool, device=src.device)
     for _ in range(max_len):
         logits = _next_logits(model, tokens, memory, src_keep, state, allowed, no_repeat_ngram).float()  # (B*K, V)
-        # Only a hypothesis's K best tokens can enter the beam: rank those, as log-probabilities. A finished
-        # hypothesis has one continuation, EOS at no cost.
-        cand, token = logits.topk(min(K, logits.shape[-1]), dim=-1)  # (B*K, k)
-        cand = (cand - logits.logsumexp(-1, keepdim=True)).masked_fill(done[:, None], float("-inf"))
+        # Only a hypothesis's K best tokens can enter the beam: rank those. A finished hypothesis has one
+        # continuation, EOS at no cost.
+        cand, token = logits.log_softmax(-1).topk(min(K, logits.shape[-1]), dim=-1)  # (B*K, k)
+        cand = cand.masked_fill(done[:, None], float("-inf"))
         cand[:, 0].masked_fill_(done, 0.0)
         token = token.masked_fill(done[:, None], eos)
         k = cand.shape[-1]
