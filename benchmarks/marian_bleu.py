@@ -7,7 +7,7 @@ pausing for validation (our run validates inside its budget, so this favours the
 split greedily (`max_new_tokens` = 1.5 · source + 10) and scores it with sacrebleu, as our run does.
 
     python benchmarks/marian_bleu.py --minutes 30     # compare with test/bleu in our run's metrics.json
-    python benchmarks/marian_bleu.py --seed 1         # ... of `seq2seq train experiment=translate_ko_en seed=1`
+    python benchmarks/marian_bleu.py --seed 1         # compare with `seq2seq train experiment=translate_ko_en seed=1`
 """
 
 from __future__ import annotations
