@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seq2seq.errors import ConfigError
+from seq2seq.linear import Linear, linear
 
 
 def padding_keep(keep: Tensor) -> Tensor:
@@ -47,14 +48,13 @@ class KVCache:
     """Self-attention keys and values of one attention module during incremental decoding.
 
     Stored time-major, (capacity, B, H, Dh), of which the first `length` positions are filled: the filled part is
-    one contiguous block, so appending writes one slab and beam search reorders only what is filled, into a spare
-    buffer of the same shape that then changes places with the cache.
+    one contiguous block, so appending writes one slab and beam search reorders only what is filled.
     """
 
     k: Tensor
     v: Tensor
     length: int = 0
-    spare: tuple[Tensor, Tensor] | None = None
+    spare: tuple[Tensor, Tensor] | None = None  # a buffer of the cache's shape for reorders that move many rows
 
     def append(self, k: Tensor, v: Tensor) -> None:
         """k, v (B, H, 1, Dh): one new position."""
@@ -68,9 +68,18 @@ class KVCache:
         n = self.length
         return self.k[:n].permute(1, 2, 0, 3), self.v[:n].permute(1, 2, 0, 3)
 
-    def reorder(self, index: Tensor) -> None:
-        """Select batch rows (beam search reorders hypotheses): index (B,) into B."""
+    def reorder(self, index: Tensor, moved: Tensor) -> None:
+        """Row i continues row index[i] (beam search): index (B,) into B; moved (M,) the rows i != index[i].
+
+        A beam step usually moves few rows, which are copied in place. When it moves a third of them or more,
+        copying every row into the spare buffer, which then changes places with the cache, costs less.
+        """
         n = self.length
+        if 3 * len(moved) < len(index):
+            parents = index[moved]
+            for cache in (self.k[:n], self.v[:n]):
+                cache.index_copy_(1, moved, cache.index_select(1, parents))
+            return
         k, v = self.spare or (torch.empty_like(self.k), torch.empty_like(self.v))
         torch.index_select(self.k[:n], 1, index, out=k[:n])
         torch.index_select(self.v[:n], 1, index, out=v[:n])
@@ -85,16 +94,16 @@ class MultiHeadAttention(nn.Module):
         if d_model % n_heads:
             raise ConfigError(f"`model.d_model` ({d_model}) must be divisible by `model.n_heads` ({n_heads})")
         self.d_model, self.n_heads, self.dropout = d_model, n_heads, dropout
-        self.in_proj = nn.Linear(d_model, 3 * d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.in_proj = Linear(d_model, 3 * d_model)
+        self.out_proj = Linear(d_model, d_model)
 
     def _q(self, x: Tensor) -> Tensor:
         D = self.d_model
-        return split_heads(F.linear(x, self.in_proj.weight[:D], self.in_proj.bias[:D]), self.n_heads)
+        return split_heads(linear(x, self.in_proj.weight[:D], self.in_proj.bias[:D]), self.n_heads)
 
     def _kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         D = self.d_model
-        k, v = F.linear(x, self.in_proj.weight[D:], self.in_proj.bias[D:]).chunk(2, dim=-1)  # (B, L, D) each
+        k, v = linear(x, self.in_proj.weight[D:], self.in_proj.bias[D:]).chunk(2, dim=-1)  # (B, L, D) each
         return split_heads(k, self.n_heads), split_heads(v, self.n_heads)  # (B, H, L, Dh) each
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:

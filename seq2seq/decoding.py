@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from seq2seq.errors import ConfigError
+from seq2seq.linear import packed_weights
 from seq2seq.model import DecoderState, EncoderDecoder
 
 
@@ -71,6 +72,11 @@ def _next_logits(model: EncoderDecoder, tokens: Tensor, memory: Tensor, src_keep
     return logits if allowed is None else logits.masked_fill_(~allowed, float("-inf"))
 
 
+def _logsumexp_(logits: Tensor, row_max: Tensor) -> Tensor:
+    """log Σ exp over the rows of logits (B, V) with their maxima (B, 1), computed in place: logits are consumed."""
+    return logits.sub_(row_max).exp_().sum(-1, keepdim=True).log_().add_(row_max)  # (B, 1)
+
+
 def sample_from(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> Tensor:
     """Draw one token per row of logits (B, V) after temperature, top-k and nucleus (top-p) filtering."""
@@ -111,13 +117,14 @@ def greedy(  # noqa: PLR0913 - the search's inputs, all keyword-only past the mo
     done = torch.zeros(B, dtype=torch.bool, device=src.device)
     state = model.start_decoding(memory, src_keep, max_len) if use_cache else None
     choose = sampler or (lambda logits: logits.max(-1).indices)  # max: faster than argmax on CPU
-    for _ in range(max_len):
-        logits = _next_logits(model, tokens, memory, src_keep, state, allowed, no_repeat_ngram)  # (B, V)
-        nxt = choose(logits).masked_fill(done, eos)  # (B,)
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        done |= nxt == eos
-        if bool(done.all()):
-            break
+    with packed_weights(B):
+        for _ in range(max_len):
+            logits = _next_logits(model, tokens, memory, src_keep, state, allowed, no_repeat_ngram)  # (B, V)
+            nxt = choose(logits).masked_fill(done, eos)  # (B,)
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            done |= nxt == eos
+            if bool(done.all()):
+                break
     return tokens[:, 1:]
 
 
@@ -177,24 +184,26 @@ def beam_search(  # noqa: PLR0913 - the search's inputs, all keyword-only past t
     scores = torch.full((B, K), float("-inf"), device=src.device)
     scores[:, 0] = 0.0  # every beam starts as the same empty hypothesis: expand only one
     done = torch.zeros(B * K, dtype=torch.bool, device=src.device)
-    for _ in range(max_len):
-        logits = _next_logits(model, tokens, memory, src_keep, state, allowed, no_repeat_ngram).float()  # (B*K, V)
-        # Only a hypothesis's K best tokens can enter the beam: rank those. A finished hypothesis has one
-        # continuation, EOS at no cost.
-        cand, token = logits.log_softmax(-1).topk(min(K, logits.shape[-1]), dim=-1)  # (B*K, k)
-        cand = cand.masked_fill(done[:, None], float("-inf"))
-        cand[:, 0].masked_fill_(done, 0.0)
-        token = token.masked_fill(done[:, None], eos)
-        k = cand.shape[-1]
-        scores, best = (scores.view(-1, 1) + cand).view(B, K * k).topk(K, dim=-1)  # (B, K)
-        rows = (torch.arange(B, device=src.device)[:, None] * K + best // k).view(-1)  # (B*K,) source beams
-        nxt = token.view(B, K * k).gather(1, best).view(-1)
-        tokens = torch.cat([tokens[rows], nxt[:, None]], dim=1)
-        done = done[rows] | (nxt == eos)
-        if state is not None:
-            state.reorder(rows)
-        if bool(done.all()):
-            break
+    with packed_weights(B * K):
+        for _ in range(max_len):
+            logits = _next_logits(model, tokens, memory, src_keep, state, allowed, no_repeat_ngram).float()  # (B*K, V)
+            # Only a hypothesis's K best tokens can enter the beam: rank those, as log-probabilities. A finished
+            # hypothesis has one continuation, EOS at no cost.
+            top, token = logits.topk(min(K, logits.shape[-1]), dim=-1)  # (B*K, k)
+            cand = top - _logsumexp_(logits, top[:, :1])
+            cand = cand.masked_fill(done[:, None], float("-inf"))
+            cand[:, 0].masked_fill_(done, 0.0)
+            token = token.masked_fill(done[:, None], eos)
+            k = cand.shape[-1]
+            scores, best = (scores.view(-1, 1) + cand).view(B, K * k).topk(K, dim=-1)  # (B, K)
+            rows = (torch.arange(B, device=src.device)[:, None] * K + best // k).view(-1)  # (B*K,) source beams
+            nxt = token.view(B, K * k).gather(1, best).view(-1)
+            tokens = torch.cat([tokens[rows], nxt[:, None]], dim=1)
+            done = done[rows] | (nxt == eos)
+            if state is not None:
+                state.reorder(rows)
+            if bool(done.all()):
+                break
     out = tokens[:, 1:].view(B, K, -1)  # (B, K, L)
     length = ((out != eos).cumprod(-1).sum(-1) + (out == eos).any(-1).long()).clamp(min=1)  # tokens incl. EOS
     norm = length if length_normalization == "average" else ((5.0 + length) / 6.0) ** length_penalty

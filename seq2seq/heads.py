@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from seq2seq.linear import Linear
 from seq2seq.registry import HEADS
 
 
@@ -13,7 +14,7 @@ class LinearHead(nn.Module):
 
     def __init__(self, d_model: int, vocab_size: int, bias: bool = False) -> None:
         super().__init__()
-        self.proj = nn.Linear(d_model, vocab_size, bias=bias)
+        self.proj = Linear(d_model, vocab_size, bias=bias)
 
     @property
     def weight(self) -> nn.Parameter:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from seq2seq.attention import KVCache, MultiHeadAttention, causal_keep, padding_keep
 from seq2seq.embeddings import POSITIONS
 from seq2seq.errors import ConfigError
+from seq2seq.linear import Linear
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
@@ -53,7 +54,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.w1, self.w2 = nn.Linear(spec.d_model, spec.d_ff), nn.Linear(spec.d_ff, spec.d_model)
+        self.w1, self.w2 = Linear(spec.d_model, spec.d_ff), Linear(spec.d_ff, spec.d_model)
         self.act, self.dropout = ACTIVATIONS[spec.activation], nn.Dropout(spec.activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -121,8 +122,10 @@ class DecoderState:
 
     def reorder(self, index: Tensor) -> None:
         """Beam search: hypothesis row i continues row index[i] (B · beam,), a row of the same source."""
-        for cache in self.self_caches:
-            cache.reorder(index)
+        moved = (index != torch.arange(len(index), device=index.device)).nonzero()[:, 0]  # (M,)
+        if len(moved):
+            for cache in self.self_caches:
+                cache.reorder(index, moved)
 
 
 class EncoderDecoder(nn.Module):

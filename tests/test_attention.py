@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seq2seq.attention import MultiHeadAttention, causal_keep, merge_heads, padding_keep, split_heads
+from seq2seq.attention import KVCache, MultiHeadAttention, causal_keep, merge_heads, padding_keep, split_heads
 
 B, T, S, D, H = 3, 5, 7, 16, 4
 
@@ -81,6 +81,22 @@ def test_a_full_cache_raises_instead_of_overwriting():
     attn.step(torch.randn(1, 1, D), cache)
     with pytest.raises(RuntimeError, match="cache is full"):
         attn.step(torch.randn(1, 1, D), cache)
+
+
+def test_kv_cache_reorders_move_whole_rows_whether_few_or_many_rows_move():
+    rows = 6
+    cache = KVCache(torch.empty(4, rows, H, 2), torch.empty(4, rows, H, 2))
+    for _ in range(3):
+        cache.append(torch.randn(rows, H, 1, 2), torch.randn(rows, H, 1, 2))
+    # One row moves (copied in place), then five (through the spare buffer), then five again (buffers swap back).
+    for index in ([0, 0, 2, 3, 4, 5], [5, 0, 1, 2, 3, 5], [1, 2, 3, 4, 5, 0]):
+        index = torch.tensor(index)
+        expected = [t[index].clone() for t in cache.keys_values()]  # (B, H, length, Dh) each
+        cache.reorder(index, (index != torch.arange(rows)).nonzero()[:, 0])
+        for got, want in zip(cache.keys_values(), expected, strict=True):
+            assert torch.equal(got, want)
+    cache.append(torch.ones(rows, H, 1, 2), torch.ones(rows, H, 1, 2))
+    assert cache.keys_values()[0].shape == (rows, H, 4, 2) and cache.keys_values()[0][:, :, 3].eq(1).all()
 
 
 def test_attention_weights_reproduce_the_output_and_respect_the_mask():
