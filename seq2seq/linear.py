@@ -3,8 +3,8 @@
 A decoding step multiplies the same few rows (B, or B · beam) by the same weights, step after step. Inside
 `packed_weights(rows)`, `linear` multiplies an input of exactly that many rows by a copy of the weight that MKL has
 packed for its GEMM, made on first use and dropped when the block ends; elsewhere, and wherever the packed GEMM does
-not apply (not a float32 CPU tensor, or gradients wanted), it is `F.linear`. Rounding may differ from `F.linear` in
-the last bits, as it does between any two GEMM kernels. Weights must not change inside the block.
+not apply (not a float32 CPU weight, gradients wanted, or CPU autocast on), it is `F.linear`. Rounding may differ
+from `F.linear` in the last bits, as it does between any two GEMM kernels. Weights must not change inside the block.
 """
 
 from __future__ import annotations
@@ -35,13 +35,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear(x, weight, bias)`: x (..., in) -> (..., out), through a packed weight inside `packed_weights`."""
     scope = _scope.get()
     if (scope is None or x.numel() != scope[0] * x.shape[-1] or torch.is_grad_enabled()
-            or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32):
+            or torch.is_autocast_enabled("cpu")):
         return F.linear(x, weight, bias)
     rows, packs = scope
     key = (weight.data_ptr(), weight.shape, weight.stride())
     if key not in packs:  # the weight is held with its pack, so no other tensor can take its address in the block
-        packs[key] = weight, torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
-    return torch.ops.mkl._mkl_linear(x, packs[key][1], weight, bias, rows)
+        packable = weight.device.type == "cpu" and weight.dtype == torch.float32  # F.linear: x's device and dtype
+        packs[key] = weight, torch.ops.mkl._mkl_reorder_linear_weight(weight, rows) if packable else None
+    packed = packs[key][1]
+    return F.linear(x, weight, bias) if packed is None else torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
 
 
 class Linear(nn.Linear):

@@ -28,7 +28,7 @@ def test_inside_the_block_inputs_of_its_row_count_use_packed_weights_and_match_f
     assert _packs() == {}
 
 
-def test_other_row_counts_gradients_and_no_block_are_plain_f_linear():
+def test_other_row_counts_gradients_autocast_and_no_block_are_plain_f_linear():
     torch.manual_seed(0)
     layer = Linear(64, 48)
     x = torch.randn(5, 64)
@@ -39,6 +39,8 @@ def test_other_row_counts_gradients_and_no_block_are_plain_f_linear():
             assert torch.equal(layer(x), expected)
             assert _packs() == {}
     with packed_weights(5):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16
         out = layer(x)
         assert out.requires_grad and _packs() == {}
     out.sum().backward()
