@@ -59,7 +59,7 @@ def repeated_ngram_mask(tokens: Tensor, n: int, vocab: int) -> Tensor:
 
 
 def _next_logits(model: EncoderDecoder, tokens: Tensor, memory: Tensor, src_keep: Tensor,
-                 state: DecoderState | None, allowed: Tensor | None, no_repeat: int = 0) -> Tensor:
+                 state: DecoderState | None, banned: Tensor | None, no_repeat: int = 0) -> Tensor:
     """Logits (B, V) for the position after `tokens` (B, 1 + t), through the cache when there is one."""
     if state is not None:
         logits = model.decode_step(tokens[:, -1], state)
@@ -69,7 +69,12 @@ def _next_logits(model: EncoderDecoder, tokens: Tensor, memory: Tensor, src_keep
     # The logits are this step's own output, so they are masked in place.
     if no_repeat:
         logits.masked_fill_(repeated_ngram_mask(tokens[:, 1:], no_repeat, logits.shape[-1]), float("-inf"))
-    return logits if allowed is None else logits.masked_fill_(~allowed, float("-inf"))
+    return logits if banned is None else logits.index_fill_(-1, banned, float("-inf"))
+
+
+def _banned(allowed: Tensor | None) -> Tensor | None:
+    """The token ids outside an `allowed` (V,) mask: filling those few columns costs less than masking every one."""
+    return None if allowed is None else (~allowed).nonzero()[:, 0]
 
 
 def _topk(x: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor]:
@@ -134,9 +139,10 @@ def greedy(  # noqa: PLR0913 - the search's inputs, all keyword-only past the mo
     done = torch.zeros(B, dtype=torch.bool, device=src.device)
     state = model.start_decoding(memory, src_keep, max_len) if use_cache else None
     choose = sampler or (lambda logits: logits.max(-1).indices)  # max: faster than argmax on CPU
+    banned = _banned(allowed)
     with packed_weights(B):
         for _ in range(max_len):
-            logits = _next_logits(model, tokens, memory, src_keep, state, allowed, no_repeat_ngram)  # (B, V)
+            logits = _next_logits(model, tokens, memory, src_keep, state, banned, no_repeat_ngram)  # (B, V)
             nxt = choose(logits).masked_fill(done, eos)  # (B,)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             done |= nxt == eos
@@ -201,9 +207,10 @@ def beam_search(  # noqa: PLR0913 - the search's inputs, all keyword-only past t
     scores = torch.full((B, K), float("-inf"), device=src.device)
     scores[:, 0] = 0.0  # every beam starts as the same empty hypothesis: expand only one
     done = torch.zeros(B * K, dtype=torch.bool, device=src.device)
+    banned = _banned(allowed)
     with packed_weights(B * K):
         for _ in range(max_len):
-            logits = _next_logits(model, tokens, memory, src_keep, state, allowed, no_repeat_ngram).float()  # (B*K, V)
+            logits = _next_logits(model, tokens, memory, src_keep, state, banned, no_repeat_ngram).float()  # (B*K, V)
             # Only a hypothesis's K best tokens can enter the beam: rank those, as log-probabilities. A finished
             # hypothesis has one continuation, EOS at no cost.
             top, token = _topk(logits, min(K, logits.shape[-1]))  # (B*K, k)

@@ -49,3 +49,22 @@ def test_other_row_counts_gradients_autocast_and_no_block_are_plain_f_linear():
 
 def test_linear_keeps_nn_linear_state_dict_keys():
     assert Linear(4, 3).state_dict().keys() == torch.nn.Linear(4, 3).state_dict().keys()
+
+
+@needs_mkl
+def test_packs_are_kept_between_blocks_and_made_again_when_the_weight_or_row_count_changes():
+    torch.manual_seed(0)
+    layer, x = Linear(64, 48), torch.randn(6, 64)
+    with torch.no_grad():
+        with packed_weights(6):
+            first = layer(x)
+        pack = packing._kept[layer.weight][(0, layer.weight.shape, layer.weight.stride())][2]
+        with packed_weights(6):
+            assert torch.equal(layer(x), first)
+        assert packing._kept[layer.weight][(0, layer.weight.shape, layer.weight.stride())][2] is pack
+        layer.weight.mul_(2)  # an optimizer step or load_state_dict changes weights in place
+        with packed_weights(6):
+            torch.testing.assert_close(layer(x) - layer.bias, 2 * (first - layer.bias))
+        with packed_weights(3):
+            torch.testing.assert_close(layer(x[:3]), F.linear(x[:3], layer.weight, layer.bias))
+        assert packing._kept[layer.weight][(0, layer.weight.shape, layer.weight.stride())][0] == 3

@@ -115,3 +115,13 @@ def test_cross_attention_maps_cover_the_real_source_positions_only(model):
     w = model.cross_attention(src, src_keep, tgt)  # (B, H, T, S)
     assert w.shape == (4, model.spec.n_heads, tgt.shape[1], src.shape[1])
     assert (w.masked_fill(src_keep[:, None, None, :], 0) == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["dropout", "attention_dropout", "activation_dropout"])
+def test_each_dropout_acts_in_training_only(kind):
+    model = make_model(**{kind: 0.3})
+    src, src_keep, tgt, tgt_keep = random_batch()
+    model.train()
+    assert not torch.equal(model(src, src_keep, tgt, tgt_keep), model(src, src_keep, tgt, tgt_keep))
+    model.eval()
+    assert torch.equal(model(src, src_keep, tgt, tgt_keep), model(src, src_keep, tgt, tgt_keep))
