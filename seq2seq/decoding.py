@@ -73,7 +73,8 @@ def _next_logits(model: EncoderDecoder, tokens: Tensor, memory: Tensor, src_keep
 
 
 def _banned(allowed: Tensor | None) -> Tensor | None:
-    """The token ids outside an `allowed` (V,) mask: filling those few columns costs less than masking every one."""
+    """The token ids outside an `allowed` (V,) mask; filling those columns costs less than masking all V when few
+    are banned (EOS, to force a length)."""
     return None if allowed is None else (~allowed).nonzero()[:, 0]
 
 
