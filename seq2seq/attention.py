@@ -68,14 +68,16 @@ class KVCache:
         n = self.length
         return self.k[:n].permute(1, 2, 0, 3), self.v[:n].permute(1, 2, 0, 3)
 
-    def reorder(self, index: Tensor, moved: Tensor) -> None:
-        """Row i continues row index[i] (beam search): index (B,) into B; moved (M,) the rows i != index[i].
+    def reorder(self, index: Tensor, moved: Tensor | None = None) -> None:
+        """Row i continues row index[i] (beam search): index (B,) into B; moved (M,) the rows i != index[i], when
+        known.
 
-        A beam step usually moves few rows, which are copied in place. When it moves a third of them or more,
-        copying every row into the spare buffer, which then changes places with the cache, costs less.
+        A beam step usually moves few rows, which are copied in place. When it moves a third of them or more (or
+        which rows move is not known), every row is copied into the spare buffer, which then changes places with the
+        cache.
         """
         n = self.length
-        if 3 * len(moved) < len(index):
+        if moved is not None and 3 * len(moved) < len(index):
             parents = index[moved]
             for cache in (self.k[:n], self.v[:n]):
                 cache.index_copy_(1, moved, cache.index_select(1, parents))

@@ -1,15 +1,20 @@
-"""Checkpoint files of a run: written atomically, found for resuming, and checked against the run's config."""
+"""Checkpoint files of a run: written atomically, read with clear errors, found for resuming, and checked
+against the run's config; a run directory is never reused by accident."""
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from omegaconf import OmegaConf
 
 from seq2seq.errors import ConfigError
@@ -32,7 +37,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(partial, path)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        return read_checkpoint(path, map_location or "cpu")
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """A checkpoint's plain data (`weights_only=True`); a missing, truncated or foreign file is a ConfigError."""
+    if not Path(path).is_file():
+        raise ConfigError(f"`ckpt={path}`: no such file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
+        raise ConfigError(f"`ckpt={path}` is not a readable checkpoint (truncated, or not written by seq2seq): "
+                          f"{str(err).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt:
+        raise ConfigError(f"`ckpt={path}` is not a seq2seq checkpoint (it holds no config)")
+    return ckpt
+
+
+class InterruptCheckpoint(OnExceptionCheckpoint):
+    """On Ctrl-C or an error, saves checkpoints/interrupted.ckpt and says how to continue."""
+
+    def on_exception(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        super().on_exception(trainer, *args, **kwargs)
+        if trainer.is_global_zero:
+            run_dir = Path(self.dirpath).parent
+            log.warning("stopped at step %d; the weights are in %s. Continue with the same command and "
+                        "`resume=%s`", trainer.global_step, self.ckpt_path, run_dir)
 
 
 # The data module resumes mid-epoch itself (`Seq2SeqDataModule.state_dict`); Lightning cannot see that.
@@ -47,8 +77,16 @@ def newest_checkpoint(run_dir: Path) -> Path:
     return found[-1]
 
 
+def refuse_reuse(run_dir: Path) -> None:
+    """A new run must not write into a directory that holds a run: it would mix or overwrite the two."""
+    if (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} already holds a run. Continue it with `resume={run_dir}`, or start a new one "
+                          "in another directory (`hydra.run.dir=...`, or leave it out for a fresh runs/<date>/<time>)")
+
+
 def resume_point(config: dict[str, Any], run_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint to resume from and its fitted tokenizers; the config must be the run's, but for `trainer`."""
+    """The checkpoint to resume from and its fitted tokenizers; `config` (plain data) must be the run's, but for
+    `trainer`. Writes cut short by the interruption (`*.partial`) are removed."""
     if Path(config["resume"]).resolve() != run_dir.resolve():
         raise ConfigError(f"`resume={config['resume']}` must be the run directory ({run_dir}); "
                           "`seq2seq train ... resume=DIR` sets both")
@@ -61,6 +99,9 @@ def resume_point(config: dict[str, Any], run_dir: Path) -> tuple[Path, dict[str,
     if changed:
         raise ConfigError(f"resuming {run_dir} with a config that differs in {', '.join(changed)}: pass the run's "
                           "overrides again (only `trainer.*` may change), or start a new run")
+    for partial in (run_dir / "checkpoints").glob("*.partial"):
+        log.info("removing %s, a checkpoint write the interruption cut short", partial)
+        partial.unlink()
     ckpt = newest_checkpoint(run_dir)
     log.info("resuming from %s", ckpt)
-    return ckpt, torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["tokenizers"]
+    return ckpt, read_checkpoint(ckpt)["hyper_parameters"]["tokenizers"]

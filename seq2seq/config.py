@@ -1,225 +1,318 @@
-"""Config flow: Hydra composes -> `validate` -> a plain dict for the LightningModule.
+"""Config flow: Hydra composes `conf/<command>.yaml` -> `validate` -> a frozen dataclass tree.
 
-Fixed-shape groups have dataclass schemas (one default per field); plugin blocks (`data`, `tokenizer`,
-`embedding`, `head`, `metrics`) are checked against the registered constructors' signatures. Unknown keys,
-`+typo=...` additions included, are rejected with a close-match hint before any work starts.
+Each command has its own root schema (`TrainConfig`, `EvaluateConfig`, `PredictConfig`, `TranslateConfig`); every
+key and its one default lives there, with its help, choices and bounds (`schema.setting`). YAML files set only what
+differs. Plugin blocks (`data`, `tokenizer`, `embedding`, `head`, `metrics`) are checked against the registered
+constructors' signatures. `validate` reports every mistake of a config at once, before any data are read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from importlib import resources
 from importlib.util import find_spec
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from seq2seq.data import LoaderSpec
 from seq2seq.decoding import DecodeSpec
 from seq2seq.errors import ConfigError
 from seq2seq.model import ModelSpec
-from seq2seq.plugins import import_plugins, searchpath_override
-from seq2seq.registry import DATASETS, EMBEDDINGS, HEADS, METRICS, TOKENIZERS, hint
+from seq2seq.plugins import import_plugins, search_path, searchpath_override
+from seq2seq.registry import DATASETS, EMBEDDINGS, HEADS, METRICS, TOKENIZERS
+from seq2seq.schema import build, check, describe, field_type, hint, join, setting, to_data
 from seq2seq.schedule import OptimSpec
 
+PRECISIONS = ("64-true", "64", "32-true", "32", "bf16-mixed", "bf16-true", "bf16", "16-mixed", "16-true", "16",
+              "transformer-engine", "transformer-engine-float16")
+LOGGERS = ("csv", "tensorboard")
+REQUIRED = "???"  # a value the command line must give
 
-@dataclass
+
+@dataclass(frozen=True)
 class TrainerSpec:
     """Keyword arguments of `lightning.Trainer` that runs may set (the `trainer:` block)."""
 
-    accelerator: str = "auto"
-    devices: Any = "auto"
-    strategy: str = "auto"
-    num_nodes: int = 1
-    precision: str = "32-true"
-    max_epochs: int = 10
-    max_steps: int = -1
-    max_time: str | None = None  # "DD:HH:MM:SS": stop training after this wall time
-    gradient_clip_val: float | None = 1.0
-    accumulate_grad_batches: int = 1
-    val_check_interval: Any = None
-    check_val_every_n_epoch: int = 1
-    log_every_n_steps: int = 50
-    limit_train_batches: Any = None
-    limit_val_batches: Any = None
-    num_sanity_val_steps: int = 2
-    enable_progress_bar: bool = True
-    deterministic: bool = False
+    block: ClassVar[str] = "trainer"
+    accelerator: str = setting("auto", "cpu, gpu, auto, ... (Lightning's accelerator)")
+    devices: Any = setting("auto", "devices per node: a count, a list of ids, or auto")
+    strategy: str = setting("auto", "auto, ddp, ddp_spawn, fsdp, ... (Lightning's strategy)")
+    num_nodes: int = setting(1, "nodes, for multi-node strategies", minimum=1)
+    precision: str = setting("32-true", "numeric precision", choices=PRECISIONS)
+    max_epochs: int = setting(10, "stop after this many epochs (-1: no limit)", minimum=-1)
+    max_steps: int = setting(-1, "stop after this many optimizer steps (-1: no limit)", minimum=-1)
+    max_time: str | None = setting(None, "stop training after this wall time, DD:HH:MM:SS")
+    gradient_clip_val: float | None = setting(1.0, "clip gradients to this norm (null: no clipping)", minimum=0)
+    accumulate_grad_batches: int = setting(1, "batches per optimizer step", minimum=1)
+    val_check_interval: Any = setting(None, "validate every N training batches (int) or fraction of an epoch")
+    check_val_every_n_epoch: int = setting(1, "validate every N epochs", minimum=1)
+    log_every_n_steps: int = setting(50, "log training metrics (and progress lines) every N steps", minimum=1)
+    limit_train_batches: Any = setting(None, "training batches per epoch: a count or a fraction")
+    limit_val_batches: Any = setting(None, "validation batches: a count or a fraction (0: no validation)")
+    limit_test_batches: Any = setting(None, "test batches in final scoring: a count or a fraction (0: none)")
+    num_sanity_val_steps: int = setting(2, "validation batches run before training starts", minimum=-1)
+    enable_progress_bar: bool | None = setting(None, "a progress bar; null: a bar on a terminal, log lines elsewhere")
+    deterministic: bool = setting(False, "deterministic algorithms only")
+
+    def __post_init__(self) -> None:
+        check(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MonitorSpec:
-    """Which metric picks the best checkpoint and drives early stopping (`patience: null` disables it)."""
+    """Which metric picks the best checkpoint and drives early stopping."""
 
-    metric: str = "val/exact_match"
-    mode: str = "max"
-    patience: int | None = None
+    block: ClassVar[str] = "monitor"
+    metric: str = setting("val/exact_match", "val/loss or val/<one of metrics>: picks the best checkpoint")
+    mode: str = setting("max", "whether higher or lower is better", choices=("min", "max"))
+    patience: int | None = setting(None, "stop after this many validations without improvement (null: never)",
+                                   minimum=1)
+
+    def __post_init__(self) -> None:
+        check(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SidesSpec:
     """A source/target pair of component blocks; `tgt: null` means "share the source's"."""
 
-    src: dict[str, Any] = field(default_factory=dict)
-    tgt: dict[str, Any] | None = None
+    block: ClassVar[str] = "sides"
+    src: dict[str, Any] = setting({}, "the source side's component: {name: ..., options}")
+    tgt: dict[str, Any] | None = setting(None, "the target side's component; null: the source's")
 
 
-@dataclass
-class Config:
-    plugins: list[str] = field(default_factory=list)
-    seed: int = 0
-    model: ModelSpec = field(default_factory=ModelSpec)
-    optim: OptimSpec = field(default_factory=OptimSpec)
-    trainer: TrainerSpec = field(default_factory=TrainerSpec)
-    loader: LoaderSpec = field(default_factory=LoaderSpec)
-    decode: DecodeSpec = field(default_factory=DecodeSpec)
-    monitor: MonitorSpec = field(default_factory=MonitorSpec)
-    data: dict[str, Any] = field(default_factory=dict)
-    tokenizer: SidesSpec = field(default_factory=SidesSpec)
-    embedding: SidesSpec = field(default_factory=SidesSpec)
-    head: dict[str, Any] = field(default_factory=dict)
-    metrics: list[str] = field(default_factory=lambda: ["exact_match"])
-    loggers: list[str] = field(default_factory=lambda: ["csv"])  # csv | tensorboard
-    save_every_n_steps: int | None = None  # train: also write checkpoints/last.ckpt every N steps
-    resume: str | None = None  # train: continue the run in this run directory from its newest checkpoint
-    ckpt: str | None = None  # evaluate / predict: the checkpoint to load
-    input: str | None = None  # predict: file of sources
-    output: str | None = None  # predict: where predictions go (default: the run dir); translate: default stdout
-    beam: int | None = None  # translate: beam size (default: the checkpoint's decode.beam)
-    length_penalty: float | None = None  # translate: GNMT alpha (default: the checkpoint's)
-    n_best: int = 1  # translate: outputs per input; above 1, lines are "input_number<TAB>score<TAB>output"
-    attention: str | None = None  # translate: also save cross-attention heatmaps of the inputs to this PNG
+@dataclass(frozen=True)
+class TrainConfig:
+    """`seq2seq train`: fit a model, keep the best checkpoint, score it on the held-out splits."""
+
+    plugins: list[str] = setting([], "plugin modules whose components this config names")
+    seed: int = setting(0, "seed of initialization, data order and dropout")
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+    optim: OptimSpec = dataclasses.field(default_factory=OptimSpec)
+    trainer: TrainerSpec = dataclasses.field(default_factory=TrainerSpec)
+    loader: LoaderSpec = dataclasses.field(default_factory=LoaderSpec)
+    decode: DecodeSpec = dataclasses.field(default_factory=DecodeSpec)
+    monitor: MonitorSpec = dataclasses.field(default_factory=MonitorSpec)
+    data: dict[str, Any] = setting({}, "the domain's reader: {name: ..., options}")
+    tokenizer: SidesSpec = dataclasses.field(default_factory=SidesSpec)
+    embedding: SidesSpec = dataclasses.field(default_factory=SidesSpec)
+    head: dict[str, Any] = setting({}, "the output head: {name: ..., options}")
+    metrics: list[str] = setting(["exact_match"], "metrics decoded and scored on val and test")
+    loggers: list[str] = setting(["csv"], "csv and/or tensorboard")
+    save_every_n_steps: int | None = setting(None, "also write checkpoints/last.ckpt every N steps", minimum=1)
+    resume: str | None = setting(None, "continue the run in this run directory from its newest checkpoint")
 
 
-def _field_type(schema: type, key: str, path: str) -> Any:
-    """The annotation of `key` in a dataclass schema, or a ConfigError naming the closest accepted key."""
-    hints = typing.get_type_hints(schema)
-    if key not in hints:
-        where = f"{path}.{key}" if path else key
-        raise ConfigError(
-            f"unknown config key `{where}`.{hint(key, hints)} "
-            f"Accepted keys{' under `' + path + '`' if path else ''}: {', '.join(hints)}"
-        )
-    return hints[key]
+@dataclass(frozen=True)
+class InferenceConfig:
+    """What every command that loads a checkpoint takes."""
+
+    ckpt: str = setting(REQUIRED, "the checkpoint to load (required)")
+    batch_size: int | None = setting(None, "sources per batch (default: the checkpoint's loader.batch_size)",
+                                     minimum=1)
+    beam: int | None = setting(None, "beam size (default: the checkpoint's decode.beam)", minimum=1)
+    length_penalty: float | None = setting(None, "GNMT alpha (default: the checkpoint's decode.length_penalty)")
 
 
-def _check_keys(schema: type, data: dict[str, Any], path: str) -> None:
-    """Reject keys a dataclass schema does not have, recursively."""
-    for key, value in data.items():
-        sub = _field_type(schema, key, path)
-        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
-            _check_keys(sub, value, f"{path}.{key}" if path else key)
+@dataclass(frozen=True)
+class EvaluateConfig(InferenceConfig):
+    """`seq2seq evaluate`: re-score a checkpoint on the val and test splits of its data, or of other data."""
+
+    data: dict[str, Any] = setting({}, "reader options over the checkpoint's `data:` block, e.g. data.path=other.tsv")
+    trainer: TrainerSpec = dataclasses.field(default_factory=TrainerSpec)
+    output: str | None = setting(None, "also write the metrics as JSON to this file")
 
 
-def prepare_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
-    """Check command-line override keys against the schema before Hydra composes; return them ready for Hydra.
+@dataclass(frozen=True)
+class PredictConfig(InferenceConfig):
+    """`seq2seq predict`: decode every source of a file, in the domain's output format."""
 
-    A misspelt schema key fails here with the key that was meant (Hydra would reject it without a hint).
+    input: str = setting(REQUIRED, "file of sources, as the domain reads them (required)")
+    output: str | None = setting(None, "where predictions go (default: standard output)")
+
+
+@dataclass(frozen=True)
+class TranslateConfig(InferenceConfig):
+    """`seq2seq translate`: lines in, lines out, by beam search; n-best lists with scores."""
+
+    input: str | None = setting(None, "file of sources, one per line (default: standard input)")
+    output: str | None = setting(None, "where outputs go (default: standard output)")
+    n_best: int = setting(1, "outputs per input; above 1, lines are input_number<TAB>score<TAB>output", minimum=1)
+    attention: str | None = setting(None, "also save cross-attention heatmaps of the first inputs to this PNG")
+
+
+SCHEMAS: dict[str, type] = {"train": TrainConfig, "evaluate": EvaluateConfig, "predict": PredictConfig,
+                            "translate": TranslateConfig}
+ELSEWHERE = {"beam": "translate", "length_penalty": "translate", "n_best": "translate", "attention": "translate",
+             "ckpt": "evaluate, predict and translate", "input": "predict and translate"}
+
+
+def _groups() -> dict[str, list[str]]:
+    """Config group -> its options, from `conf/` and the announced plugins' config folders."""
+    folders = [resources.files("seq2seq_conf")] + [Path(p.removeprefix("file://")) for p in search_path()]
+    found: dict[str, list[str]] = {}
+    for folder in folders:
+        for group in folder.iterdir():
+            if group.is_dir() and not group.name.startswith(("_", ".")):
+                names = (p.name.removesuffix(".yaml") for p in group.iterdir() if p.name.endswith(".yaml"))
+                found.setdefault(group.name, []).extend(names)
+    return found
+
+
+def prepare_overrides(overrides: list[str] | tuple[str, ...], command: str = "train") -> list[str]:
+    """Check command-line overrides against the command's schema and config groups before Hydra composes; return
+    them ready for Hydra.
+
+    A misspelt key fails here with the key that was meant, and an unknown group option with the options there are.
     A key inside a plugin block (`data.n_val=64`) becomes Hydra's add-or-override form (`++data.n_val=64`): a
-    plugin's options are its constructor's keyword arguments, and those its YAML leaves at their defaults are
-    still settable; the registry checks them after composition. Group choices (`model=tiny`), additions,
-    deletions and `hydra.*` keys pass unchanged.
+    plugin's options are its constructor's keyword arguments, and those its YAML leaves at their defaults are still
+    settable; the registry checks them after composition. Additions, deletions and `hydra.*` keys pass unchanged.
     """
     parser = OverridesParser.create()
+    schema_root, groups = SCHEMAS[command], _groups() if command == "train" else {}
     prepared = []
     for text in overrides:
         if text.startswith("-") or "=" not in text:
             prepared.append(text)
             continue
         override = parser.parse_override(text)
-        parts = override.key_or_group.split(".")
-        groups_only = ("hydra", "experiment", "sweep")  # no schema field behind these
-        if override.is_add() or override.is_delete() or override.is_force_add() or parts[0] in groups_only:
+        key = override.key_or_group
+        if key.startswith("hydra") or override.is_add() or override.is_delete() or override.is_force_add():
             prepared.append(text)
             continue
-        schema: Any = Config
-        for depth, key in enumerate(parts):
-            if not dataclasses.is_dataclass(schema):
-                text = "++" + text  # inside a plugin block
-                break
-            schema = _field_type(schema, key, ".".join(parts[:depth]))
-        if isinstance(override.value(), dict) and type(None) in typing.get_args(schema):
-            # OmegaConf cannot merge a block into a node that composed to null.
-            raise ConfigError(f"`{override.key_or_group}` cannot be given as a block on the command line; choose "
-                              "a config group option that defines it (e.g. `tokenizer=bpe_separate` for separate "
-                              "vocabularies), then override its keys")
-        prepared.append(text)
+        if key in groups:  # a group choice (`model=tiny`, `experiment=reverse`)
+            value = str(override.value())
+            if not override.is_sweep_override() and value not in groups[key] and value != "null":
+                raise ConfigError(f"unknown {key} `{value}`.{hint(value, groups[key])} "
+                                  f"Available: {', '.join(sorted(groups[key]))}")
+            prepared.append(text)
+            continue
+        in_plugin_block = _check_key(schema_root, key, command, override.value())
+        prepared.append("++" + text if in_plugin_block else text)
     return prepared
 
 
-def _typed(data: dict[str, Any]) -> dict[str, Any]:
-    """Type-check and convert through the structured schema; build the specs so their own checks run."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), data)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", "") or "config"
-        raise ConfigError(f"`{key}`: {getattr(err, 'msg', err)}") from None
-    plain = OmegaConf.to_container(merged, resolve=True)
-    assert isinstance(plain, dict)
-    ModelSpec(**plain["model"]), OptimSpec(**plain["optim"])
-    return plain
+def _check_key(schema_root: type, key: str, command: str, value: Any) -> bool:
+    """Check a key against the schema; True when it lies inside a plugin block (its constructor checks it)."""
+    parts = key.split(".")
+    schema: Any = schema_root
+    for depth, part in enumerate(parts):
+        if not dataclasses.is_dataclass(schema):
+            return True
+        if depth == 0 and part in ELSEWHERE and part not in typing.get_type_hints(schema):
+            raise ConfigError(f"`{part}` is an option of `seq2seq {ELSEWHERE[part]}`, not of `seq2seq {command}`"
+                              + ("; validation decoding follows `decode.*`" if command == "train" else ""))
+        schema = field_type(schema, part, ".".join(parts[:depth]))
+    if isinstance(value, dict) and type(None) in typing.get_args(schema):
+        # OmegaConf cannot merge a block into a node that composed to null.
+        raise ConfigError(f"`{key}` cannot be given as a block on the command line; choose a config group option "
+                          "that defines it (e.g. `tokenizer=bpe_separate` for separate vocabularies), then override "
+                          "its keys")
+    return False
 
 
-def _check_components(config: dict[str, Any]) -> None:
-    DATASETS.check(config["data"], (), "data")
-    TOKENIZERS.check(config["tokenizer"]["src"], (), "tokenizer.src")
+def _component_problems(config: TrainConfig) -> list[str]:
     context = ("d_model", "vocab_size", "padding_idx", "n_features")
-    EMBEDDINGS.check(config["embedding"]["src"], context, "embedding.src")
-    if config["tokenizer"]["tgt"] is not None:
-        TOKENIZERS.check(config["tokenizer"]["tgt"], (), "tokenizer.tgt")
-    if not config["model"]["share_embeddings"]:
-        if config["embedding"]["tgt"] is None:
-            raise ConfigError("`embedding.tgt` is null but `model.share_embeddings` is false: give the target "
-                              "embedding, e.g. `embedding.tgt={name: token}`")
-        EMBEDDINGS.check(config["embedding"]["tgt"], context, "embedding.tgt")
-    HEADS.check(config["head"], ("d_model", "vocab_size"), "head")
-    for name in config["metrics"]:
-        METRICS.check({"name": name}, ("tokenizer",), "metrics")
+    checks = [(DATASETS, config.data, (), "data"), (TOKENIZERS, config.tokenizer.src, (), "tokenizer.src"),
+              (EMBEDDINGS, config.embedding.src, context, "embedding.src"),
+              (HEADS, config.head, ("d_model", "vocab_size"), "head")]
+    if config.tokenizer.tgt is not None:
+        checks.append((TOKENIZERS, config.tokenizer.tgt, (), "tokenizer.tgt"))
+    problems = []
+    if not config.model.share_embeddings:
+        if config.embedding.tgt is None:
+            problems.append("`embedding.tgt` is null but `model.share_embeddings` is false: give the target "
+                            "embedding, e.g. `embedding.tgt={name: token}`")
+        else:
+            checks.append((EMBEDDINGS, config.embedding.tgt, context, "embedding.tgt"))
+    elif config.tokenizer.tgt is not None:
+        problems.append("`model.share_embeddings=true` needs one joint vocabulary: set `tokenizer.tgt` to null, or "
+                        "set `model.share_embeddings=false`")
+    checks += [(METRICS, {"name": name}, ("tokenizer",), "metrics") for name in config.metrics]
+    for registry, spec, ctx, where in checks:
+        try:
+            registry.check(spec, ctx, where)
+        except ConfigError as err:
+            problems.append(str(err))
+    return problems
 
 
-def _check_trainer(config: dict[str, Any]) -> None:
-    trainer, monitor = config["trainer"], config["monitor"]
-    on_cpu = trainer["accelerator"] == "cpu" or (trainer["accelerator"] == "auto" and not torch.cuda.is_available())
-    if on_cpu and trainer["precision"] in ("16-mixed", "16", "16-true"):
-        raise ConfigError(
-            f"`trainer.precision={trainer['precision']}` needs a GPU, and this run is on the CPU; "
-            "use `trainer.precision=bf16-mixed` (or 32-true)"
-        )
-    if monitor["mode"] not in ("min", "max"):
-        raise ConfigError(f"`monitor.mode` must be min or max, got {monitor['mode']!r}")
-    unknown = set(config["loggers"]) - {"csv", "tensorboard"}
+def _train_problems(config: TrainConfig) -> list[str]:
+    trainer, monitor, problems = config.trainer, config.monitor, []
+    on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and trainer.precision in ("16-mixed", "16", "16-true"):
+        problems.append(f"`trainer.precision={trainer.precision}` needs a GPU, and this run is on the CPU; "
+                        "use `trainer.precision=bf16-mixed` (or 32-true)")
+    monitored = ["val/loss", *(f"val/{name}" for name in config.metrics)]
+    if monitor.metric not in monitored:
+        problems.append(f"`monitor.metric={monitor.metric}` is not logged in validation.{hint(monitor.metric, monitored)} "
+                        f"Logged: {', '.join(monitored)} (from `metrics`)")
+    unknown = sorted(set(config.loggers) - set(LOGGERS))
     if unknown:
-        raise ConfigError(f"`loggers` may hold csv and tensorboard, got {sorted(unknown)}")
-    if "tensorboard" in config["loggers"] and not (find_spec("tensorboard") or find_spec("tensorboardX")):
-        raise ConfigError("`loggers` asks for tensorboard, which is not installed: "
-                          "`pip install 'seq2seq[tensorboard]'`, or drop it from `loggers`")
+        problems.append(f"`loggers` may hold {' and '.join(LOGGERS)}, got {unknown}")
+    if "tensorboard" in config.loggers and not (find_spec("tensorboard") or find_spec("tensorboardX")):
+        problems.append("`loggers` asks for tensorboard, which is not installed: "
+                        "`pip install 'seq2seq[tensorboard]'`, or drop it from `loggers`")
+    return problems
 
 
-def validate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
-    """Composed config -> validated plain dict (all interpolations resolved, no OmegaConf objects)."""
+def _required_problems(data: dict[str, Any]) -> list[str]:
+    return [f"`{key}` is required: add `{key}=...` to the command line"
+            for key, value in data.items() if value == REQUIRED]
+
+
+def validate(cfg: DictConfig | dict[str, Any], command: str = "train") -> Any:
+    """Composed config -> the command's frozen schema instance; every mistake is reported at once (ConfigError)."""
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     assert isinstance(data, dict)
-    _check_keys(Config, data, "")
-    config = _typed(data)
-    import_plugins(config["plugins"])
-    _check_components(config)
-    _check_trainer(config)
+    config, problems = build(SCHEMAS[command], data)
+    problems = _required_problems(data) + problems
+    if command == "train":
+        try:
+            import_plugins(list(config.plugins))
+            problems += _component_problems(config)
+        except ConfigError as err:
+            problems.append(str(err))
+        problems += _train_problems(config)
+    if problems:
+        raise ConfigError(join(problems))
     return config
 
 
-ConfigStore.instance().store(name="schema", node=Config)
+def load_train_config(data: dict[str, Any]) -> TrainConfig:
+    """A stored training config (config.yaml, a checkpoint's) as the frozen tree, checked as when it was written."""
+    return validate(data, "train")
+
+
+def help_text(command: str) -> str:
+    """`seq2seq <command> --help`: every key with its default and help."""
+    schema = SCHEMAS[command]
+    lines = [f"usage: seq2seq {command} [key=value ...] [hydra options]", f"  {schema.__doc__.strip()}", "",
+             "keys (key=default  help):"]
+    lines += describe(schema)
+    if command == "train":
+        lines += ["", "plugin blocks (data, tokenizer.*, embedding.*, head) take their component's constructor options;",
+                  "config groups: " + "; ".join(f"{g}={'|'.join(sorted(o))}" for g, o in sorted(_groups().items()))]
+    return "\n".join(lines)
+
+
+for _command, _schema in SCHEMAS.items():  # the composed tree starts from every key's one default
+    ConfigStore.instance().store(name=f"{_command}_schema", node=to_data(_schema()))
 # `conf/sweep/optuna.yaml` turns `monitor.mode` into the sweeper's direction.
 OmegaConf.register_new_resolver("seq2seq.direction", lambda mode: {"max": "maximize", "min": "minimize"}[mode],
                                 replace=True)
 
 
-def compose(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Compose `conf/` with command-line style overrides and validate it, without running a Hydra app."""
+def compose(overrides: list[str] | tuple[str, ...] = (), command: str = "train") -> Any:
+    """Compose `conf/<command>.yaml` with command-line style overrides and validate it, without a Hydra app."""
     with hydra.initialize_config_module("seq2seq_conf", version_base="1.3"):
-        return validate(hydra.compose("config", overrides=[*prepare_overrides(overrides), *searchpath_override()]))
+        composed = hydra.compose(command, overrides=[*prepare_overrides(overrides, command), *searchpath_override()])
+    return validate(composed, command)

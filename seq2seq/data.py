@@ -1,10 +1,10 @@
-"""The data contract between domains and the core: readers, tokenizers, the Batch, and the data module.
+"""From a domain's encoded pairs to batches: the Batch, padding, length checks, batching and the data module.
 
 Shapes: B batch, S source length, T target length, F numeric features.
 
-A domain's *reader* yields raw (source, target) pairs per split; its *tokenizers* turn a raw source into ids (S,)
-or values (S, F) and a raw target into ids (T,). The core adds BOS/EOS, pads, checks lengths and batches.
-Every example the core rejects is counted by reason: kept + rejected = rows read, per split.
+A domain's reader yields raw (source, target) pairs per split and its encoders turn them into ids or values
+(`domain.py`); the core adds BOS/EOS, pads, checks lengths and batches. Every example the core rejects is counted
+by reason: kept + rejected = rows read, per split.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -24,68 +24,30 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Sampler
 
-from seq2seq.errors import ConfigError
+from seq2seq.domain import Encoder, Split, Tokenizer
+from seq2seq.errors import ConfigError, DataError
+from seq2seq.schema import check, setting
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # tgt_out value at padding; the loss and metrics skip it
 
 
-class Tokenizer(Protocol):
-    """Turns raw items into tensors and back; fitted on the training split, saved inside checkpoints."""
-
-    pad_id: int
-    bos_id: int
-    eos_id: int
-    vocab_size: int
-
-    def fit(self, items: list[Any]) -> None: ...
-    def encode(self, item: Any) -> Tensor: ...  # (L,) ids or (L, F) values, no BOS/EOS
-    def decode(self, ids: list[int]) -> str: ...
-    def state_dict(self) -> dict[str, Any]: ...  # plain data only (checkpoints load with weights_only=True)
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-@dataclass
-class Split:
-    """What a reader read for one split: the kept raw pairs, how many rows it read, and its rejections."""
-
-    pairs: list[tuple[Any, Any]]
-    rows_read: int
-    rejected: Counter[str] = field(default_factory=Counter)
-
-
-class Reader(Protocol):
-    """A domain's data source; registered in `DATASETS` and configured by the `data:` block.
-
-    Optional hooks: `report(module, splits, run_dir) -> dict` adds domain scores, baselines and plots to
-    metrics.json after training and evaluation; `write_predictions(module, sources, path)` gives `seq2seq predict`
-    a domain output format.
-    """
-
-    splits: tuple[str, ...]  # e.g. ("train", "val", "test")
-
-    def read(self, split: str) -> Split: ...
-    def read_inputs(self, path: str) -> list[Any]: ...  # raw sources for `seq2seq predict`
-
-
-def read_lines(path: str | Path) -> tuple[list[str], list[int]]:
-    """Lines of a UTF-8 text file split on newlines only (not on U+2028 and kin, as `str.splitlines` would), and
-    the 1-based numbers of blank or undecodable lines, for the caller to report."""
-    text = Path(path).read_bytes().decode("utf-8", errors="replace")
-    lines = [line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")]
-    return lines, [i for i, line in enumerate(lines, 1) if not line.strip() or "\ufffd" in line]
-
-
-@dataclass
+@dataclass(frozen=True)
 class LoaderSpec:
     """The `loader:` config block."""
 
-    batch_size: int = 64  # examples per batch (evaluation, and training without max_tokens)
-    max_tokens: int | None = None  # training batches of similar lengths, at most this many padded tokens
-    num_workers: int = 0
-    max_src_len: int | None = None  # longer sources are rejected and counted (default: model.max_positions)
-    max_tgt_len: int | None = None  # same for targets, counting the EOS
+    block: ClassVar[str] = "loader"
+    batch_size: int = setting(64, "examples per batch (evaluation, and training without max_tokens)", minimum=1)
+    max_tokens: int | None = setting(None, "training batches of similar lengths, at most this many padded tokens",
+                                     minimum=1)
+    num_workers: int = setting(0, "DataLoader worker processes", minimum=0)
+    max_src_len: int | None = setting(None, "longer sources are rejected and counted (default: model.max_positions)",
+                                      minimum=1)
+    max_tgt_len: int | None = setting(None, "longer targets (counting the EOS) are rejected and counted", minimum=1)
+
+    def __post_init__(self) -> None:
+        check(self)
 
 
 @dataclass
@@ -115,9 +77,8 @@ class Collate:
     eos: int
 
     @classmethod
-    def for_tokenizers(cls, src_tok: Tokenizer, tgt_tok: Tokenizer) -> Collate:
-        src_pad = getattr(src_tok, "pad_id", None)  # value "tokenizers" (numeric sources) have none
-        return cls(0.0 if src_pad is None else float(src_pad), tgt_tok.pad_id, tgt_tok.bos_id, tgt_tok.eos_id)
+    def for_tokenizers(cls, src_tok: Encoder, tgt_tok: Tokenizer) -> Collate:
+        return cls(src_tok.pad_value, tgt_tok.pad_id, tgt_tok.bos_id, tgt_tok.eos_id)
 
     def __call__(self, examples: list[tuple[Tensor, Tensor]]) -> Batch:
         srcs, tgts = zip(*examples, strict=True)
@@ -132,7 +93,7 @@ class Collate:
 
 
 def encode_split(
-    split: Split, src_tok: Tokenizer, tgt_tok: Tokenizer, max_src: int, max_tgt: int
+    split: Split, src_tok: Encoder, tgt_tok: Tokenizer, max_src: int, max_tgt: int
 ) -> tuple[list[tuple[Tensor, Tensor]], Counter[str]]:
     """Encode a split, rejecting (and counting) empty or over-long examples."""
     kept, rejected = [], Counter(split.rejected)
@@ -235,7 +196,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
     def __init__(
         self,
         splits: dict[str, Split],
-        src_tok: Tokenizer,
+        src_tok: Encoder,
         tgt_tok: Tokenizer,
         loader: LoaderSpec,
         max_positions: int,

@@ -1,45 +1,51 @@
-"""Autoregressive decoding over the encoder-decoder: greedy, sampling and batched beam search on the KV cache.
+"""Decoding over the encoder-decoder: greedy, sampling, batched beam search on the KV cache, and one-shot.
 
-Shapes: B batch, S source length, K beam, N n-best, L decoded length, V output vocabulary.
-Search loops call `EncoderDecoder.decode_step`; the uncached path recomputes the whole prefix each step and exists
-to prove the cache exact. A label domain passes `allowed` (V,) to restrict the search to its label set.
+Shapes: B batch, S source length, K beam, N n-best, L decoded length, V output vocabulary, C labels.
+`Decoder` is the one decoding path: built from the `decode:` spec and the target vocabulary, it serves validation,
+`evaluate`, `predict`, `translate` and the Python API. Search loops call `EncoderDecoder.decode_step`; the uncached
+path recomputes the whole prefix each step and exists to prove the cache exact. `allowed` (V,) restricts a search to
+the tokens it may emit: never PAD or BOS, and only the labels of a label domain.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from seq2seq.domain import Tokenizer
 from seq2seq.errors import ConfigError
 from seq2seq.linear import packed_weights
 from seq2seq.model import DecoderState, EncoderDecoder
+from seq2seq.schema import check, setting
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecodeSpec:
     """The `decode:` config block: at most a · source_length + b output tokens."""
 
-    max_len_a: float = 1.0
-    max_len_b: int = 10
-    beam: int = 1  # 1 = greedy search
-    one_shot: bool = False  # decode all max_len positions in one pass from BOS inputs (label domains)
-    length_penalty: float = 0.0  # GNMT alpha: final scores are divided by ((5 + length) / 6) ** alpha
-    length_normalization: str = "gnmt"  # gnmt (uses length_penalty) | average (score per token)
-    no_repeat_ngram: int = 0  # > 0: never emit a token that repeats an n-gram of this size
-    sampling: bool = False  # sample instead of searching (with temperature, top_k, top_p)
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = no limit
-    top_p: float = 1.0  # nucleus: smallest set of tokens whose probability reaches top_p
+    block: ClassVar[str] = "decode"
+    max_len_a: float = setting(1.0, "at most a · source length + b output tokens: a", minimum=0)
+    max_len_b: int = setting(10, "at most a · source length + b output tokens: b", minimum=0)
+    beam: int = setting(1, "beam size; 1 = greedy search", minimum=1)
+    one_shot: bool = setting(False, "decode all positions in one pass from BOS inputs (label domains)")
+    length_penalty: float = setting(0.0, "GNMT alpha: final scores are divided by ((5 + length) / 6) ** alpha")
+    length_normalization: str = setting("gnmt", "gnmt (uses length_penalty) or average (score per token)",
+                                        choices=("gnmt", "average"))
+    no_repeat_ngram: int = setting(0, "> 0: never emit a token that repeats an n-gram of this size", minimum=0)
+    sampling: bool = setting(False, "sample instead of searching (with temperature, top_k, top_p)")
+    temperature: float = setting(1.0, "sampling temperature (> 0)", minimum=1e-6)
+    top_k: int = setting(0, "sample among the k most likely tokens; 0 = no limit", minimum=0)
+    top_p: float = setting(1.0, "nucleus: the smallest set of tokens whose probability reaches top_p", minimum=1e-6)
 
     def __post_init__(self) -> None:
-        if self.length_normalization not in ("gnmt", "average"):
-            raise ConfigError(f"`decode.length_normalization` must be gnmt or average, "
-                              f"got {self.length_normalization!r}")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.beam < 1:
-            raise ConfigError("need decode.temperature > 0, 0 < decode.top_p <= 1, decode.top_k >= 0, decode.beam >= 1")
+        check(self)
+        if self.top_p > 1:
+            raise ConfigError(f"`decode.top_p` must be at most 1, got {self.top_p}")
 
 
 def max_length(src_keep: Tensor, a: float, b: int) -> int:
@@ -152,16 +158,11 @@ def greedy(  # noqa: PLR0913 - the search's inputs, all keyword-only past the mo
     return tokens[:, 1:]
 
 
-def one_shot_input(like: Tensor, bos: int) -> Tensor:
-    """Decoder input of one-shot mode: BOS at every position, so each position predicts from memory alone."""
-    return torch.full_like(like, bos)
-
-
 @torch.no_grad()
 def one_shot(model: EncoderDecoder, src: Tensor, src_keep: Tensor, *, bos: int, length: int,
              allowed: Tensor | None = None) -> Tensor:
     """All `length` positions in one decoder pass: tokens (B, L). Pairs with models trained in one-shot mode."""
-    tgt_in = one_shot_input(torch.empty(src.shape[0], length, dtype=torch.long, device=src.device), bos)
+    tgt_in = torch.full((src.shape[0], length), bos, dtype=torch.long, device=src.device)  # each position sees BOS
     logits = model(src, src_keep, tgt_in, torch.ones_like(tgt_in, dtype=torch.bool))  # (B, L, V)
     return logits.argmax(-1) if allowed is None else logits.masked_fill(~allowed, float("-inf")).argmax(-1)
 
@@ -243,3 +244,77 @@ def strip(tokens: Tensor, eos: int) -> list[list[int]]:
     for row in tokens.tolist():
         out.append(row[: row.index(eos)] if eos in row else row)
     return out
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """What `decode:` asks for (greedy, beam, sampling or one-shot), over a target vocabulary.
+
+    A search never emits PAD or BOS; over a closed label set (`label_ids`) it emits nothing but labels.
+    """
+
+    spec: DecodeSpec
+    bos: int
+    eos: int
+    pad: int
+    vocab_size: int
+    label_ids: tuple[int, ...] | None = None
+
+    @classmethod
+    def for_tokenizer(cls, spec: DecodeSpec, tok: Tokenizer) -> Decoder:
+        labels = None if tok.label_ids is None else tuple(tok.label_ids)
+        return cls(spec, tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size, labels)
+
+    def allowed(self, device: torch.device) -> Tensor:
+        """(V,) True for the tokens a search may emit."""
+        if self.label_ids is not None:
+            mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=device)
+            mask[list(self.label_ids)] = True
+            return mask
+        mask = torch.ones(self.vocab_size, dtype=torch.bool, device=device)
+        mask[[self.pad, self.bos]] = False
+        return mask
+
+    def teacher_input(self, tokens: Tensor) -> Tensor:
+        """The decoder input (B, L) under which position k predicts tokens[:, k]: BOS + tokens[:, :-1], or BOS at
+        every position in one-shot mode."""
+        if self.spec.one_shot:
+            return torch.full_like(tokens, self.bos)
+        return torch.cat([torch.full_like(tokens[:, :1], self.bos), tokens[:, :-1]], dim=1)
+
+    def __call__(self, model: EncoderDecoder, src: Tensor, src_keep: Tensor) -> Tensor:
+        """The best output of each source: tokens (B, L) without BOS; positions after a row's EOS hold EOS."""
+        spec = self.spec
+        max_len = max_length(src_keep, spec.max_len_a, spec.max_len_b)
+        allowed = self.allowed(src.device)
+        if spec.one_shot:
+            return one_shot(model, src, src_keep, bos=self.bos, length=max_len, allowed=allowed)
+        if spec.beam > 1 and not spec.sampling:
+            return self.n_best(model, src, src_keep, 1).tokens[:, 0]
+        sampler = partial(sample_from, temperature=spec.temperature, top_k=spec.top_k,
+                          top_p=spec.top_p) if spec.sampling else None
+        return greedy(model, src, src_keep, bos=self.bos, eos=self.eos, max_len=max_len, allowed=allowed,
+                      no_repeat_ngram=spec.no_repeat_ngram, sampler=sampler)
+
+    def n_best(self, model: EncoderDecoder, src: Tensor, src_keep: Tensor, n: int) -> Hypotheses:
+        """The `n` best outputs of each source by beam search (beam max(decode.beam, n)), with their scores."""
+        spec = self.spec
+        if spec.sampling or spec.one_shot:
+            raise ConfigError("n-best lists and scores come from beam search; they need `decode.sampling=false` and "
+                              "`decode.one_shot=false`")
+        return beam_search(model, src, src_keep, bos=self.bos, eos=self.eos,
+                           max_len=max_length(src_keep, spec.max_len_a, spec.max_len_b), beam=max(spec.beam, n),
+                           n_best=n, length_penalty=spec.length_penalty, length_normalization=spec.length_normalization,
+                           allowed=self.allowed(src.device), no_repeat_ngram=spec.no_repeat_ngram)
+
+    @torch.no_grad()
+    def label_probabilities(self, model: EncoderDecoder, src: Tensor, src_keep: Tensor) -> Tensor:
+        """Label domains: (B, L, C) probability of each label (in `label_ids` order) at each decoded position.
+
+        Autoregressive mode conditions position k on the decoded labels before it; one-shot mode on nothing.
+        """
+        if self.label_ids is None:
+            raise ConfigError("label probabilities need a target tokenizer that declares `label_ids` (a label domain)")
+        tgt_in = self.teacher_input(self(model, src, src_keep))  # (B, L)
+        logits = model(src, src_keep, tgt_in, torch.ones_like(tgt_in, dtype=torch.bool))  # (B, L, V)
+        return logits[..., list(self.label_ids)].float().softmax(-1)

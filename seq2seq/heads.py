@@ -8,8 +8,15 @@ from seq2seq.linear import Linear
 from seq2seq.registry import HEADS
 
 
+class TiedHead(nn.Module):
+    """A head whose output projection can share the target embedding's weight (V, D): `model.tie_output`."""
+
+    def tie(self, weight: nn.Parameter) -> None:
+        raise NotImplementedError
+
+
 @HEADS.register("linear")
-class LinearHead(nn.Module):
+class LinearHead(TiedHead):
     """A linear projection to the target vocabulary; its weight can be tied to the target embedding."""
 
     def __init__(self, d_model: int, vocab_size: int, bias: bool = False) -> None:

@@ -7,6 +7,7 @@ Domains plug in the source embedding (ids or values -> (B, S, D)), the target em
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -16,33 +17,35 @@ from seq2seq.attention import KVCache, MultiHeadAttention, causal_keep, padding_
 from seq2seq.embeddings import POSITIONS
 from seq2seq.errors import ConfigError
 from seq2seq.linear import Linear
+from seq2seq.schema import check, setting
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSpec:
     """Sizes and switches of the core; the `model:` config block. Defaults are the paper's base model."""
 
-    d_model: int = 512
-    n_heads: int = 8
-    n_encoder_layers: int = 6
-    n_decoder_layers: int = 6
-    d_ff: int = 2048
-    dropout: float = 0.1  # the paper's residual dropout: sublayer outputs and embedding + position sums
-    attention_dropout: float = 0.0  # on attention probabilities (tensor2tensor, fairseq); not in the paper
-    activation_dropout: float = 0.0  # inside the feed-forward, after the activation; not in the paper
-    activation: str = "relu"  # relu | gelu
-    norm_first: bool = False  # False: post-norm Add & Norm as in the paper; True: pre-norm
-    positions: str = "sinusoidal"  # sinusoidal | learned
-    max_positions: int = 1024
-    tie_output: bool = True  # output projection shares the target embedding's weight
-    share_embeddings: bool = False  # one embedding for source and target (needs a joint vocabulary)
+    block: ClassVar[str] = "model"
+    d_model: int = setting(512, "width of every layer", minimum=1)
+    n_heads: int = setting(8, "attention heads (must divide d_model)", minimum=1)
+    n_encoder_layers: int = setting(6, "encoder layers", minimum=1)
+    n_decoder_layers: int = setting(6, "decoder layers", minimum=1)
+    d_ff: int = setting(2048, "inner width of the position-wise feed-forward", minimum=1)
+    dropout: float = setting(0.1, "the paper's residual dropout: sublayer outputs and embedding + position sums",
+                             minimum=0)
+    attention_dropout: float = setting(0.0, "dropout on attention probabilities (not in the paper)", minimum=0)
+    activation_dropout: float = setting(0.0, "dropout after the feed-forward activation (not in the paper)",
+                                        minimum=0)
+    activation: str = setting("relu", "feed-forward activation", choices=ACTIVATIONS)
+    norm_first: bool = setting(False, "false: post-norm Add & Norm as in the paper; true: pre-norm")
+    positions: str = setting("sinusoidal", "position encoding", choices=POSITIONS)
+    max_positions: int = setting(1024, "longest source or target the model accepts", minimum=1)
+    tie_output: bool = setting(True, "the output projection shares the target embedding's weight")
+    share_embeddings: bool = setting(False, "one embedding for source and target (needs a joint vocabulary)")
 
     def __post_init__(self) -> None:
-        for key, allowed in (("activation", ACTIVATIONS), ("positions", POSITIONS)):
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"`model.{key}` must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        check(self)
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"`model.d_model` ({self.d_model}) must be divisible by `model.n_heads` ({self.n_heads})"
@@ -130,10 +133,13 @@ class DecoderState:
 
     def reorder(self, index: Tensor) -> None:
         """Beam search: hypothesis row i continues row index[i] (B · beam,), a row of the same source."""
-        moved = (index != torch.arange(len(index), device=index.device)).nonzero()[:, 0]  # (M,)
-        if len(moved):
-            for cache in self.self_caches:
-                cache.reorder(index, moved)
+        moved = None
+        if index.device.type == "cpu":  # finding the moved rows would wait on the device anywhere else
+            moved = (index != torch.arange(len(index), device=index.device)).nonzero()[:, 0]  # (M,)
+            if not len(moved):
+                return
+        for cache in self.self_caches:
+            cache.reorder(index, moved)
 
 
 class EncoderDecoder(nn.Module):

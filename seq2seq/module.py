@@ -1,16 +1,15 @@
 """Seq2SeqModule: the LightningModule that trains and scores the encoder-decoder.
 
-It holds no model code: it assembles the model from plain config through the registries, computes the
-teacher-forced loss, decodes for validation metrics and sets up the optimizer. Its hyperparameters are plain data
-(the resolved config and the fitted tokenizers' state), so a checkpoint alone rebuilds it.
+It holds no model code: it assembles the model from the typed config through the registries, computes the
+teacher-forced loss, decodes (through the one `Decoder`) for validation metrics and sets up the optimizer. Its
+hyperparameters are plain data (the resolved config and the fitted tokenizers' state), so a checkpoint alone
+rebuilds it.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator
-from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,75 +21,81 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from seq2seq.data import IGNORE_INDEX, Batch, Collate, Tokenizer
-from seq2seq.decoding import (
-    DecodeSpec,
-    beam_search,
-    greedy,
-    max_length,
-    one_shot,
-    one_shot_input,
-    sample_from,
-    strip,
-)
-from seq2seq.errors import ConfigError, DataError
-from seq2seq.model import EncoderDecoder, ModelSpec
+from seq2seq.checkpoints import read_checkpoint
+from seq2seq.config import TrainConfig, load_train_config
+from seq2seq.data import IGNORE_INDEX, Batch
+from seq2seq.decoding import Decoder, strip
+from seq2seq.domain import Encoder, Tokenizer
+from seq2seq.embeddings import TokenEmbedding
+from seq2seq.errors import ConfigError
+from seq2seq.heads import TiedHead
+from seq2seq.model import EncoderDecoder
 from seq2seq.plugins import import_plugins, plugin_versions
-from seq2seq.registry import EMBEDDINGS, HEADS, METRICS, TOKENIZERS
-from seq2seq.schedule import OptimSpec, configure
+from seq2seq.registry import DATASETS, EMBEDDINGS, HEADS, METRICS, TOKENIZERS
+from seq2seq.schedule import configure
+from seq2seq.schema import to_data
 
 log = logging.getLogger(__name__)
 
 
-def fit_tokenizers(config: dict[str, Any], train_pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
-    """Build the tokenizers named in config, fit them on the training pairs, return their plain-data state."""
-    specs = config["tokenizer"]
-    src = TOKENIZERS.build(specs["src"], where="tokenizer.src")
+def fit_tokenizers(config: TrainConfig, train_pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """Build the encoders named in config, fit them on the training pairs, return their plain-data state."""
+    specs = config.tokenizer
+    src = TOKENIZERS.build(specs.src, where="tokenizer.src")
     sources = [s for s, _ in train_pairs]
-    if specs["tgt"] is None:  # one joint vocabulary
+    if specs.tgt is None:  # one joint vocabulary
         src.fit(sources + [t for _, t in train_pairs])
         return {"src": src.state_dict(), "tgt": None}
-    tgt = TOKENIZERS.build(specs["tgt"], where="tokenizer.tgt")
+    tgt = TOKENIZERS.build(specs.tgt, where="tokenizer.tgt")
     src.fit(sources)
     tgt.fit([t for _, t in train_pairs])
     return {"src": src.state_dict(), "tgt": tgt.state_dict()}
 
 
-def load_tokenizers(config: dict[str, Any], states: dict[str, Any]) -> tuple[Tokenizer, Tokenizer]:
-    specs = config["tokenizer"]
-    src = TOKENIZERS.build(specs["src"], where="tokenizer.src")
+def load_tokenizers(config: TrainConfig, states: dict[str, Any]) -> tuple[Encoder, Tokenizer]:
+    """The encoders of a config with their fitted state; the target side must be a `Tokenizer`."""
+    specs = config.tokenizer
+    src = TOKENIZERS.build(specs.src, where="tokenizer.src")
     src.load_state_dict(states["src"])
-    if specs["tgt"] is None:
-        return src, src
-    tgt = TOKENIZERS.build(specs["tgt"], where="tokenizer.tgt")
-    tgt.load_state_dict(states["tgt"])
+    tgt = src
+    if specs.tgt is not None:
+        tgt = TOKENIZERS.build(specs.tgt, where="tokenizer.tgt")
+        tgt.load_state_dict(states["tgt"])
+    for where, enc in (("tokenizer.src", src), ("tokenizer.tgt", tgt)):
+        if not isinstance(enc, Encoder):
+            raise ConfigError(f"`{where}` ({type(enc).__qualname__}) must subclass seq2seq.domain.Tokenizer or "
+                              "FeatureEncoder")
+    if not isinstance(tgt, Tokenizer):
+        raise ConfigError(f"the target side needs a Tokenizer (ids), and `{type(tgt).__qualname__}` is a "
+                          f"{type(tgt).__mro__[1].__name__}; set `tokenizer.tgt`")
     return src, tgt
 
 
-def build_model(config: dict[str, Any], src_tok: Tokenizer, tgt_tok: Tokenizer) -> EncoderDecoder:
+def build_model(config: TrainConfig, src_tok: Encoder, tgt_tok: Tokenizer) -> EncoderDecoder:
     """Assemble embeddings, core and head from config; tie weights as configured."""
-    spec = ModelSpec(**config["model"])
-    d = spec.d_model
-    # Context a numeric source tokenizer has no notion of (vocab_size, padding_idx) is None, and vice versa.
-    src_embed = EMBEDDINGS.build(config["embedding"]["src"], "embedding.src", d_model=d,
-                                 vocab_size=getattr(src_tok, "vocab_size", None),
-                                 padding_idx=getattr(src_tok, "pad_id", None),
-                                 n_features=getattr(src_tok, "n_features", None))
-    if spec.share_embeddings:
-        if src_tok is not tgt_tok:
-            raise ConfigError("`model.share_embeddings=true` needs one joint vocabulary: set `tokenizer.tgt` to "
-                              "null, or set `model.share_embeddings=false`")
-        tgt_embed = src_embed
-    else:
-        tgt_embed = EMBEDDINGS.build(config["embedding"]["tgt"], "embedding.tgt", d_model=d,
-                                     vocab_size=tgt_tok.vocab_size, padding_idx=tgt_tok.pad_id)
-    head = HEADS.build(config["head"], "head", d_model=d, vocab_size=tgt_tok.vocab_size)
+    spec, d = config.model, config.model.d_model
+    src_embed = EMBEDDINGS.build(config.embedding.src, "embedding.src", d_model=d, **src_tok.embedding_context())
+    tgt_embed = src_embed
+    if not spec.share_embeddings:
+        tgt_embed = EMBEDDINGS.build(config.embedding.tgt or {}, "embedding.tgt", d_model=d,
+                                     **tgt_tok.embedding_context())
+    head = HEADS.build(config.head, "head", d_model=d, vocab_size=tgt_tok.vocab_size)
     if spec.tie_output:
-        if not (hasattr(head, "tie") and isinstance(getattr(tgt_embed, "weight", None), nn.Parameter)):
-            raise ConfigError("`model.tie_output=true` needs a target embedding with a `weight` table and a head "
-                              "with `tie`; set `model.tie_output=false` for these components")
+        if not (isinstance(head, TiedHead) and isinstance(tgt_embed, TokenEmbedding)):
+            raise ConfigError(f"`model.tie_output=true` needs a target `TokenEmbedding` and a `TiedHead`, and this "
+                              f"config builds a {type(tgt_embed).__name__} and a {type(head).__name__}; set "
+                              "`model.tie_output=false` for these components")
         head.tie(tgt_embed.weight)
     return EncoderDecoder(spec, src_embed, tgt_embed, head)
+
+
+def component_modules(config: TrainConfig) -> list[str]:
+    """The modules that define the components a config builds (what a checkpoint must import to load)."""
+    blocks = [(DATASETS, config.data), (TOKENIZERS, config.tokenizer.src), (EMBEDDINGS, config.embedding.src),
+              (HEADS, config.head), *((METRICS, {"name": m}) for m in config.metrics)]
+    blocks += [(TOKENIZERS, config.tokenizer.tgt), (EMBEDDINGS, config.embedding.tgt)]
+    modules = {registry.get(spec["name"]).__module__ for registry, spec in blocks if spec}
+    return sorted(m for m in modules if m.split(".")[0] != "seq2seq")  # the core imports its own
 
 
 def sequence_loss(model: EncoderDecoder, batch: Batch, label_smoothing: float = 0.0) -> Tensor:
@@ -128,27 +133,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Seq2SeqModule(L.LightningModule):
-    def __init__(self, config: dict[str, Any], tokenizers: dict[str, Any]) -> None:
+    """Trains and scores the encoder-decoder of a `TrainConfig`; inference goes through `Translator`."""
+
+    def __init__(self, config: TrainConfig, tokenizers: dict[str, Any]) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters({"config": to_data(config), "tokenizers": tokenizers})  # plain data
         self.config = config
         self.src_tok, self.tgt_tok = load_tokenizers(config, tokenizers)
         self.model = build_model(config, self.src_tok, self.tgt_tok)
-        self.optim = OptimSpec(**config["optim"])
-        self.decode_spec = DecodeSpec(**config["decode"])
-        # A label domain's target tokenizer names its label ids; decoding then emits nothing else.
-        self.label_ids: list[int] | None = getattr(self.tgt_tok, "label_ids", None)
-        allowed = None
-        if self.label_ids is not None:
-            allowed = torch.zeros(self.tgt_tok.vocab_size, dtype=torch.bool)  # (V,)
-            allowed[self.label_ids] = True
-        self.register_buffer("allowed", allowed, persistent=False)
+        self.decoder = Decoder.for_tokenizer(config.decode, self.tgt_tok)
         self._rng_to_restore: dict[str, Any] | None = None
         self.validated_at = -1  # the training step of the last validation
         self._rng_at_batch_start: tuple[Any, ...] | None = None
         self.metrics = nn.ModuleDict({
             stage: MetricCollection(
-                {name: METRICS.build({"name": name}, "metrics", tokenizer=self.tgt_tok) for name in config["metrics"]},
+                {name: METRICS.build({"name": name}, "metrics", tokenizer=self.tgt_tok) for name in config.metrics},
                 prefix=f"{stage}/",
             )
             for stage in ("val", "test")
@@ -158,88 +157,10 @@ class Seq2SeqModule(L.LightningModule):
         return self.model(batch.src, batch.src_keep, batch.tgt_in, batch.tgt_keep)  # (B, T, V)
 
     def loss(self, batch: Batch) -> Tensor:
-        if self.decode_spec.one_shot:
-            batch = Batch(batch.src, batch.src_keep, one_shot_input(batch.tgt_in, self.tgt_tok.bos_id), batch.tgt_out)
-        return sequence_loss(self.model, batch, self.optim.label_smoothing)
-
-    def decode_tokens(self, src: Tensor, src_keep: Tensor) -> Tensor:
-        """Decode a source batch as `decode:` says (greedy, beam, sampling or one-shot): tokens (B, L)."""
-        spec, tok = self.decode_spec, self.tgt_tok
-        max_len = max_length(src_keep, spec.max_len_a, spec.max_len_b)
-        if spec.one_shot:
-            return one_shot(self.model, src, src_keep, bos=tok.bos_id, length=max_len, allowed=self.allowed)
-        if spec.beam > 1 and not spec.sampling:
-            return beam_search(self.model, src, src_keep, bos=tok.bos_id, eos=tok.eos_id, max_len=max_len,
-                               beam=spec.beam, length_penalty=spec.length_penalty,
-                               length_normalization=spec.length_normalization, allowed=self.allowed,
-                               no_repeat_ngram=spec.no_repeat_ngram).tokens[:, 0]
-        sampler = partial(sample_from, temperature=spec.temperature, top_k=spec.top_k,
-                          top_p=spec.top_p) if spec.sampling else None
-        return greedy(self.model, src, src_keep, bos=tok.bos_id, eos=tok.eos_id, max_len=max_len,
-                      allowed=self.allowed, no_repeat_ngram=spec.no_repeat_ngram, sampler=sampler)
-
-    def generate(self, src: Tensor, src_keep: Tensor) -> list[list[int]]:
-        """Decoded token ids per example, cut at EOS."""
-        return strip(self.decode_tokens(src, src_keep), self.tgt_tok.eos_id)
-
-    @torch.no_grad()
-    def label_probabilities(self, src: Tensor, src_keep: Tensor) -> Tensor:
-        """Label domains: (B, L, C) probability of each label (in `label_ids` order) at each decoded position.
-
-        Autoregressive mode conditions position k on the decoded labels before it; one-shot mode on nothing.
-        """
-        if self.label_ids is None:
-            raise ConfigError("label probabilities need a target tokenizer with `label_ids` (a label domain)")
-        tokens = self.decode_tokens(src, src_keep)  # (B, L)
-        bos = self.tgt_tok.bos_id
-        if self.decode_spec.one_shot:
-            tgt_in = one_shot_input(tokens, bos)
-        else:
-            tgt_in = torch.cat([torch.full_like(tokens[:, :1], bos), tokens[:, :-1]], dim=1)
-        logits = self.model(src, src_keep, tgt_in, torch.ones_like(tgt_in, dtype=torch.bool))  # (B, L, V)
-        return logits[..., self.label_ids].float().softmax(-1)
-
-    def source_batches(self, sources: list[Any], batch_size: int) -> Iterator[tuple[list[int], Batch]]:
-        """Encode raw sources and batch them by length; yields (input positions, batch) in eval mode."""
-        encoded = [self.src_tok.encode(s) for s in sources]
-        limit = self.model.spec.max_positions
-        bad = [i for i, s in enumerate(encoded, 1) if not 0 < len(s) <= limit]
-        if bad:
-            raise DataError(f"input(s) {bad[:10]} ({len(bad)} in all, numbered from 1) are empty or longer than "
-                            f"the model's {limit} positions; shorten or split them")
-        collate = Collate.for_tokenizers(self.src_tok, self.tgt_tok)
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch together
-        was_training = self.training
-        self.eval()
-        try:
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                yield idx, collate([(encoded[i], torch.empty(0, dtype=torch.long)) for i in idx]).to(self.device)
-        finally:
-            self.train(was_training)
-
-    @torch.no_grad()
-    def predict(self, sources: list[Any], batch_size: int = 64) -> list[str]:
-        """Decode raw sources (as the domain's reader yields them) to output strings, in input order.
-
-        Runs in eval mode (dropout off) whatever mode the module is in, and restores that mode afterwards.
-        """
-        outputs = [""] * len(sources)
-        for idx, batch in self.source_batches(sources, batch_size):
-            for i, hyp in zip(idx, self.generate(batch.src, batch.src_keep), strict=True):
-                outputs[i] = self.tgt_tok.decode(hyp)
-        return outputs
-
-    def predict_probabilities(self, sources: list[Any], batch_size: int = 256) -> Tensor:
-        """Label domains: (N, L, C) label probabilities per decoded position, in input order (eval mode)."""
-        parts: list[tuple[list[int], Tensor]] = [
-            (idx, self.label_probabilities(batch.src, batch.src_keep).cpu())
-            for idx, batch in self.source_batches(sources, batch_size)
-        ]
-        out = torch.empty(len(sources), *parts[0][1].shape[1:])
-        for idx, probs in parts:
-            out[idx] = probs
-        return out
+        if self.config.decode.one_shot:  # trained as it decodes: every position sees BOS
+            batch = Batch(batch.src, batch.src_keep, torch.full_like(batch.tgt_in, self.tgt_tok.bos_id),
+                          batch.tgt_out)
+        return sequence_loss(self.model, batch, self.config.optim.label_smoothing)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss = self.loss(batch)
@@ -267,7 +188,7 @@ class Seq2SeqModule(L.LightningModule):
             return  # nothing to decode for
         eos = self.tgt_tok.eos_id
         refs = strip(batch.tgt_out.masked_fill(batch.tgt_out == IGNORE_INDEX, eos), eos)
-        self.metrics[stage].update(self.generate(batch.src, batch.src_keep), refs)
+        self.metrics[stage].update(strip(self.decoder(self.model, batch.src, batch.src_keep), eos), refs)
 
     def _log_metrics(self, stage: str) -> None:
         if not self.metrics[stage]:
@@ -290,14 +211,14 @@ class Seq2SeqModule(L.LightningModule):
         self._log_metrics("test")
 
     def configure_optimizers(self) -> dict:
-        return configure(self.optim, self.model, self.model.spec.d_model, int(self.trainer.estimated_stepping_batches))
+        return configure(self.config.optim, self.model, self.model.spec.d_model, int(self.trainer.estimated_stepping_batches))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The RNG state the next training step starts from: an interrupted step starts over.
         interrupted = self._trainer is not None and self.trainer.interrupted
         checkpoint["seq2seq"] = {
             "version": metadata.version("seq2seq"),
-            "plugins": plugin_versions(self.config["plugins"]),
+            "plugins": plugin_versions(component_modules(self.config)),
             "rng": rng_state(self._rng_at_batch_start if interrupted else None),
         }
 
@@ -306,14 +227,16 @@ class Seq2SeqModule(L.LightningModule):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Seq2SeqModule:
-        """Rebuild a module from a checkpoint alone (plain data, loaded with weights_only=True)."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        hparams = ckpt["hyper_parameters"]
-        import_plugins(hparams["config"]["plugins"])
-        for name, saved in ckpt.get("seq2seq", {}).get("plugins", {}).items():
+        """Rebuild a module from a checkpoint alone (plain data, loaded with weights_only=True); the modules of the
+        components it was built from are imported first."""
+        ckpt = read_checkpoint(path, map_location)
+        recorded = ckpt.get("seq2seq", {}).get("plugins", {})
+        import_plugins(list(recorded))
+        for name, saved in recorded.items():
             if (now := plugin_versions([name])[name]) != saved:
                 log.warning("%s: plugin %s was %s when the checkpoint was written, and is %s now", path, name, saved,
                             now)
-        module = cls(hparams["config"], hparams["tokenizers"])
+        hparams = ckpt["hyper_parameters"]
+        module = cls(load_train_config(hparams["config"]), hparams["tokenizers"])
         module.load_state_dict(ckpt["state_dict"])
         return module.eval()

@@ -63,13 +63,14 @@ def plugin_versions(modules: list[str]) -> dict[str, str]:
 
 
 def search_path() -> list[str]:
-    """Hydra search-path entries for the `conf/` folders of announced plugin modules (found without importing)."""
+    """Hydra search-path entries for the `conf/` folders of announced plugin modules, found and read without
+    importing the modules: composing a config registers nothing that its `plugins:` do not name."""
     paths = []
     for ep in announced():
         spec = find_spec(ep.value)
-        folders = spec.submodule_search_locations if spec else None
-        if folders and any((Path(folder) / "conf").is_dir() for folder in folders):
-            paths.append(f"pkg://{ep.value}.conf")
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            if (Path(folder) / "conf").is_dir():
+                paths.append(f"file://{Path(folder) / 'conf'}")
     return paths
 
 

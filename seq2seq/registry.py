@@ -13,46 +13,18 @@ those values never get copied into YAML.
 
 from __future__ import annotations
 
-import difflib
 import inspect
-import types
-import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from seq2seq.errors import ConfigError
+from seq2seq.schema import hint, type_ok
 
 T = TypeVar("T", bound=Callable[..., Any])
 
 
 def _origin(obj: object) -> str:
     return f"{obj.__module__}.{getattr(obj, '__qualname__', repr(obj))}"
-
-
-def hint(word: str, choices: Iterable[str]) -> str:
-    """' Did you mean `x`?' when a close match exists, else ''."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" Did you mean `{close[0]}`?" if close else ""
-
-
-def _type_ok(value: object, annotation: object) -> bool:
-    """A shallow check of a YAML scalar against a constructor annotation; unknown annotations pass."""
-    if annotation is inspect.Parameter.empty or annotation is Any:
-        return True
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation in (str, bool):
-        return isinstance(value, annotation)
-    if origin in (list, tuple) or annotation in (list, tuple):
-        return isinstance(value, (list, tuple))
-    return True
 
 
 class Registry:
@@ -105,7 +77,7 @@ class Registry:
                     f"unknown option `{where}.{key}` for {self.kind} `{name}`.{hint(key, accepted)} "
                     f"Accepted options: {', '.join(accepted) or '(none)'}"
                 )
-            if not _type_ok(value, params[key].annotation):
+            if not type_ok(value, params[key].annotation):
                 raise ConfigError(
                     f"`{where}.{key}` must be {params[key].annotation}, got {value!r} ({type(value).__name__})"
                 )

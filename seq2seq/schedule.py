@@ -3,38 +3,36 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from seq2seq.errors import ConfigError
+from seq2seq.schema import check, setting
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 SCHEDULES = ("noam", "constant", "cosine")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimSpec:
     """The `optim:` config block. With `noam`, `lr` multiplies d_model^-0.5 · min(step^-0.5, step · warmup^-1.5);
     with `constant` and `cosine` it is the peak learning rate reached after linear warm-up."""
 
-    name: str = "adam"  # adam | adamw
-    lr: float = 1.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-9
-    weight_decay: float = 0.0
-    schedule: str = "noam"  # noam | constant | cosine
-    warmup_steps: int = 4000
-    label_smoothing: float = 0.1
+    block: ClassVar[str] = "optim"
+    name: str = setting("adam", "optimizer", choices=OPTIMIZERS)
+    lr: float = setting(1.0, "noam: multiplier of the paper's schedule; constant/cosine: the peak learning rate",
+                        minimum=0)
+    betas: list[float] = setting([0.9, 0.98], "Adam's beta1, beta2")
+    eps: float = setting(1e-9, "Adam's epsilon", minimum=0)
+    weight_decay: float = setting(0.0, "decoupled weight decay (adamw) or L2 penalty (adam)", minimum=0)
+    schedule: str = setting("noam", "learning-rate schedule", choices=SCHEDULES)
+    warmup_steps: int = setting(4000, "steps of linear warm-up", minimum=1)
+    label_smoothing: float = setting(0.1, "label smoothing of the training loss", minimum=0)
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ConfigError(f"`optim.name` must be one of {', '.join(OPTIMIZERS)}, got {self.name!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"`optim.schedule` must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.warmup_steps < 1:
-            raise ConfigError(f"`optim.warmup_steps` must be >= 1, got {self.warmup_steps}")
+        check(self)
 
 
 @dataclass

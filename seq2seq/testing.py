@@ -10,7 +10,7 @@ with (`experiment=...` plus size overrides), each check a plain function that ra
         testing.check_tokenizers(overrides)
         testing.check_contracts(overrides)
         testing.check_checkpoint(overrides, tmp_path)
-        testing.check_must_learn(overrides, n_examples=16)
+        testing.check_must_learn(overrides, tmp_path, n_examples=16)
 
 Shapes: B batch, S source length, T target length, V output vocabulary.
 """
@@ -18,6 +18,11 @@ Shapes: B batch, S source length, T target length, V output vocabulary.
 from __future__ import annotations
 
 import io
+import json
+import pickle
+import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +31,16 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from seq2seq.config import compose
+from seq2seq.config import TrainConfig, compose
 from seq2seq.data import Batch, Collate
 from seq2seq.decoding import beam_search, greedy
+from seq2seq.domain import Encoder, Tokenizer
 from seq2seq.embeddings import TokenEmbedding
 from seq2seq.heads import LinearHead
 from seq2seq.model import EncoderDecoder, ModelSpec
-from seq2seq.module import Seq2SeqModule, fit_tokenizers, load_tokenizers
-from seq2seq.registry import DATASETS
+from seq2seq.module import Seq2SeqModule, fit_tokenizers
+from seq2seq.registry import DATASETS, TOKENIZERS
+from seq2seq.translate import Translator
 
 VOCAB = 23  # vocabulary of the random models; ids 0 pad, 1 bos, 2 eos
 PAD, BOS, EOS = 0, 1, 2
@@ -68,7 +75,7 @@ def build(overrides: list[str], n_pairs: int = 8) -> tuple[Seq2SeqModule, list[t
     """The module a run with `overrides` would train (tokenizers fitted on its training split, eval mode, dropout
     off) and the first `n_pairs` raw training pairs."""
     config = compose([*overrides, "model.dropout=0.0"])
-    train = DATASETS.build(config["data"], "data").read("train").pairs
+    train = DATASETS.build(config.data, "data").read("train").pairs
     assert len(train) >= n_pairs, f"the training split has {len(train)} pairs, the kit needs {n_pairs}"
     torch.manual_seed(0)
     return Seq2SeqModule(config, fit_tokenizers(config, train)).eval(), train[:n_pairs]
@@ -79,28 +86,56 @@ def _batch(module: Seq2SeqModule, pairs: list[tuple[Any, Any]]) -> Batch:
     return collate([(module.src_tok.encode(s), module.tgt_tok.encode(t)) for s, t in pairs])
 
 
-def check_tokenizers(overrides: list[str]) -> None:
-    """Specials are distinct ids inside the vocabulary; decode gives a string, which encodes back to the same ids
-    when raw items are text; the fitted state survives `torch.save` / `torch.load(weights_only=True)` and encodes
-    the same."""
-    module, pairs = build(overrides)
-    shared = module.src_tok is module.tgt_tok
-    buffer = io.BytesIO()
-    torch.save({"src": module.src_tok.state_dict(), "tgt": None if shared else module.tgt_tok.state_dict()}, buffer)
-    buffer.seek(0)
-    reloaded = load_tokenizers(module.config, torch.load(buffer, weights_only=True))
-    for side, tok, again, items in (("src", module.src_tok, reloaded[0], [s for s, _ in pairs]),
-                                    ("tgt", module.tgt_tok, reloaded[1], [t for _, t in pairs])):
+def _fitted(overrides: list[str], n_pairs: int) -> tuple[list[tuple[str, Encoder, list[Any]]], TrainConfig]:
+    """Freshly fitted encoders (not reloaded from their state) with the raw items of their side."""
+    config = compose(overrides)
+    train = DATASETS.build(config.data, "data").read("train").pairs
+    sample = random.Random(0).sample(train, min(n_pairs, len(train)))
+    src = TOKENIZERS.build(config.tokenizer.src, "tokenizer.src")
+    sources, targets = [s for s, _ in train], [t for _, t in train]
+    if config.tokenizer.tgt is None:
+        src.fit(sources + targets)
+        return [("src", src, [s for s, _ in sample] + [t for _, t in sample])], config
+    tgt = TOKENIZERS.build(config.tokenizer.tgt, "tokenizer.tgt")
+    src.fit(sources)
+    tgt.fit(targets)
+    return [("src", src, [s for s, _ in sample]), ("tgt", tgt, [t for _, t in sample])], config
+
+
+def check_tokenizers(overrides: list[str], n_pairs: int = 64) -> None:
+    """On training items drawn at random: specials are distinct ids inside the vocabulary; a text item comes back
+    from decode(encode(text)) as itself (after the tokenizer's `normalize`); decode then encode gives the same ids;
+    and the state saved by `state_dict()`, through `torch.save` / `torch.load(weights_only=True)`, rebuilds a
+    tokenizer that encodes exactly as the fitted one."""
+    sides, config = _fitted(overrides, n_pairs)
+    specs = {"src": config.tokenizer.src, "tgt": config.tokenizer.tgt}
+    for side, tok, items in sides:
+        buffer = io.BytesIO()
+        torch.save(tok.state_dict(), buffer)
+        buffer.seek(0)
+        again = TOKENIZERS.build(specs[side], f"tokenizer.{side}")
+        again.load_state_dict(torch.load(buffer, weights_only=True))
         for item in items:
             ids = tok.encode(item)
-            assert torch.equal(again.encode(item), ids), f"{side}: a reloaded tokenizer encodes {item!r} differently"
-            if side == "tgt" or ids.dtype == torch.long:  # a numeric source has values, not ids
-                assert len({tok.pad_id, tok.bos_id, tok.eos_id}) == 3, f"{side}: pad, bos and eos must differ"
-                assert int(ids.min()) >= 0 and int(ids.max()) < tok.vocab_size, f"{side}: ids outside vocabulary"
-                text = tok.decode(ids.tolist())
-                assert isinstance(text, str), f"{side}: decode must return a string"
-                if isinstance(item, str):  # raw items that are text come back as the same ids
-                    assert torch.equal(tok.encode(text), ids), f"{side}: decode then encode changes {item!r}"
+            try:
+                reloaded = again.encode(item)
+            except Exception as err:
+                raise AssertionError(f"{side}: a tokenizer rebuilt from its `state_dict()` cannot encode {item!r} "
+                                     f"({type(err).__name__}: {err}); does `state_dict()` hold the fitted state?"
+                                     ) from err
+            assert torch.equal(reloaded, ids), (f"{side}: a tokenizer rebuilt from its `state_dict()` encodes "
+                                                f"{item!r} differently; does `state_dict()` hold the fitted state?")
+            if not isinstance(tok, Tokenizer):
+                continue  # feature values: nothing to decode
+            assert len({tok.pad_id, tok.bos_id, tok.eos_id}) == 3, f"{side}: pad, bos and eos must differ"
+            assert int(ids.min()) >= 0 and int(ids.max()) < tok.vocab_size, f"{side}: ids outside the vocabulary"
+            text = tok.decode(ids.tolist())
+            assert isinstance(text, str), f"{side}: decode must return a string"
+            if isinstance(item, str):
+                assert not tok.lossless or text == tok.normalize(item), (
+                    f"{side}: decode(encode({item!r})) gives {text!r}; a tokenizer that cannot give text back "
+                    "must declare `lossless = False`")
+                assert torch.equal(tok.encode(text), ids), f"{side}: decode then encode changes {item!r}"
 
 
 def check_contracts(overrides: list[str], atol: float = 1e-5) -> None:
@@ -122,7 +157,7 @@ def check_contracts(overrides: list[str], atol: float = 1e-5) -> None:
             padded = logits[i, : alone.shape[0]]
             assert torch.allclose(alone, padded, atol=atol), f"example {i}: logits change with the batch's padding"
     search = {"src": batch.src, "src_keep": batch.src_keep, "bos": tok.bos_id, "eos": tok.eos_id, "max_len": T + 4,
-              "allowed": module.allowed}
+              "allowed": module.decoder.allowed(batch.src.device)}
     assert torch.equal(greedy(model, **search), greedy(model, **search, use_cache=False)), "cached greedy differs"
     cached, plain = beam_search(model, **search, beam=3), beam_search(model, **search, beam=3, use_cache=False)
     assert torch.equal(cached.tokens, plain.tokens), "cached beam search differs from uncached"
@@ -139,18 +174,35 @@ def _fit(module: Seq2SeqModule, pairs: list[tuple[Any, Any]], steps: int, root: 
     return trainer
 
 
+FRESH_PROCESS = """
+import json, pickle, sys, torch
+from seq2seq import Seq2SeqModule, Translator
+module = Seq2SeqModule.from_checkpoint(sys.argv[1])  # before anything imports a plugin
+sources = pickle.load(open(sys.argv[2], "rb"))
+torch.save(module.state_dict(), sys.argv[3])
+json.dump(Translator(module).translate(sources), open(sys.argv[4], "w"))
+"""
+
+
 def check_checkpoint(overrides: list[str], tmp_path: Path) -> None:
-    """A Lightning checkpoint (after one training step) loads with `weights_only=True` into a module with equal
-    weights and equal predictions, from the checkpoint alone."""
+    """A Lightning checkpoint (after one training step) loads with `weights_only=True`, in a fresh Python process
+    that has imported nothing else, into a module with equal weights and equal predictions."""
     module, pairs = build(overrides)
     trainer = _fit(module, pairs, 1, tmp_path)
     path = tmp_path / "kit.ckpt"
     trainer.save_checkpoint(path)
-    again = Seq2SeqModule.from_checkpoint(path)
-    for (name, p), (_, q) in zip(module.state_dict().items(), again.state_dict().items(), strict=True):
-        assert torch.equal(p, q), f"{name} differs after the round trip"
     sources = [s for s, _ in pairs]
-    assert again.predict(sources) == module.predict(sources), "predictions differ after the round trip"
+    with open(tmp_path / "sources.pkl", "wb") as f:
+        pickle.dump(sources, f)
+    out = [tmp_path / "state.pt", tmp_path / "predictions.json"]
+    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(path), str(tmp_path / "sources.pkl"), *map(str, out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, f"the checkpoint does not load in a fresh process:\n{run.stderr[-2000:]}"
+    state = torch.load(out[0], weights_only=True)
+    for name, p in module.state_dict().items():
+        assert torch.equal(p, state[name]), f"{name} differs after the round trip"
+    expected = Translator(module).translate(sources)
+    assert json.loads(out[1].read_text()) == expected, "predictions differ after the round trip"
 
 
 def check_must_learn(overrides: list[str], tmp_path: Path, n_examples: int = 16, steps: int = 300,
@@ -161,7 +213,11 @@ def check_must_learn(overrides: list[str], tmp_path: Path, n_examples: int = 16,
                            "optim.label_smoothing=0.0"], n_examples)
     _fit(module, pairs, steps, tmp_path)
     wanted = [module.tgt_tok.decode(module.tgt_tok.encode(t).tolist()) for _, t in pairs]
-    got = module.predict([s for s, _ in pairs])
+    got = Translator(module).translate([s for s, _ in pairs])
     share = sum(g == w for g, w in zip(got, wanted, strict=True)) / len(pairs)
-    assert share >= min_exact_match, f"reproduced {share:.0%} of {len(pairs)} training targets after {steps} steps"
+    misses = [(g, w) for g, w in zip(got, wanted, strict=True) if g != w][:3]
+    assert share >= min_exact_match, (
+        f"reproduced {share:.0%} of {len(pairs)} training targets after {steps} steps (output, wanted: {misses}). "
+        "If `check_tokenizers` fails too, fix that first: the model trains with encoders rebuilt from their "
+        "`state_dict()`")
     return share

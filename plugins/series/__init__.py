@@ -20,16 +20,19 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from seq2seq.data import Split
+from seq2seq.domain import FeatureEncoder, Reader, Split, Tokenizer
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.registry import DATASETS, EMBEDDINGS, TOKENIZERS
+
+if TYPE_CHECKING:
+    from seq2seq.translate import Translator
 
 EMBEDDED = Path(__file__).parent / "data" / "clemson_storms.csv"
 SPECIALS = ("<pad>", "<bos>", "<eos>")
@@ -47,10 +50,8 @@ class Window:
 
 
 @TOKENIZERS.register("standardize")
-class Standardizer:
+class Standardizer(FeatureEncoder):
     """Scales each feature to zero mean, unit variance, with statistics fitted on training windows."""
-
-    pad_id = None  # numeric sources are padded with zeros and masked
 
     def __init__(self, mask_missing: bool = False) -> None:
         self.mask_missing = mask_missing
@@ -76,9 +77,6 @@ class Standardizer:
             x = np.concatenate([np.where(missing, 0.0, x), missing], axis=1)  # (W, 2F): values, indicators
         return torch.as_tensor(x, dtype=torch.float32)
 
-    def decode(self, ids: list[int]) -> str:
-        raise NotImplementedError("sources are numbers; there is nothing to decode")
-
     def state_dict(self) -> dict[str, Any]:
         return {"mean": list(self.mean), "std": list(self.std)}
 
@@ -87,7 +85,7 @@ class Standardizer:
 
 
 @TOKENIZERS.register("labels")
-class LabelTokenizer:
+class LabelTokenizer(Tokenizer):
     """A small target vocabulary: the specials, then one id per label value seen in training."""
 
     pad_id, bos_id, eos_id = 0, 1, 2
@@ -100,8 +98,8 @@ class LabelTokenizer:
         return len(SPECIALS) + len(self.classes)
 
     @property
-    def label_ids(self) -> list[int]:
-        return list(range(len(SPECIALS), self.vocab_size))
+    def label_ids(self) -> tuple[int, ...]:  # type: ignore[override]
+        return tuple(range(len(SPECIALS), self.vocab_size))
 
     def fit(self, items: list[list[int]]) -> None:
         self.classes = sorted({int(v) for item in items for v in item})
@@ -157,10 +155,8 @@ def read_daily_csv(path: str | Path, date_column: str, columns: list[str]) -> pd
 
 
 @DATASETS.register("daily_windows")
-class DailyWindows:
+class DailyWindows(Reader):
     """Windows of `window` days -> labels of the next `horizon` days, split by year (`val_from`, `test_from`)."""
-
-    splits = ("train", "val", "test")
 
     def __init__(  # noqa: PLR0913 - flat options are the schema of the `data:` block
         self,
@@ -274,12 +270,12 @@ class DailyWindows:
             raise DataError(f"{path}: no complete window of {self.window} consecutive days ({dict(rejected)})")
         return windows
 
-    def report(self, module: Any, splits: dict[str, Split], run_dir: Path) -> dict[str, float]:
+    def report(self, translator: Translator, splits: dict[str, Split], run_dir: Path) -> dict[str, float]:
         from seq2seq_plugins.series.report import report
 
-        return report(module, splits, run_dir)
+        return report(translator, splits, run_dir)
 
-    def write_predictions(self, module: Any, sources: list[Window], path: Path) -> None:
+    def write_predictions(self, translator: Translator, sources: list[Window], out: TextIO) -> int:
         from seq2seq_plugins.series.report import write_predictions
 
-        write_predictions(module, sources, path)
+        return write_predictions(translator, sources, out)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
+from typing import TextIO
 
 import matplotlib
 
@@ -27,7 +27,8 @@ from torchmetrics.functional.classification import (
     binary_f1_score,
 )
 
-from seq2seq.data import Split
+from seq2seq.domain import Encoder, Split
+from seq2seq.translate import Translator
 
 POSITIVE = 1  # the label value whose probability is scored
 
@@ -50,10 +51,10 @@ def best_threshold(prob: np.ndarray, y: np.ndarray) -> float:
     return float(candidates[int(np.argmax(f1))])
 
 
-def model_probabilities(module: Any, windows: list) -> np.ndarray:
+def model_probabilities(translator: Translator, windows: list) -> np.ndarray:
     """P(positive label) per window and lead day: (N, H)."""
-    classes = module.tgt_tok.classes
-    return module.predict_probabilities(windows)[..., classes.index(POSITIVE)].numpy()
+    classes = translator.module.tgt_tok.classes
+    return translator.label_probabilities(windows)[..., classes.index(POSITIVE)].numpy()
 
 
 def climatology(train: Split, windows: list, horizon: int) -> np.ndarray:
@@ -75,24 +76,24 @@ def persistence(windows: list, horizon: int) -> np.ndarray:
     return np.repeat(np.array([[np.nanmean(w.past_labels)] for w in windows]), horizon, axis=1)
 
 
-def logistic(module: Any, train: Split, windows: dict[str, list]) -> dict[str, np.ndarray]:
+def logistic(encoder: Encoder, train: Split, windows: dict[str, list]) -> dict[str, np.ndarray]:
     """One logistic regression per lead day on the flattened, standardized input window."""
-    features = lambda ws: np.stack([module.src_tok.encode(w).flatten().numpy() for w in ws])  # noqa: E731
+    features = lambda ws: np.stack([encoder.encode(w).flatten().numpy() for w in ws])  # noqa: E731
     x_train, y_train = features([w for w, _ in train.pairs]), np.array([t for _, t in train.pairs])
     fits = [LogisticRegression(max_iter=2000).fit(x_train, y_train[:, k]) for k in range(y_train.shape[1])]
     return {split: np.stack([f.predict_proba(features(ws))[:, 1] for f in fits], axis=1)
             for split, ws in windows.items()}
 
 
-def report(module: Any, splits: dict[str, Split], run_dir: Path) -> dict[str, float]:
+def report(translator: Translator, splits: dict[str, Split], run_dir: Path) -> dict[str, float]:
     windows = {s: [w for w, _ in splits[s].pairs] for s in ("val", "test")}
     labels = {s: np.array([t for _, t in splits[s].pairs]) for s in ("val", "test")}
     horizon = labels["test"].shape[1]
     probs = {
-        "model": {s: model_probabilities(module, windows[s]) for s in windows},
+        "model": {s: model_probabilities(translator, windows[s]) for s in windows},
         "climatology": {s: climatology(splits["train"], windows[s], horizon) for s in windows},
         "persistence": {s: persistence(windows[s], horizon) for s in windows},
-        "logistic": logistic(module, splits["train"], windows),
+        "logistic": logistic(translator.module.src_tok, splits["train"], windows),
     }
     out: dict[str, float] = {}
     for method, p in probs.items():
@@ -113,7 +114,7 @@ def report(module: Any, splits: dict[str, Split], run_dir: Path) -> dict[str, fl
     plot_dir.mkdir(exist_ok=True)
     plot_reliability(probs, labels["test"], plot_dir / "reliability.png")
     plot_lead_skill(out, list(probs), horizon, plot_dir / "lead_skill.png")
-    plot_attention(module, splits["test"], plot_dir / "attention.png")
+    plot_attention(translator, splits["test"], plot_dir / "attention.png")
     return out
 
 
@@ -150,16 +151,14 @@ def plot_lead_skill(out: dict[str, float], methods: list[str], horizon: int, pat
     plt.close(fig)
 
 
-def plot_attention(module: Any, test: Split, path: Path, n: int = 3) -> None:
+def plot_attention(translator: Translator, test: Split, path: Path, n: int = 3) -> None:
     """Cross-attention of the last decoder layer (mean over heads): forecast days × input days."""
     chosen = [pair for pair in test.pairs if any(pair[1])][:n] or test.pairs[:n]
+    module = translator.module
     fig, axes = plt.subplots(1, len(chosen), figsize=(4 * len(chosen), 3), squeeze=False)
     for ax, (window, target) in zip(axes[0], chosen, strict=True):
         src = module.src_tok.encode(window)[None]  # (1, W, F)
-        tgt = module.tgt_tok.encode(target)[None]
-        tgt_in = torch.cat([torch.tensor([[module.tgt_tok.bos_id]]), tgt[:, :-1]], dim=1)
-        if module.decode_spec.one_shot:
-            tgt_in = torch.full_like(tgt_in, module.tgt_tok.bos_id)
+        tgt_in = translator.decoder.teacher_input(module.tgt_tok.encode(target)[None])  # (1, H)
         weights = module.model.cross_attention(src, torch.ones(src.shape[:2], dtype=torch.bool), tgt_in)
         ax.imshow(weights[0].mean(0).numpy(), aspect="auto", cmap="viridis")
         ax.set(title=f"window ending {window.end.date()}\nonsets {target}", xlabel="input day",
@@ -168,14 +167,14 @@ def plot_attention(module: Any, test: Split, path: Path, n: int = 3) -> None:
     plt.close(fig)
 
 
-def write_predictions(module: Any, windows: list, path: Path) -> None:
+def write_predictions(translator: Translator, windows: list, out: TextIO) -> int:
     """CSV: window_end, lead_day, date, probability (of the positive label), label (the decoded label)."""
-    probs = model_probabilities(module, windows)
-    labels = module.predict(windows, batch_size=256)
-    with open(path, "w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["window_end", "lead_day", "date", "probability", "label"])
-        for w, p, decoded in zip(windows, probs, labels, strict=True):
-            for k, (pk, label) in enumerate(zip(p, decoded.split(), strict=True), 1):
-                day = (w.end + np.timedelta64(k, "D")).date()
-                out.writerow([w.end.date(), k, day, f"{pk:.6f}", label])
+    probs = model_probabilities(translator, windows)
+    labels = translator.translate(windows)
+    rows = csv.writer(out)
+    rows.writerow(["window_end", "lead_day", "date", "probability", "label"])
+    for w, p, decoded in zip(windows, probs, labels, strict=True):
+        for k, (pk, label) in enumerate(zip(p, decoded.split(), strict=True), 1):
+            day = (w.end + np.timedelta64(k, "D")).date()
+            rows.writerow([w.end.date(), k, day, f"{pk:.6f}", label])
+    return len(windows)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from seq2seq.data import Split, read_lines
+from seq2seq.domain import Reader, Split, Tokenizer, read_lines
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.registry import DATASETS, TOKENIZERS
 
@@ -21,7 +21,7 @@ SPECIALS = ("<pad>", "<bos>", "<eos>")
 
 
 @TOKENIZERS.register("symbols")
-class SymbolTokenizer:
+class SymbolTokenizer(Tokenizer):
     """One id per whitespace-separated symbol; the vocabulary is every symbol seen when fitting."""
 
     pad_id, bos_id, eos_id = 0, 1, 2
@@ -78,10 +78,8 @@ TASKS = ("copy", "reverse", "sort", "add")
 
 
 @DATASETS.register("synthetic")
-class SyntheticTask:
+class SyntheticTask(Reader):
     """Generates `n_train`/`n_val`/`n_test` examples of `task` over symbols 0..n_symbols-1 (at most 36)."""
-
-    splits = ("train", "val", "test")
 
     def __init__(
         self,

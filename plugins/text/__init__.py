@@ -19,13 +19,13 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from torch import Tensor
 from torchmetrics.text import CHRFScore, SacreBLEUScore
 
-from seq2seq.data import Split, read_lines
+from seq2seq.domain import Reader, Split, read_lines
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.registry import DATASETS, METRICS
 from seq2seq_plugins.text.tokenizers import (  # noqa: F401 - importing registers the tokenizers
@@ -34,6 +34,9 @@ from seq2seq_plugins.text.tokenizers import (  # noqa: F401 - importing register
     SentencePieceTokenizer,
     WordTokenizer,
 )
+
+if TYPE_CHECKING:
+    from seq2seq.translate import Translator
 
 EMBEDDED = Path(__file__).parent / "data" / "libreoffice_help_ko_en.tsv.gz"
 
@@ -88,10 +91,8 @@ def _split_of(text: str, val_fraction: float, test_fraction: float) -> str:
 
 
 @DATASETS.register("parallel")
-class ParallelCorpus:
+class ParallelCorpus(Reader):
     """Sentence pairs; the split is the file's (`val_path`/`test_path`), else `split_column`'s, else a hash's."""
-
-    splits = ("train", "val", "test")
 
     def __init__(  # noqa: PLR0913 - flat options are the schema of the `data:` block
         self,
@@ -167,16 +168,18 @@ class ParallelCorpus:
                 pairs.append((src.strip(), tgt.strip()))
         return Split(pairs, rows_read=len(rows), rejected=rejected)
 
-    def report(self, module: Any, splits: dict[str, Split], run_dir: Path) -> dict[str, float]:
+    def report(self, translator: Translator, splits: dict[str, Split], run_dir: Path) -> dict[str, float]:
         """Attention heatmaps for the first validation sentences (plots/attention.png); no extra scores."""
-        (run_dir / "plots").mkdir(exist_ok=True)
-        self.plot_attention(module, [src for src, _ in splits["val"].pairs[:3]], run_dir / "plots" / "attention.png")
+        if "val" in splits and splits["val"].pairs:
+            (run_dir / "plots").mkdir(exist_ok=True)
+            sources = [src for src, _ in splits["val"].pairs[:3]]
+            self.plot_attention(translator, sources, run_dir / "plots" / "attention.png")
         return {}
 
-    def plot_attention(self, module: Any, sources: list[str], path: Path) -> None:
+    def plot_attention(self, translator: Translator, sources: list[str], path: Path) -> None:
         from seq2seq_plugins.text.attention import plot_attention
 
-        plot_attention(module, sources, path)
+        plot_attention(translator, sources, path)
 
     def read_inputs(self, path: str) -> list[str]:
         """One source sentence per line."""

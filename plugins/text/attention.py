@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -13,6 +12,8 @@ matplotlib.use("Agg")  # files only; no display
 import matplotlib.pyplot as plt
 import torch
 from matplotlib import font_manager
+
+from seq2seq.translate import Translator
 
 log = logging.getLogger(__name__)
 HANGUL_FONTS = ("NanumGothic", "Noto Sans CJK KR", "Noto Sans KR", "UnDotum", "Baekmuk Gulim", "Unifont")
@@ -27,20 +28,21 @@ def _font() -> str | None:
     return found
 
 
-def plot_attention(module: Any, sources: list[str], path: Path) -> None:
-    """One heatmap per source sentence (greedy output), saved together as one PNG."""
+def plot_attention(translator: Translator, sources: list[str], path: Path) -> None:
+    """One heatmap per source sentence (its decoded output, EOS included), saved together as one PNG."""
     font = _font()
+    module = translator.module
     src_tok, tgt_tok = module.src_tok, module.tgt_tok
     fig, axes = plt.subplots(len(sources), 1, figsize=(8, 3.2 * len(sources)), squeeze=False)
-    for ax, (_, batch) in zip(axes[:, 0], (next(module.source_batches([s], 1)) for s in sources), strict=True):
-        out = module.decode_tokens(batch.src, batch.src_keep)[0].tolist()
-        out = out[: out.index(tgt_tok.eos_id) + 1] if tgt_tok.eos_id in out else out
-        tgt_in = torch.tensor([[tgt_tok.bos_id, *out[:-1]]], device=batch.src.device)
-        weights = module.model.cross_attention(batch.src, batch.src_keep, tgt_in)[0].mean(0).cpu()  # (T, S)
+    for ax, source, ids in zip(axes[:, 0], sources, translator.tokens(sources), strict=True):
+        src = src_tok.encode(source)[None].to(module.device)  # (1, S)
+        out = torch.tensor([[*ids, tgt_tok.eos_id]], device=module.device)  # (1, T)
+        keep = torch.ones_like(src, dtype=torch.bool)
+        weights = module.model.cross_attention(src, keep, translator.decoder.teacher_input(out))[0].mean(0).cpu()
         ax.imshow(weights.numpy(), aspect="auto", cmap="viridis")
-        ax.set_xticks(range(weights.shape[1]), src_tok.pieces(batch.src[0].tolist()), rotation=90, fontsize=7,
+        ax.set_xticks(range(weights.shape[1]), src_tok.pieces(src[0].tolist()), rotation=90, fontsize=7,
                       fontname=font)
-        ax.set_yticks(range(weights.shape[0]), tgt_tok.pieces(out), fontsize=7)
+        ax.set_yticks(range(weights.shape[0]), tgt_tok.pieces(out[0].tolist()), fontsize=7)
         ax.set(xlabel="source tokens", ylabel="output tokens")
     with warnings.catch_warnings():  # one warning about the font is enough, not one per missing glyph
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")

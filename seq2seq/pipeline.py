@@ -1,0 +1,230 @@
+"""What each command does, top to bottom, on a validated config: `train`, `evaluate`, `predict`, `translate`.
+
+Training: reader -> encoders fitted (or loaded when resuming) -> module -> data module -> fit -> best checkpoint
+-> evaluation of the held-out splits -> the domain's report -> metrics.json. Everything a run writes goes under its
+run directory: config.yaml, checkpoints/, logs/, metrics.json, data_report.json, plots/. The other commands need
+nothing but a checkpoint and write only what they are asked to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+import lightning as L
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from omegaconf import OmegaConf
+
+from seq2seq.checkpoints import AtomicCheckpointIO, InterruptCheckpoint, refuse_reuse, resume_point
+from seq2seq.config import EvaluateConfig, InferenceConfig, PredictConfig, TrainConfig, TrainerSpec, TranslateConfig
+from seq2seq.data import Seq2SeqDataModule
+from seq2seq.domain import Reader, Split
+from seq2seq.module import Seq2SeqModule, fit_tokenizers
+from seq2seq.registry import DATASETS
+from seq2seq.schema import to_data
+from seq2seq.translate import Translator
+
+log = logging.getLogger("seq2seq")
+
+
+class ProgressLog(L.Callback):
+    """Progress as log lines, every `log_every_n_steps` steps, where no terminal shows a progress bar."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        step = trainer.global_step
+        if step % trainer.log_every_n_steps or not trainer.is_global_zero:
+            return
+        loss = trainer.callback_metrics.get("train/loss")
+        total = f"/{trainer.max_steps}" if trainer.max_steps > 0 else ""
+        log.info("step %d%s, epoch %d, train/loss %s, %.0f s", step, total, trainer.current_epoch,
+                 "-" if loss is None else f"{float(loss):.4f}", time.monotonic() - self.started)
+
+
+def _trainer(spec: TrainerSpec, root: Path, callbacks: list[L.Callback], loggers: list[Logger] | bool) -> L.Trainer:
+    options = to_data(spec)
+    if spec.enable_progress_bar is None:
+        options["enable_progress_bar"] = sys.stderr.isatty()
+    if not options["enable_progress_bar"]:
+        callbacks = [*callbacks, ProgressLog()]
+    # The data module shards batches over ranks itself (equal step counts for training; nothing repeated for
+    # evaluation), so Lightning must not wrap its samplers.
+    return L.Trainer(**options, default_root_dir=root, callbacks=callbacks, logger=loggers,
+                     plugins=[AtomicCheckpointIO()], use_distributed_sampler=False)
+
+
+def _fit_trainer(config: TrainConfig, run_dir: Path) -> L.Trainer:
+    monitor = config.monitor
+    # A resumed run logs beside the first part of its logs, not over them.
+    version = f"resumed-{time.strftime('%Y%m%d-%H%M%S')}" if config.resume else ""
+    loggers: list[Logger] = [CSVLogger(run_dir, name="logs", version=version)]
+    if "tensorboard" in config.loggers:
+        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=version))
+    checkpoints = run_dir / "checkpoints"
+    callbacks: list[L.Callback] = [
+        # No version counter: a resumed run writes last.ckpt again, never last-v1.ckpt beside it.
+        ModelCheckpoint(dirpath=checkpoints, filename="best-step{step}", monitor=monitor.metric, mode=monitor.mode,
+                        save_top_k=1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False),
+        # last.ckpt every N steps too, for resuming after a crash; on Ctrl-C or an error, interrupted.ckpt
+        ModelCheckpoint(dirpath=checkpoints, filename="last", enable_version_counter=False,
+                        every_n_train_steps=config.save_every_n_steps),
+        InterruptCheckpoint(checkpoints, filename="interrupted"),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    if monitor.patience is not None:  # checked after validations only: training may end mid-epoch
+        callbacks.append(EarlyStopping(monitor=monitor.metric, mode=monitor.mode, patience=monitor.patience,
+                                       check_on_train_epoch_end=False))
+    return _trainer(config.trainer, run_dir, callbacks, loggers)
+
+
+def _datamodule(config: TrainConfig, module: Seq2SeqModule, splits: dict[str, Split], report: Path | None,
+                batch_size: int | None = None) -> Seq2SeqDataModule:
+    loader = dataclasses.replace(config.loader, batch_size=batch_size or config.loader.batch_size)
+    return Seq2SeqDataModule(splits, module.src_tok, module.tgt_tok, loader, config.model.max_positions,
+                             report_path=report, seed=config.seed)
+
+
+def _write_metrics(trainer: L.Trainer, path: Path, results: dict[str, Any]) -> None:
+    if trainer.is_global_zero:
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        log.info("metrics: %s", json.dumps(results))
+
+
+def train(config: TrainConfig, run_dir: Path) -> Seq2SeqModule:
+    """Fit (or resume, with `config.resume`), then score the best checkpoint on every held-out split; returns the
+    module with the best weights, in eval mode."""
+    ckpt, tokenizers = resume_point(to_data(config), run_dir) if config.resume else (None, None)
+    if rank_zero_only.rank == 0:  # re-launched ranks share the run dir and its one config.yaml
+        if not config.resume:
+            refuse_reuse(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(to_data(config)), run_dir / "config.yaml")
+    L.seed_everything(config.seed, workers=True)
+    reader: Reader = DATASETS.build(config.data, "data")
+    splits = {name: reader.read(name) for name in reader.splits}
+    module = Seq2SeqModule(config, tokenizers or fit_tokenizers(config, splits["train"].pairs))
+    datamodule = _datamodule(config, module, splits, run_dir / "data_report.json")
+    trainer = _fit_trainer(config, run_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    best, results = _best_checkpoint(config, trainer, module, datamodule, run_dir) if "val" in splits else ("", {})
+    if "val" in splits and not results:
+        results = _scores(trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False))
+    if "test" in splits:
+        results.update(_scores(trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)))
+    module.eval()
+    if trainer.is_global_zero:  # a domain's own scores, baselines and plots, computed once
+        results.update(reader.report(Translator(module, config.loader.batch_size), splits, run_dir))
+    _write_metrics(trainer, run_dir / "metrics.json", {**results, "best_checkpoint": best})
+    return module
+
+
+def _scores(runs: list[dict[str, float]]) -> dict[str, float]:
+    return dict(runs[0]) if runs else {}  # none when the split is switched off (limit_*_batches=0)
+
+
+def _best_checkpoint(config: TrainConfig, trainer: L.Trainer, module: Seq2SeqModule, datamodule: Seq2SeqDataModule,
+                     run_dir: Path) -> tuple[str, dict[str, float]]:
+    """The best checkpoint, the final weights included, and its validation scores when they are known already.
+
+    A run stopped by `max_time` or `max_steps` between two validations is validated once more, and its final
+    weights are kept when they score better; weights whose scores are known are not decoded again.
+    """
+    callback: ModelCheckpoint = trainer.checkpoint_callback  # type: ignore[assignment]
+    metric, mode = config.monitor.metric, config.monitor.mode
+    if module.validated_at == trainer.global_step:
+        current = Path(callback.best_model_path).name == f"best-step{trainer.global_step}.ckpt"
+        known = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        return callback.best_model_path, known if current else {}
+    scores = _scores(trainer.validate(module, datamodule=datamodule, verbose=False))
+    score, best = scores.get(metric), callback.best_model_score
+    if score is None or (best is not None and (score <= best if mode == "max" else score >= best)):
+        return callback.best_model_path, {}
+    path = run_dir / "checkpoints" / f"best-step{trainer.global_step}.ckpt"
+    trainer.save_checkpoint(path)
+    previous = "no earlier validation" if best is None else f"the best validation's {float(best):.4f}"
+    log.info("the final weights (step %d) score %s=%.4f, better than %s", trainer.global_step, metric, score,
+             previous)
+    return str(path), scores
+
+
+def _translator(config: InferenceConfig) -> Translator:
+    translator = Translator.from_checkpoint(config.ckpt, config.batch_size)
+    return translator.with_decoding(beam=config.beam, length_penalty=config.length_penalty)
+
+
+@contextmanager
+def _output(path: str | None) -> Iterator[TextIO]:
+    """A text file to write, or standard output."""
+    if path is None:
+        yield sys.stdout
+        return
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        yield f
+
+
+def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    """Re-score a checkpoint on the val and test splits of its data, or of the data its reader reads with
+    `config.data` options over the checkpoint's; metrics go to standard output (and `output`/metrics.json)."""
+    translator = _translator(config)
+    module = translator.module
+    module.decoder = translator.decoder
+    data = {**module.config.data, **config.data}
+    DATASETS.check(data, (), "data")  # an option of another reader is refused here, naming the accepted ones
+    reader: Reader = DATASETS.build(data, "data")
+    splits = {name: reader.read(name) for name in reader.splits}
+    held_out = {name: split for name, split in splits.items() if name in ("val", "test")}
+    out_dir = Path(config.output) if config.output else None
+    with tempfile.TemporaryDirectory() as scratch:
+        root = out_dir or Path(scratch)
+        root.mkdir(parents=True, exist_ok=True)
+        datamodule = _datamodule(module.config, module, held_out, None, config.batch_size)
+        trainer = _trainer(config.trainer, root, [], False)
+        results: dict[str, Any] = {}
+        if "val" in held_out:
+            results.update(_scores(trainer.validate(module, datamodule=datamodule, verbose=False)))
+        if "test" in held_out:
+            results.update(_scores(trainer.test(module, datamodule=datamodule, verbose=False)))
+        results.update(reader.report(translator, splits, root))
+    results["checkpoint"] = config.ckpt
+    if out_dir is not None:
+        _write_metrics(trainer, out_dir / "metrics.json", results)
+    sys.stdout.write(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def predict(config: PredictConfig) -> None:
+    """Decode every source in `config.input` with nothing but the checkpoint, in the domain's output format."""
+    translator = _translator(config)
+    reader: Reader = DATASETS.build(translator.module.config.data, "data")
+    sources = reader.read_inputs(config.input)
+    with _output(config.output) as out:
+        n = reader.write_predictions(translator, sources, out)
+    log.info("wrote predictions for %d inputs to %s", n, config.output or "standard output")
+
+
+def translate(config: TranslateConfig) -> None:
+    """Lines from `input` (default: standard input) to `output` (default: standard output)."""
+    translator = _translator(config)
+    reader: Reader = DATASETS.build(translator.module.config.data, "data")
+    lines = reader.read_inputs(config.input or "/dev/stdin")
+    if config.n_best == 1:
+        text = "".join(f"{out}\n" for out in translator.translate(lines))
+    else:
+        found = translator.n_best(lines, config.n_best)
+        text = "".join(f"{i}\t{score:.4f}\t{out}\n" for i, best in enumerate(found, 1) for score, out in best)
+    with _output(config.output) as out:
+        out.write(text)
+    if config.attention:
+        reader.plot_attention(translator, lines[:4], Path(config.attention))
