@@ -17,7 +17,8 @@ module = seq2seq.train(config, run_dir)  # fits, keeps the best weights, writes 
 metrics = json.loads((run_dir / "metrics.json").read_text())
 
 sources = ["1 2 3 4 5", "9 8 7", "4 4 0 2"]
-print("in memory:", module.predict(sources))
-reloaded = seq2seq.Seq2SeqModule.from_checkpoint(metrics["best_checkpoint"])
-print("reloaded: ", reloaded.predict(sources))
+print("in memory:", seq2seq.Translator(module).translate(sources))
+reloaded = seq2seq.Translator.from_checkpoint(metrics["best_checkpoint"])
+print("reloaded: ", reloaded.translate(sources))
+print("beam of 4:", reloaded.with_decoding(beam=4).translate(sources))
 print("val exact match:", metrics["val/exact_match"])

@@ -37,7 +37,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(partial, path)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        return read_checkpoint(path, map_location or "cpu")
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,21 @@ def _restore_command(command: str) -> None:
         sys.argv[1:1] = [command]
 
 
+def _remove_failed_run(run_dir: Path) -> None:
+    """A run that stopped on a mistake before its first checkpoint leaves nothing behind: what it wrote goes, then
+    its directory and the empty parents below the working directory (runs/<date>/)."""
+    if (run_dir / "checkpoints").exists():
+        return
+    for name in ("config.yaml", "data_report.json", "cli.log"):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "logs", ignore_errors=True)
+    cwd = Path.cwd().resolve()
+    for folder in [run_dir.resolve(), *run_dir.resolve().parents]:
+        if folder == cwd or cwd not in folder.parents or not folder.is_dir() or any(folder.iterdir()):
+            return
+        folder.rmdir()
+
+
 def _train_task(cfg: DictConfig) -> float | None:
     """One training job; returns its best `monitor.metric` (what sweepers optimize)."""
     _restore_command("train")
@@ -66,8 +82,7 @@ def _train_task(cfg: DictConfig) -> float | None:
         _check_multirun(config)
         pipeline.train(config, run_dir)
     except (ConfigError, DataError) as err:
-        if run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # a run that never started leaves nothing behind
+        _remove_failed_run(run_dir)
         _fail(err)
     metrics = run_dir / "metrics.json"
     return json.loads(metrics.read_text()).get(config.monitor.metric) if metrics.is_file() else None

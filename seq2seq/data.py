@@ -219,6 +219,10 @@ class Seq2SeqDataModule(L.LightningDataModule):
                 continue
             kept, rejected = encode_split(split, self.src_tok, self.tgt_tok, self.max_src, self.max_tgt)
             assert len(kept) + sum(rejected.values()) == split.rows_read, f"{name}: counts do not add up"
+            if not kept:
+                raise DataError(f"the {name} split has no examples: {split.rows_read} read, rejected by reason "
+                                f"{dict(rejected) or '(none)'}. Check the data file and its `data.*` options, or "
+                                "raise `loader.max_src_len` / `loader.max_tgt_len`")
             self.examples[name] = kept
             self.report[name] = {"rows_read": split.rows_read, "kept": len(kept), "rejected": dict(rejected)}
             if rejected:

@@ -8,20 +8,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from seq2seq import compose, train
+from seq2seq import Translator, compose, train
+from seq2seq.errors import ConfigError
+from seq2seq.module import Seq2SeqModule
 from seq2seq_plugins.synthetic import SyntheticTask
 
 
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from seq2seq.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-c", "from seq2seq.cli import main; main()", *args],
-                            capture_output=True, text=True, timeout=300)
+    result = _run(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
-def test_train_writes_the_run_directory(tmp_path):
-    _cli("train", "experiment=copy", "data.n_train=256", "data.n_val=64", "data.n_test=64", "trainer.max_epochs=1",
-         "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}")
+def test_train_writes_the_run_directory_and_logs_progress_lines_without_a_terminal(tmp_path):
+    result = _cli("train", "experiment=copy", "data.n_train=256", "data.n_val=64", "data.n_test=64",
+                  "trainer.max_epochs=1", "trainer.log_every_n_steps=2", f"hydra.run.dir={tmp_path}")
+    assert "step 4, epoch 0, train/loss" in result.stderr  # stderr is a pipe here: log lines, no bar
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert {"val/exact_match", "val/loss", "test/exact_match", "best_checkpoint"} <= set(metrics)
     assert Path(metrics["best_checkpoint"]).parent == tmp_path / "checkpoints"
@@ -35,12 +42,52 @@ def test_train_writes_the_run_directory(tmp_path):
     assert ckpt["seq2seq"]["plugins"] == {"seq2seq_plugins.synthetic": f"seq2seq {ckpt['seq2seq']['version']}"}
 
 
-def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path):
+def test_bf16_mixed_precision_trains_on_the_cpu_under_autocast(tmp_path, monkeypatch):
+    seen = []
+    step = Seq2SeqModule.training_step
+
+    def training_step(self, batch, batch_idx):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(Seq2SeqModule, "training_step", training_step)
     config = compose(["experiment=copy", "trainer.precision=bf16-mixed", "trainer.max_epochs=1", "data.n_train=256",
                       "data.n_val=32", "data.n_test=32", "trainer.enable_progress_bar=false"])
     train(config, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert seen and all(seen)
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+
+
+def test_max_steps_that_ends_mid_epoch_with_early_stopping_finishes_the_run(tmp_path):
+    config = compose(["experiment=copy", "trainer.max_steps=3", "monitor.patience=2", "data.n_train=512",
+                      "data.n_val=32", "data.n_test=32", "trainer.enable_progress_bar=false"])
+    train(config, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"val/exact_match", "test/exact_match"} <= set(metrics)
+    assert metrics["best_checkpoint"].endswith("best-step3.ckpt")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train", "experiment=nope"], "unknown experiment `nope`. Available: copy,"),
+    (["train", "experiment=reverse", "model.d_model=0"], "`model.d_model` must be at least 1, got 0"),
+    (["train", "experiment=translate_ko_en", "data.path=missing.tsv"], "missing.tsv: no such file"),
+    (["translate", "ckpt=truncated.ckpt"], "`ckpt=truncated.ckpt` is not a readable checkpoint"),
+])
+def test_mistakes_exit_2_with_one_line_and_leave_no_run_directory(args, message, tmp_path):
+    (tmp_path / "truncated.ckpt").write_bytes(b"PK\x03\x04 cut short")
+    result = _run(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
+
+
+def test_a_used_run_directory_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "config.yaml").write_text("seed: 7\n")
+    result = _run("train", "experiment=reverse", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    assert f"resume={tmp_path}" in result.stderr and "hydra.run.dir=" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +111,28 @@ def test_a_checkpoint_reloaded_in_a_fresh_process_decodes_identically(reverse_ru
     (tmp_path / "in.txt").write_text("\n".join(sources) + "\n")
     _cli("predict", f"ckpt={metrics['best_checkpoint']}", f"input={tmp_path / 'in.txt'}",
          f"output={tmp_path / 'out.txt'}", f"hydra.run.dir={tmp_path / 'run'}")
-    assert (tmp_path / "out.txt").read_text().splitlines() == module.predict(sources)
+    assert (tmp_path / "out.txt").read_text().splitlines() == Translator(module).translate(sources)
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow
 def test_evaluate_rescoring_a_checkpoint_reproduces_its_metrics(reverse_run, tmp_path):
     _, _, metrics = reverse_run
-    _cli("evaluate", f"ckpt={metrics['best_checkpoint']}", "trainer.enable_progress_bar=false",
-         f"hydra.run.dir={tmp_path}")
+    result = _cli("evaluate", f"ckpt={metrics['best_checkpoint']}", "trainer.enable_progress_bar=false",
+                  f"output={tmp_path}")
     again = json.loads((tmp_path / "metrics.json").read_text())
+    assert json.loads(result.stdout) == again
     for key in ("val/exact_match", "test/exact_match", "val/loss"):
         assert again[key] == pytest.approx(metrics[key], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_scores_other_data_with_the_checkpoints_reader_or_refuses_clearly(reverse_run):
+    from seq2seq.pipeline import evaluate
+
+    _, _, metrics = reverse_run
+    ckpt = f"ckpt={metrics['best_checkpoint']}"
+    longer = evaluate(compose([ckpt, "data.min_len=13", "data.max_len=16"], command="evaluate"))
+    assert longer["val/exact_match"] < metrics["val/exact_match"] - 0.2  # longer than anything it trained on
+    with pytest.raises(ConfigError, match=r"unknown option `data\.path` for dataset `synthetic`"):
+        evaluate(compose([ckpt, "data.path=other.tsv"], command="evaluate"))

@@ -98,3 +98,16 @@ def test_token_budget_batches_give_every_rank_the_same_number_of_steps():
     assert {i for r in ranks for b in r for i in b} == set(range(301))
     with pytest.raises(ConfigError, match="max_tokens"):
         TrainingBatches([10, 70], 64)
+
+
+def test_a_split_left_with_no_examples_is_a_data_error_with_the_counts():
+    from seq2seq.data import LoaderSpec, Seq2SeqDataModule
+    from seq2seq.domain import Split
+    from seq2seq.errors import DataError
+    from seq2seq_plugins.synthetic import SymbolTokenizer
+
+    tok = SymbolTokenizer()
+    tok.fit(["1 2 3"])
+    splits = {"train": Split([("1 2 3", "3 2 1")], rows_read=1), "val": Split([], 2, Counter({"blank line": 2}))}
+    with pytest.raises(DataError, match=r"the val split has no examples: 2 read, rejected by reason \{'blank line': 2\}"):
+        Seq2SeqDataModule(splits, tok, tok, LoaderSpec(), 64).setup()

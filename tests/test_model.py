@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from seq2seq.errors import ConfigError
+from seq2seq.registry import HEADS
 from seq2seq.model import ModelSpec
 from seq2seq.testing import random_batch
 from seq2seq.testing import tiny_model as make_model
@@ -92,8 +93,30 @@ def test_positions_matter_permuting_the_source_changes_the_output(positions):
     assert (permuted - out).abs().max() > 0.05
 
 
-def test_tied_output_projection_shares_the_target_embedding(model):
-    assert model.head.weight is model.tgt_embed.weight
+def test_build_model_ties_the_output_projection_to_the_target_embedding_as_configured():
+    from seq2seq import compose
+    from seq2seq.module import build_model, fit_tokenizers, load_tokenizers
+
+    pairs = [("1 2 3", "3 2 1"), ("4 5", "5 4")]
+    for tie in (True, False):
+        config = compose(["experiment=reverse", "model=tiny", f"model.tie_output={str(tie).lower()}"])
+        built = build_model(config, *load_tokenizers(config, fit_tokenizers(config, pairs)))
+        assert (built.head.weight is built.tgt_embed.weight) is tie
+    HEADS.register("plain_test_head")(PlainHead)
+    config = compose(["experiment=reverse", "model=tiny", "head.name=plain_test_head"])
+    with pytest.raises(ConfigError, match=r"`model\.tie_output=true` needs a target `TokenEmbedding` and a `TiedHead`"):
+        build_model(config, *load_tokenizers(config, fit_tokenizers(config, pairs)))
+
+
+class PlainHead(torch.nn.Module):
+    """A head that cannot share the embedding's weight (no `TiedHead`)."""
+
+    def __init__(self, d_model: int, vocab_size: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(d_model, vocab_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h)
 
 
 def test_over_long_sequence_is_a_clear_error(model):

@@ -44,7 +44,7 @@ def _interrupt_mid_step(monkeypatch, step):
 
 
 @pytest.mark.parametrize("stop", ["max_steps", "ctrl_c"])
-def test_stop_and_resume_lands_on_the_same_parameters(straight, tmp_path, monkeypatch, stop):
+def test_stop_and_resume_lands_on_the_same_parameters(straight, tmp_path, monkeypatch, caplog, stop):
     if stop == "max_steps":
         train(compose([*BASE, "trainer.max_steps=17"]), tmp_path)
     else:
@@ -54,15 +54,23 @@ def test_stop_and_resume_lands_on_the_same_parameters(straight, tmp_path, monkey
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C
         monkeypatch.undo()
         assert newest_checkpoint(tmp_path).name == "interrupted.ckpt"
+        assert f"interrupted.ckpt. Continue with the same command and `resume={tmp_path}`" in caplog.text
+    (tmp_path / "checkpoints" / "last.ckpt.partial").write_bytes(b"cut short")
     train(compose([*BASE, "trainer.max_steps=30", f"resume={tmp_path}"]), tmp_path)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert "last.ckpt" in names and not [n for n in names if "-v1" in n or n.endswith(".partial")], names
     (step_a, a), (step_b, b) = straight, _final(tmp_path)
     assert step_a == step_b == 30
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
 
 
-def test_resume_refuses_a_different_config(tmp_path):
+def test_resume_refuses_a_different_config_and_a_new_run_refuses_a_used_directory(tmp_path):
     train(compose([*BASE, "trainer.max_steps=2", "trainer.limit_val_batches=0"]), tmp_path)
+    before = (tmp_path / "config.yaml").read_text(), (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(ConfigError, match=r"already holds a run\. Continue it with `resume=.*`hydra\.run\.dir=\.\.\.`"):
+        train(compose([*BASE, "model.d_model=64"]), tmp_path)
+    assert before == ((tmp_path / "config.yaml").read_text(), (tmp_path / "checkpoints" / "last.ckpt").read_bytes())
     with pytest.raises(ConfigError, match="differs in model"):
         train(compose([*BASE, "model.d_model=128", f"resume={tmp_path}"]), tmp_path)
     with pytest.raises(ConfigError, match="must be the run directory"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from seq2seq import compose, train
+from seq2seq import Translator, compose, train
 from seq2seq.errors import DataError
 from seq2seq.module import Seq2SeqModule, fit_tokenizers
 from seq2seq_plugins.series import DailyWindows, LabelTokenizer, Standardizer
@@ -114,13 +114,13 @@ def test_masking_missing_readings_adds_indicators_and_no_nan_reaches_a_tensor(tm
 def test_label_tokenizer_round_trips_and_names_its_label_ids():
     tok = LabelTokenizer()
     tok.fit([[0, 1, 0], [0, 0, 0]])
-    assert tok.label_ids == [3, 4]
+    assert tok.label_ids == (3, 4)
     assert tok.decode(tok.encode([1, 0, 1]).tolist()) == "1 0 1"
 
 
 def _storm_module(overrides: list[str] = ()) -> tuple[Seq2SeqModule, DailyWindows]:
     config = compose(["experiment=storm_onset", *overrides])
-    reader = DailyWindows(**{k: v for k, v in config["data"].items() if k != "name"})
+    reader = DailyWindows(**{k: v for k, v in config.data.items() if k != "name"})
     return Seq2SeqModule(config, fit_tokenizers(config, reader.read("train").pairs[:500])), reader
 
 
@@ -128,10 +128,11 @@ def _storm_module(overrides: list[str] = ()) -> tuple[Seq2SeqModule, DailyWindow
 def test_label_decoding_never_emits_a_non_label_token(mode):
     module, reader = _storm_module([mode])
     windows = [w for w, _ in reader.read("val").pairs[:64]]
-    for _, batch in module.source_batches(windows, 64):
-        tokens = module.decode_tokens(batch.src, batch.src_keep)
-        assert tokens.shape[1] == 7 and set(tokens.unique().tolist()) <= set(module.label_ids)
-    probs = module.predict_probabilities(windows)  # (N, H, C)
+    translator = Translator(module.eval())
+    for _, batch in translator.batches(windows):
+        tokens = module.decoder(module.model, batch.src, batch.src_keep)
+        assert tokens.shape[1] == 7 and set(tokens.unique().tolist()) <= set(module.tgt_tok.label_ids)
+    probs = translator.label_probabilities(windows)  # (N, H, C)
     assert probs.shape == (64, 7, 2)
     torch.testing.assert_close(probs.sum(-1), torch.ones(64, 7))
 
@@ -168,8 +169,8 @@ def test_both_decoding_modes_learn_labels_that_depend_on_the_inputs(one_shot, tm
                       "loader.batch_size=32", "optim.warmup_steps=100", "optim.lr=2e-3", "model.dropout=0.0",
                       "monitor.patience=null", "trainer.enable_progress_bar=false"])
     module = train(config, tmp_path / "run")
-    test = DailyWindows(**{k: v for k, v in config["data"].items() if k != "name"}).read("test")
-    decoded = np.array([[int(v) for v in s.split()] for s in module.predict([w for w, _ in test.pairs])])
+    test = DailyWindows(**{k: v for k, v in config.data.items() if k != "name"}).read("test")
+    decoded = np.array([[int(v) for v in s.split()] for s in Translator(module).translate([w for w, _ in test.pairs])])
     accuracy = (decoded == np.array([t for _, t in test.pairs])).mean()
     assert accuracy >= 0.95, f"label accuracy {accuracy:.3f}"
 

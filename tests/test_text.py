@@ -2,6 +2,7 @@ import pytest
 import sacrebleu
 import torch
 
+from seq2seq import Translator
 from seq2seq.errors import ConfigError, DataError
 from seq2seq_plugins.text import (
     BLEU,
@@ -62,9 +63,30 @@ def test_reader_keeps_na_text_and_counts_every_rejection(tmp_path):
     reader = ParallelCorpus(path=_write(tmp_path / "c.tsv", rows), max_chars=100, max_ratio=5.0)
     split = reader.read("train")
     assert split.pairs == [("표", "Table"), ("NA", "null")]
-    assert dict(split.rejected) == {"empty source": 2, "empty target": 1, "length ratio above 5.0": 1,
-                                    "undecodable text": 1, "longer than 100 characters": 1}
+    assert dict(split.rejected) == {"empty source": 1, "blank line": 1, "empty target": 1,
+                                    "length ratio above 5.0": 1, "undecodable text": 1,
+                                    "longer than 100 characters": 1}
     assert split.rows_read == len(split.pairs) + sum(split.rejected.values()) == 8
+
+
+def test_a_blank_line_in_a_file_with_a_split_column_is_kept_and_counted(tmp_path):
+    reader = ParallelCorpus(path=_write(tmp_path / "c.tsv", [b"a\tb\ttrain", b"", b"c\td\tval", b"e\tf\ttest"]))
+    train = reader.read("train")
+    assert train.pairs == [("a", "b")] and dict(train.rejected) == {"blank line": 1} and train.rows_read == 2
+    assert [reader.read(s).rows_read for s in ("val", "test")] == [1, 1]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, r"no such file; set `data\.path`"),
+    (b"", r"the file is empty; it needs a header row"),
+    (b"ko\ten\tsplit\na\tb\ttrain\nc\td\te\ttrain\n", r"Expected 3 fields in line 3, saw 4\. A row must have one"),
+])
+def test_a_file_that_cannot_be_read_is_a_data_error_naming_it(tmp_path, content, message):
+    path = tmp_path / "c.tsv"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        ParallelCorpus(path=str(path)).read("train")
 
 
 def test_reader_splits_by_hash_when_there_is_no_split_column(tmp_path):
@@ -123,4 +145,5 @@ def test_separate_source_and_target_vocabularies_build_and_decode():
     module = Seq2SeqModule(config, fit_tokenizers(config, CORPUS))
     assert module.src_tok is not module.tgt_tok and module.model.src_embed is not module.model.tgt_embed
     assert module.tgt_tok.decode(module.tgt_tok.encode("Inserts a table.").tolist()) == "Inserts a table."
-    assert len(module.predict(["표를 삽입합니다."])) == 1
+    [ids] = Translator(module.eval()).tokens(["표를 삽입합니다."])
+    assert ids and max(ids) < module.tgt_tok.vocab_size and module.tgt_tok.bos_id not in ids

@@ -76,13 +76,25 @@ class ChrF(CHRFScore):
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Every row as text: nothing becomes NaN, blank lines stay rows, undecodable bytes become U+FFFD."""
+    """Every row as text: nothing becomes NaN, blank lines stay rows, undecodable bytes become U+FFFD. A missing or
+    empty file, or a row with the wrong number of fields, is a DataError naming the file (and the line)."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file; set `data.path` (and `data.val_path`, `data.test_path`)")
     name = str(path).removesuffix(".gz")
     if name.endswith(".parquet"):
         return pd.read_parquet(path).astype(str)
     tsv = name.endswith(".tsv")
-    return pd.read_csv(path, sep="\t" if tsv else ",", dtype=str, keep_default_na=False, na_filter=False,
-                       skip_blank_lines=False, encoding="utf-8", encoding_errors="replace", quoting=3 if tsv else 0)
+    try:
+        return pd.read_csv(path, sep="\t" if tsv else ",", dtype=str, keep_default_na=False, na_filter=False,
+                           skip_blank_lines=False, encoding="utf-8", encoding_errors="replace",
+                           quoting=3 if tsv else 0)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty; it needs a header row naming the columns") from None
+    except pd.errors.ParserError as err:
+        detail = str(err).split("C error: ")[-1].strip()
+        raise DataError(f"{path}: {detail}. A row must have one field per header column"
+                        + ("; a tab inside a sentence must be removed" if tsv else "; quote fields that hold commas")
+                        ) from None
 
 
 def _split_of(text: str, val_fraction: float, test_fraction: float) -> str:
@@ -132,6 +144,9 @@ class ParallelCorpus(Reader):
         if self._frame is None:
             frame = self._table(self.path, self.split_column)
             if self.split_column:
+                # A blank line belongs to no split: it is counted with the training rows as rejected.
+                blank = (frame[[self.source, self.target, self.split_column]].apply(lambda c: c.str.strip()) == "").all(1)
+                frame.loc[blank, self.split_column] = "train"
                 bad = ~frame[self.split_column].isin(self.splits)
                 if bad.any():
                     lines = (frame.index[bad] + 2).tolist()[:10]
@@ -144,6 +159,8 @@ class ParallelCorpus(Reader):
         return self._frame
 
     def _reason(self, src: str, tgt: str) -> str | None:
+        if not src.strip() and not tgt.strip():
+            return "blank line"
         if "\ufffd" in src or "\ufffd" in tgt:
             return "undecodable text"
         if not src.strip():
