@@ -1,4 +1,4 @@
-"""Model sizes shared by the benchmarks (BENCHMARKS.md presets) and our model built at those sizes."""
+"""Model sizes shared by the benchmarks (`small` and the paper's `base`) and our model built at those sizes."""
 
 from __future__ import annotations
 

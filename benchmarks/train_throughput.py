@@ -72,7 +72,9 @@ def batches(p: dict, n: int, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
 
 
 def step_flops(p: dict, B: int) -> float:
-    """FLOPs of one training step (forward + backward) by the formula in BENCHMARKS.md, on padded shapes."""
+    """FLOPs of one training step on padded shapes: 6 FLOPs per weight per token for the matmuls (forward +
+    backward: projections and feed-forward of each layer, the output projection) plus 12 · d per query-key pair
+    for the attention scores and weighted sums."""
     d, dff, V, Le, Ld = p["d_model"], p["d_ff"], p["vocab"], p["layers"], p["layers"]
     S = T = LENGTH
     return B * (6 * S * (Le * (4 * d * d + 2 * d * dff) + Ld * 2 * d * d)
@@ -102,7 +104,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4, help="training steps per timed run")
     parser.add_argument("--peak-gflops", type=float, default=480.0,
-                        help="fp32 matmul limit for MFU (BENCHMARKS.md: 470-490 GFLOP/s via oneDNN here)")
+                        help="fp32 matmul limit for MFU (measured 470-490 GFLOP/s via oneDNN on the 2-core CPU)")
     args = parser.parse_args()
     p = PRESETS[args.preset]
     torch.manual_seed(0)

@@ -28,8 +28,8 @@ from seq2seq.errors import ConfigError
 from seq2seq.model import ModelSpec
 from seq2seq.plugins import import_plugins, search_path, searchpath_override
 from seq2seq.registry import DATASETS, EMBEDDINGS, HEADS, METRICS, TOKENIZERS
-from seq2seq.schema import build, check, describe, field_type, hint, join, setting, to_data
 from seq2seq.schedule import OptimSpec
+from seq2seq.schema import build, check, describe, field_type, hint, join, setting, to_data
 
 PRECISIONS = ("64-true", "64", "32-true", "32", "bf16-mixed", "bf16-true", "bf16", "16-mixed", "16-true", "16",
               "transformer-engine", "transformer-engine-float16")
@@ -253,8 +253,8 @@ def _train_problems(config: TrainConfig) -> list[str]:
                         "use `trainer.precision=bf16-mixed` (or 32-true)")
     monitored = ["val/loss", *(f"val/{name}" for name in config.metrics)]
     if monitor.metric not in monitored:
-        problems.append(f"`monitor.metric={monitor.metric}` is not logged in validation.{hint(monitor.metric, monitored)} "
-                        f"Logged: {', '.join(monitored)} (from `metrics`)")
+        problems.append(f"`monitor.metric={monitor.metric}` is not logged in validation."
+                        f"{hint(monitor.metric, monitored)} Logged: {', '.join(monitored)} (from `metrics`)")
     unknown = sorted(set(config.loggers) - set(LOGGERS))
     if unknown:
         problems.append(f"`loggers` may hold {' and '.join(LOGGERS)}, got {unknown}")
@@ -299,7 +299,8 @@ def help_text(command: str) -> str:
              "keys (key=default  help):"]
     lines += describe(schema)
     if command == "train":
-        lines += ["", "plugin blocks (data, tokenizer.*, embedding.*, head) take their component's constructor options;",
+        lines += ["", "plugin blocks (data, tokenizer.*, embedding.*, head) take their component's constructor "
+                  "options;",
                   "config groups: " + "; ".join(f"{g}={'|'.join(sorted(o))}" for g, o in sorted(_groups().items()))]
     return "\n".join(lines)
 

@@ -211,7 +211,8 @@ class Seq2SeqModule(L.LightningModule):
         self._log_metrics("test")
 
     def configure_optimizers(self) -> dict:
-        return configure(self.config.optim, self.model, self.model.spec.d_model, int(self.trainer.estimated_stepping_batches))
+        steps = int(self.trainer.estimated_stepping_batches)
+        return configure(self.config.optim, self.model, self.model.spec.d_model, steps)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The RNG state the next training step starts from: an interrupted step starts over.

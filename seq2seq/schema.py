@@ -69,7 +69,8 @@ def _value_problems(where: str, value: Any, annotation: object, meta: typing.Map
         return [f"`{where}` must be {_type_name(annotation)}, got {value!r} ({type(value).__name__})"]
     choices, minimum = meta.get("choices"), meta.get("minimum")
     if choices is not None and value is not None and value not in choices:
-        return [f"`{where}` must be one of {', '.join(map(str, choices))}, got {value!r}{hint(str(value), map(str, choices))}"]
+        accepted = [str(c) for c in choices]
+        return [f"`{where}` must be one of {', '.join(accepted)}, got {value!r}{hint(str(value), accepted)}"]
     if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
         return [f"`{where}` must be at least {minimum}, got {value!r}"]
     return []
@@ -78,7 +79,7 @@ def _value_problems(where: str, value: Any, annotation: object, meta: typing.Map
 def check(spec: Any) -> None:
     """Raise one ConfigError listing every field of `spec` (a schema dataclass) that has a wrong type, value or
     bound; spec classes call it from `__post_init__`."""
-    block = getattr(type(spec), "block", type(spec).__name__)
+    block = type(spec).block
     hints = typing.get_type_hints(type(spec))
     problems = [p for f in dataclasses.fields(spec)
                 for p in _value_problems(f"{block}.{f.name}", getattr(spec, f.name), hints[f.name], f.metadata)]

@@ -195,8 +195,8 @@ def check_checkpoint(overrides: list[str], tmp_path: Path) -> None:
     with open(tmp_path / "sources.pkl", "wb") as f:
         pickle.dump(sources, f)
     out = [tmp_path / "state.pt", tmp_path / "predictions.json"]
-    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(path), str(tmp_path / "sources.pkl"), *map(str, out)],
-                         capture_output=True, text=True)
+    args = [str(path), str(tmp_path / "sources.pkl"), *map(str, out)]
+    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, *args], capture_output=True, text=True)
     assert run.returncode == 0, f"the checkpoint does not load in a fresh process:\n{run.stderr[-2000:]}"
     state = torch.load(out[0], weights_only=True)
     for name, p in module.state_dict().items():

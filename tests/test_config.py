@@ -7,7 +7,7 @@ import pytest
 
 from seq2seq.config import TrainConfig, compose, help_text, prepare_overrides
 from seq2seq.errors import ConfigError
-from seq2seq.module import Seq2SeqModule, build_model, fit_tokenizers
+from seq2seq.module import Seq2SeqModule, fit_tokenizers
 from seq2seq.registry import DATASETS
 from seq2seq.translate import Translator
 

@@ -3,6 +3,9 @@
 import pytest
 
 from seq2seq import testing
+from seq2seq.registry import TOKENIZERS
+from seq2seq_plugins.synthetic import SymbolTokenizer
+from seq2seq_plugins.text.tokenizers import BPETokenizer
 
 DOMAINS = {
     "synthetic": ["experiment=reverse", "model=tiny"],
@@ -28,5 +31,41 @@ def test_checkpoint_round_trip(overrides, tmp_path):
     testing.check_checkpoint(overrides, tmp_path)
 
 
+@pytest.mark.slow
 def test_must_learn(overrides, tmp_path):
     testing.check_must_learn(overrides, tmp_path, n_examples=8)
+
+
+# Plugin bugs the kit must catch, each with a message that names the cause.
+@TOKENIZERS.register("kit_test_lowercasing_bpe")
+class LowercasingBPE(BPETokenizer):
+    def encode(self, item: str):
+        return super().encode(item.lower())
+
+
+@TOKENIZERS.register("kit_test_spaceless_symbols")
+class SpacelessSymbols(SymbolTokenizer):
+    def decode(self, ids: list[int]) -> str:
+        return super().decode(ids).replace(" ", "")
+
+
+@TOKENIZERS.register("kit_test_stateless_symbols")
+class StatelessSymbols(SymbolTokenizer):
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:  # what `fit` passes; the empty saved state changes nothing
+            super().load_state_dict(state)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["experiment=translate_ko_en", "tokenizer.src.name=kit_test_lowercasing_bpe", "tokenizer.src.vocab_size=300"],
+     r"decode\(encode\(.*\)\) gives .*must declare `lossless = False`"),
+    (["experiment=reverse", "tokenizer.src.name=kit_test_spaceless_symbols"], r"must declare `lossless = False`"),
+    (["experiment=reverse", "tokenizer.src.name=kit_test_stateless_symbols"],
+     r"rebuilt from its `state_dict\(\)` cannot encode .*does `state_dict\(\)` hold the fitted state\?"),
+])
+def test_the_kit_catches_tokenizer_bugs_and_names_the_cause(overrides, message):
+    with pytest.raises(AssertionError, match=message):
+        testing.check_tokenizers([*overrides, "model=tiny"])

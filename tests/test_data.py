@@ -109,5 +109,5 @@ def test_a_split_left_with_no_examples_is_a_data_error_with_the_counts():
     tok = SymbolTokenizer()
     tok.fit(["1 2 3"])
     splits = {"train": Split([("1 2 3", "3 2 1")], rows_read=1), "val": Split([], 2, Counter({"blank line": 2}))}
-    with pytest.raises(DataError, match=r"the val split has no examples: 2 read, rejected by reason \{'blank line': 2\}"):
+    with pytest.raises(DataError, match=r"the val split has no examples: 2 read, rejected by reason \{'blank line'"):
         Seq2SeqDataModule(splits, tok, tok, LoaderSpec(), 64).setup()

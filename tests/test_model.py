@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 from seq2seq.errors import ConfigError
-from seq2seq.registry import HEADS
 from seq2seq.model import ModelSpec
+from seq2seq.registry import HEADS
 from seq2seq.testing import random_batch
 from seq2seq.testing import tiny_model as make_model
 

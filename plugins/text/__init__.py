@@ -145,7 +145,8 @@ class ParallelCorpus(Reader):
             frame = self._table(self.path, self.split_column)
             if self.split_column:
                 # A blank line belongs to no split: it is counted with the training rows as rejected.
-                blank = (frame[[self.source, self.target, self.split_column]].apply(lambda c: c.str.strip()) == "").all(1)
+                columns = frame[[self.source, self.target, self.split_column]]
+                blank = (columns.apply(lambda c: c.str.strip()) == "").all(axis=1)
                 frame.loc[blank, self.split_column] = "train"
                 bad = ~frame[self.split_column].isin(self.splits)
                 if bad.any():
