@@ -18,11 +18,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 from presets import BOS, EOS, PRESETS, ours
-from torch import nn
 
 import seq2seq.decoding as decoding
 from seq2seq.decoding import beam_search, greedy
-from seq2seq.model import DecoderState, Dropout
+from seq2seq.model import DecoderState
 
 
 def _full_reorder(self: DecoderState, index: torch.Tensor) -> None:
@@ -32,25 +31,13 @@ def _full_reorder(self: DecoderState, index: torch.Tensor) -> None:
 
 PLAIN: dict[str, tuple[object, str, object]] = {  # fast path -> (owner, attribute, plain replacement)
     "packed weights": (decoding, "packed_weights", lambda rows: contextlib.nullcontext()),
-    "block top-k": (decoding, "_topk", lambda x, k: x.topk(k)),
-    "in-place log-sum-exp": (decoding, "_logsumexp_", lambda logits, row_max: logits.logsumexp(-1, keepdim=True)),
     "row-wise cache reorder": (DecoderState, "reorder", _full_reorder),
 }
 
 
 @contextlib.contextmanager
-def plain(name: str, model: nn.Module) -> Iterator[None]:
+def plain(name: str) -> Iterator[None]:
     """Inside the block, the fast path `name` (or none, for "all fast paths") is the plain code."""
-    if name == "Dropout subclass":
-        drops = [m for m in model.modules() if isinstance(m, Dropout)]
-        for m in drops:
-            m.__class__ = nn.Dropout
-        try:
-            yield
-        finally:
-            for m in drops:
-                m.__class__ = Dropout
-        return
     if name not in PLAIN:
         yield
         return
@@ -83,14 +70,14 @@ def main() -> None:
         "beam-4": lambda: beam_search(model, src, keep, bos=BOS, eos=EOS, max_len=args.new, beam=4,
                                       allowed=no_eos).tokens[:, 0],
     }
-    variants = ["all fast paths", *PLAIN, "Dropout subclass"]
+    variants = ["all fast paths", *PLAIN]
     times = {(s, v): [] for s in searches for v in variants}
     outputs = {}
     with torch.no_grad():  # as validation decodes (packed weights do not apply to inference tensors)
         for rep in range(args.reps + 1):  # the first pass warms up
             for variant in variants if rep % 2 == 0 else reversed(variants):
                 for search, fn in searches.items():
-                    with plain(variant, model):
+                    with plain(variant):
                         start = time.perf_counter()
                         outputs[search, variant] = fn()
                         if rep:

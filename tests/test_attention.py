@@ -83,7 +83,8 @@ def test_a_full_cache_raises_instead_of_overwriting():
         attn.step(torch.randn(1, 1, D), cache)
 
 
-def test_kv_cache_reorders_move_whole_rows_whether_few_or_many_rows_move():
+@pytest.mark.parametrize("known", [True, False])  # rows that move given (CPU), or not (every row is copied)
+def test_kv_cache_reorders_move_whole_rows_whether_few_or_many_rows_move(known):
     rows = 6
     cache = KVCache(torch.empty(4, rows, H, 2), torch.empty(4, rows, H, 2))
     for _ in range(3):
@@ -92,7 +93,7 @@ def test_kv_cache_reorders_move_whole_rows_whether_few_or_many_rows_move():
     for index in ([0, 0, 2, 3, 4, 5], [5, 0, 1, 2, 3, 5], [1, 2, 3, 4, 5, 0]):
         index = torch.tensor(index)
         expected = [t[index].clone() for t in cache.keys_values()]  # (B, H, length, Dh) each
-        cache.reorder(index, (index != torch.arange(rows)).nonzero()[:, 0])
+        cache.reorder(index, (index != torch.arange(rows)).nonzero()[:, 0] if known else None)
         for got, want in zip(cache.keys_values(), expected, strict=True):
             assert torch.equal(got, want)
     cache.append(torch.ones(rows, H, 1, 2), torch.ones(rows, H, 1, 2))

@@ -7,7 +7,6 @@ import torch
 from seq2seq.decoding import (
     Decoder,
     DecodeSpec,
-    _topk,
     beam_search,
     greedy,
     max_length,
@@ -151,19 +150,6 @@ def test_a_beam_wider_than_the_vocabulary_finds_every_sequence_in_score_order():
         best = logp.sum(-1).sort(descending=True)
         assert torch.equal(out.tokens[row], every[best.indices])
         torch.testing.assert_close(out.scores[row], best.values, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("vocab", [8000, 8003, 200])  # whole blocks; a tail past the last block; too few blocks
-def test_block_topk_finds_the_same_values_and_positions_as_topk(vocab):
-    torch.manual_seed(0)
-    x = torch.randn(16, vocab)
-    x[0, -1], x[1, :-3] = 9.0, float("-inf")  # the best value in the tail; a row with 3 allowed tokens
-    x[2, 100], x[2, 7000 % vocab] = 8.0, 8.5  # two winners in one row, far apart
-    values, index = _topk(x, 4)
-    expected = x.topk(4)
-    assert torch.equal(values, expected.values)
-    assert torch.equal(x.gather(1, index), values)
-    assert torch.equal(index[values > float("-inf")], expected.indices[values > float("-inf")])
 
 
 def test_repeated_ngram_mask_bans_exactly_the_completing_tokens():
