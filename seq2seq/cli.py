@@ -19,6 +19,7 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from seq2seq import pipeline
@@ -105,7 +106,8 @@ def _hydra_argv(command: str, args: list[str]) -> list[str]:
         resume = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
         if run_dir is None and resume is not None:  # `resume=DIR` continues in that run dir
             extra.append(f"hydra.run.dir={resume}")
-        elif run_dir is not None and resume is None and "-m" not in args and "--multirun" not in args:
+        elif run_dir is not None and resume is None and "-m" not in args and "--multirun" not in args \
+                and rank_zero_only.rank == 0:  # re-launched ranks join the run their rank 0 started
             refuse_reuse(Path(run_dir))  # before Hydra starts the job in it
     # Hydra's overrides must stay one block among its flags (`-m`, `--cfg job`): join the user's.
     at = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), 0)

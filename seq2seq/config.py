@@ -177,7 +177,10 @@ def prepare_overrides(overrides: list[str] | tuple[str, ...], command: str = "tr
     settable; the registry checks them after composition. Additions, deletions and `hydra.*` keys pass unchanged.
     """
     parser = OverridesParser.create()
-    schema_root, groups = SCHEMAS[command], _groups() if command == "train" else {}
+    groups = _groups()
+    schema_root, groups = SCHEMAS[command], groups if command == "train" else {"trainer": groups["trainer"]}
+    if command in ("predict", "translate"):
+        groups = {}
     prepared = []
     for text in overrides:
         if text.startswith("-") or "=" not in text:

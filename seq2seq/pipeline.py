@@ -196,11 +196,13 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             results.update(_scores(trainer.validate(module, datamodule=datamodule, verbose=False)))
         if "test" in held_out:
             results.update(_scores(trainer.test(module, datamodule=datamodule, verbose=False)))
-        results.update(reader.report(translator, splits, root))
+        if trainer.is_global_zero:
+            results.update(reader.report(translator, splits, root))
     results["checkpoint"] = config.ckpt
     if out_dir is not None:
         _write_metrics(trainer, out_dir / "metrics.json", results)
-    sys.stdout.write(json.dumps(results, indent=2) + "\n")
+    if trainer.is_global_zero:
+        sys.stdout.write(json.dumps(results, indent=2) + "\n")
     return results
 
 

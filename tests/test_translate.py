@@ -51,7 +51,7 @@ def test_translate_reads_stdin_and_prints_translations_from_the_checkpoint_alone
     out = _translate(f"ckpt={ckpt}", "beam=5", f"hydra.run.dir={tmp / 't1'}", f"attention={tmp / 'att.png'}",
                      stdin="\n".join(sources) + "\n").stdout.removesuffix("\n").split("\n")
     assert len(out) == 6 and sum(o == r for o, r in zip(out, references, strict=True)) >= 5
-    assert out == Translator(module).translate(sources, beam=5)
+    assert out == Translator(module).with_decoding(beam=5).translate(sources)
     assert (tmp / "att.png").stat().st_size > 10_000
     nbest = _translate(f"ckpt={ckpt}", "n_best=3", f"hydra.run.dir={tmp / 't2'}", stdin=sources[0] + "\n")
     rows = [line.split("\t") for line in nbest.stdout.splitlines()]
