@@ -10,14 +10,13 @@ interleaved in one process; medians. A fast path earns its place at >= 1.10x (pl
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterator
 
 import torch
-from presets import BOS, EOS, PRESETS, ours
+from presets import BOS, EOS, PRESETS, decode_arguments, ours
 
 import seq2seq.decoding as decoding
 from seq2seq.decoding import beam_search, greedy
@@ -51,13 +50,7 @@ def plain(name: str) -> Iterator[None]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, default="small")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--src-len", type=int, default=32)
-    parser.add_argument("--new", type=int, default=32, help="tokens generated per row")
-    parser.add_argument("--reps", type=int, default=5)
-    args = parser.parse_args()
+    args = decode_arguments(__doc__)
     p = PRESETS[args.preset]
     torch.manual_seed(0)
     model = ours(p, dropout=0.0).eval()

@@ -10,13 +10,12 @@ process; medians. Needs `pip install transformers`.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-from presets import BOS, EOS, PAD, PRESETS, ours
+from presets import BOS, EOS, PAD, PRESETS, decode_arguments, ours
 from transformers import MarianConfig, MarianMTModel
 
 from seq2seq.decoding import beam_search, greedy
@@ -38,13 +37,7 @@ def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, default="small")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--src-len", type=int, default=32)
-    parser.add_argument("--new", type=int, default=32, help="tokens generated per row")
-    parser.add_argument("--reps", type=int, default=5)
-    args = parser.parse_args()
+    args = decode_arguments(__doc__)
     p = PRESETS[args.preset]
     torch.manual_seed(0)
     model, hf = ours(p, dropout=0.0).eval(), marian(p)

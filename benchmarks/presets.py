@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from seq2seq.embeddings import TokenEmbedding
 from seq2seq.heads import LinearHead
 from seq2seq.model import EncoderDecoder, ModelSpec
@@ -26,3 +28,14 @@ def ours(p: dict, dropout: float) -> EncoderDecoder:
     head = LinearHead(p["d_model"], p["vocab"])
     head.tie(embed.weight)
     return EncoderDecoder(spec, embed, embed, head)
+
+
+def decode_arguments(doc: str) -> argparse.Namespace:
+    """The command line of the decoding benchmarks: preset, batch, source length, new tokens, repetitions."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="small")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--src-len", type=int, default=32)
+    parser.add_argument("--new", type=int, default=32, help="tokens generated per row")
+    parser.add_argument("--reps", type=int, default=5)
+    return parser.parse_args()

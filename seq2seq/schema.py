@@ -65,8 +65,14 @@ def _type_name(annotation: object) -> str:
 
 
 def _value_problems(where: str, value: Any, annotation: object, meta: typing.Mapping[str, Any]) -> list[str]:
+    """What is wrong with one value, each message ending with the field's help."""
+    about = f" ({meta['help']})" if meta.get("help") else ""
+    return [p + about for p in _wrong(where, value, annotation, meta)]
+
+
+def _wrong(where: str, value: Any, annotation: object, meta: typing.Mapping[str, Any]) -> list[str]:
     if not type_ok(value, annotation):
-        return [f"`{where}` must be {_type_name(annotation)}, got {value!r} ({type(value).__name__})"]
+        return [f"`{where}` must be {_type_name(annotation)}, got {value!r}, a {type(value).__name__}"]
     choices, minimum = meta.get("choices"), meta.get("minimum")
     if choices is not None and value is not None and value not in choices:
         accepted = [str(c) for c in choices]
