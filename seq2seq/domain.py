@@ -117,7 +117,9 @@ class Split:
 
 class Reader(ABC):
     """A domain's data source, registered in `DATASETS` and configured by the `data:` block (its constructor's
-    keyword arguments are the block's options)."""
+    keyword arguments are the block's options). The constructor checks its options (ConfigError) and reads
+    nothing: validation builds it to report a wrong value before any data are read. Encoders' constructors do the
+    same."""
 
     splits: tuple[str, ...] = ("train", "val", "test")
 

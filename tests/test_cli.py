@@ -19,8 +19,8 @@ def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    result = _run(*args)
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    result = _run(*args, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -69,10 +69,11 @@ def test_max_steps_that_ends_mid_epoch_with_early_stopping_finishes_the_run(tmp_
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["train", "experiment=nope"], "unknown experiment `nope`. Available: copy,"),
+    pytest.param(["train", "experiment=nope"], "unknown experiment `nope`. Available: copy,", marks=pytest.mark.slow),
     (["train", "experiment=reverse", "model.d_model=0"], "`model.d_model` must be at least 1, got 0"),
     (["train", "experiment=translate_ko_en", "data.path=missing.tsv"], "missing.tsv: no such file"),
-    (["translate", "ckpt=truncated.ckpt"], "`ckpt=truncated.ckpt` is not a readable checkpoint"),
+    pytest.param(["translate", "ckpt=truncated.ckpt"], "`ckpt=truncated.ckpt` is not a readable checkpoint",
+                 marks=pytest.mark.slow),
 ])
 def test_mistakes_exit_2_with_one_line_and_leave_no_run_directory(args, message, tmp_path):
     (tmp_path / "truncated.ckpt").write_bytes(b"PK\x03\x04 cut short")
@@ -110,7 +111,7 @@ def test_a_checkpoint_reloaded_in_a_fresh_process_decodes_identically(reverse_ru
     sources = [src for src, _ in SyntheticTask(seed=11, n_test=100).read("test").pairs]
     (tmp_path / "in.txt").write_text("\n".join(sources) + "\n")
     _cli("predict", f"ckpt={metrics['best_checkpoint']}", f"input={tmp_path / 'in.txt'}",
-         f"output={tmp_path / 'out.txt'}", f"hydra.run.dir={tmp_path / 'run'}")
+         f"output={tmp_path / 'out.txt'}", cwd=tmp_path)
     assert (tmp_path / "out.txt").read_text().splitlines() == Translator(module).translate(sources)
     assert not (tmp_path / "runs").exists()
 

@@ -126,9 +126,10 @@ def test_wrong_types_are_rejected_naming_the_key():
 def test_every_mistake_of_a_config_is_reported_at_once_naming_key_value_and_accepted_values():
     with pytest.raises(ConfigError) as caught:
         compose(["experiment=reverse", "model.d_model=0", "decode.beam=0", "decode.length_normalization=foo",
-                 "monitor.metric=val/exact_mach", "loader.batch_size=-1", "model.n_heads=0"])
+                 "monitor.metric=val/exact_mach", "loader.batch_size=-1", "model.n_heads=0", "data.task=sorting"])
     message = str(caught.value)
-    assert message.startswith("6 problems in the config")
+    assert message.startswith("7 problems in the config")
+    assert "`data.task` must be one of copy, reverse, sort, add, got 'sorting'" in message  # the reader's own check
     for expected in ("`model.d_model` must be at least 1, got 0", "`model.n_heads` must be at least 1, got 0",
                      "`decode.beam` must be at least 1, got 0",
                      "`decode.length_normalization` must be one of gnmt, average, got 'foo'",

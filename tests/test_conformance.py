@@ -19,6 +19,11 @@ def overrides(request):
     return DOMAINS[request.param]
 
 
+# The fresh-process round trip costs a Python start per domain: the quick loop keeps one.
+ROUND_TRIPS = [pytest.param(DOMAINS[name], id=name, marks=() if name == "synthetic" else pytest.mark.slow)
+               for name in DOMAINS]
+
+
 def test_tokenizers(overrides):
     testing.check_tokenizers(overrides)
 
@@ -27,6 +32,7 @@ def test_contracts(overrides):
     testing.check_contracts(overrides)
 
 
+@pytest.mark.parametrize("overrides", ROUND_TRIPS)
 def test_checkpoint_round_trip(overrides, tmp_path):
     testing.check_checkpoint(overrides, tmp_path)
 
