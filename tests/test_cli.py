@@ -137,3 +137,22 @@ def test_evaluate_scores_other_data_with_the_checkpoints_reader_or_refuses_clear
     assert longer["val/exact_match"] < metrics["val/exact_match"] - 0.2  # longer than anything it trained on
     with pytest.raises(ConfigError, match=r"unknown option `data\.path` for dataset `synthetic`"):
         evaluate(compose([ckpt, "data.path=other.tsv"], command="evaluate"))
+
+
+@pytest.mark.parametrize("max_steps", [8, 6])  # an epoch is 8 steps
+def test_final_scoring_decodes_the_validation_split_once_per_set_of_weights(max_steps, tmp_path, monkeypatch):
+    runs = []
+    end = Seq2SeqModule.on_validation_epoch_end
+
+    def counted(self):
+        runs.append(self.global_step)
+        end(self)
+
+    monkeypatch.setattr(Seq2SeqModule, "on_validation_epoch_end", counted)
+    config = compose(["experiment=copy", f"trainer.max_steps={max_steps}", "data.n_train=512", "data.n_val=32",
+                      "data.n_test=32", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false"])
+    train(config, tmp_path)
+    # 8 steps: the epoch's validation scores the final weights, and final scoring reuses them. 6 steps: no
+    # validation during training; the final weights are validated once, and those scores are the result.
+    assert runs == [max_steps]
+    assert {"val/exact_match", "test/exact_match"} <= set(json.loads((tmp_path / "metrics.json").read_text()))

@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
-from seq2seq import Translator, compose, train
+from seq2seq import DataError, Translator, compose, train
 from seq2seq_plugins.text import EMBEDDED
 
 pytestmark = pytest.mark.slow
@@ -58,3 +58,18 @@ def test_translate_reads_stdin_and_prints_translations_from_the_checkpoint_alone
     assert [r[0] for r in rows] == ["1", "1", "1"]
     scores = [float(r[1]) for r in rows]
     assert scores == sorted(scores, reverse=True) and rows[0][2] == references[0]
+
+
+def test_evaluate_scores_another_file_with_the_checkpoints_reader_and_column_names(tiny_run):
+    from seq2seq.pipeline import evaluate
+
+    tmp, _, metrics, pairs = tiny_run
+    other = pairs.rename(columns={"ko": "source", "en": "target"})[["source", "target"]]
+    other.assign(target=other["target"].str.upper()).to_csv(tmp / "other.csv", index=False)  # what it never saw
+    ckpt = f"ckpt={metrics['best_checkpoint']}"
+    scores = evaluate(compose([ckpt, f"data.path={tmp / 'other.csv'}", "data.source=source", "data.target=target",
+                               "data.split_column=null", "data.val_fraction=0.5", "data.test_fraction=0.5"],
+                              command="evaluate"))
+    assert scores["val/bleu"] < 20 < metrics["val/bleu"]  # scored on the other file, not the stored one
+    with pytest.raises(DataError, match=r"missing column\(s\) \['ko', 'en'\]"):
+        evaluate(compose([ckpt, f"data.path={tmp / 'other.csv'}", "data.split_column=null"], command="evaluate"))
