@@ -141,7 +141,8 @@ class PredictConfig(InferenceConfig):
 
 @dataclass(frozen=True)
 class TranslateConfig(InferenceConfig):
-    """`seq2seq translate`: lines in, lines out, by beam search; n-best lists with scores."""
+    """`seq2seq translate`: lines in, lines out, decoded as the checkpoint's `decode:` (or `beam=`) says; n-best
+    lists with scores by beam search."""
 
     input: str | None = setting(None, "file of sources, one per line (default: standard input)")
     output: str | None = setting(None, "where outputs go (default: standard output)")
@@ -161,7 +162,7 @@ def _groups() -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for folder in folders:
         for group in folder.iterdir():
-            if group.is_dir() and not group.name.startswith(("_", ".")):
+            if group.is_dir() and not group.name.startswith(("_", ".")) and group.name != "hydra":
                 names = (p.name.removesuffix(".yaml") for p in group.iterdir() if p.name.endswith(".yaml"))
                 found.setdefault(group.name, []).extend(names)
     return found
@@ -306,7 +307,8 @@ def load_train_config(data: dict[str, Any]) -> TrainConfig:
 def help_text(command: str) -> str:
     """`seq2seq <command> --help`: every key with its default and help."""
     schema = SCHEMAS[command]
-    lines = [f"usage: seq2seq {command} [key=value ...] [hydra options]", f"  {schema.__doc__.strip()}", "",
+    about = " ".join(schema.__doc__.split())
+    lines = [f"usage: seq2seq {command} [key=value ...] [hydra options]", f"  {about}", "",
              "keys (key=default  help):"]
     lines += describe(schema)
     if command == "train":
