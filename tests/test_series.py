@@ -118,16 +118,18 @@ def test_label_tokenizer_round_trips_and_names_its_label_ids():
     assert tok.decode(tok.encode([1, 0, 1]).tolist()) == "1 0 1"
 
 
-def _storm_module(overrides: list[str] = ()) -> tuple[Seq2SeqModule, DailyWindows]:
-    config = compose(["experiment=storm_onset", *overrides])
+@pytest.fixture(scope="module")
+def storm_data():
+    """The storm experiment's fitted encoders and 64 validation windows, read once for every decoding mode."""
+    config = compose(["experiment=storm_onset"])
     reader = DailyWindows(**{k: v for k, v in config.data.items() if k != "name"})
-    return Seq2SeqModule(config, fit_tokenizers(config, reader.read("train").pairs[:500])), reader
+    return fit_tokenizers(config, reader.read("train").pairs[:500]), [w for w, _ in reader.read("val").pairs[:64]]
 
 
 @pytest.mark.parametrize("mode", ["decode.one_shot=false", "decode.one_shot=true", "decode.beam=3"])
-def test_label_decoding_never_emits_a_non_label_token(mode):
-    module, reader = _storm_module([mode])
-    windows = [w for w, _ in reader.read("val").pairs[:64]]
+def test_label_decoding_never_emits_a_non_label_token(mode, storm_data):
+    states, windows = storm_data
+    module = Seq2SeqModule(compose(["experiment=storm_onset", mode]), states)
     translator = Translator(module.eval())
     for _, batch in translator.batches(windows):
         tokens = module.decoder(module.model, batch.src, batch.src_keep)

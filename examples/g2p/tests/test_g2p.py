@@ -21,6 +21,7 @@ def test_conformance_contracts():
     testing.check_contracts(OVERRIDES)
 
 
+@pytest.mark.slow  # a fresh Python process; the quick loop checks one built-in domain's
 def test_conformance_checkpoint(tmp_path):
     testing.check_checkpoint(OVERRIDES, tmp_path)
 
