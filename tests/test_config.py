@@ -93,6 +93,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # a Python start each; test_cli keeps one exit-status check in the quick loop
 @pytest.mark.parametrize(("override", "message"), [
     ("+typo=1", "unknown config key `typo`"),
     ("model.d_modle=5", "Did you mean `d_model`"),
