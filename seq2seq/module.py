@@ -38,18 +38,25 @@ from seq2seq.schema import to_data
 log = logging.getLogger(__name__)
 
 
-def fit_tokenizers(config: TrainConfig, train_pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
-    """Build the encoders named in config, fit them on the training pairs, return their plain-data state."""
+def fit_encoders(config: TrainConfig, train_pairs: list[tuple[Any, Any]]) -> tuple[Encoder, Encoder | None]:
+    """Build the encoders named in config and fit them on the training pairs; no target encoder when the
+    vocabulary is joint (`tokenizer.tgt: null`)."""
     specs = config.tokenizer
     src = TOKENIZERS.build(specs.src, where="tokenizer.src")
-    sources = [s for s, _ in train_pairs]
-    if specs.tgt is None:  # one joint vocabulary
-        src.fit(sources + [t for _, t in train_pairs])
-        return {"src": src.state_dict(), "tgt": None}
+    sources, targets = [s for s, _ in train_pairs], [t for _, t in train_pairs]
+    if specs.tgt is None:
+        src.fit(sources + targets)
+        return src, None
     tgt = TOKENIZERS.build(specs.tgt, where="tokenizer.tgt")
     src.fit(sources)
-    tgt.fit([t for _, t in train_pairs])
-    return {"src": src.state_dict(), "tgt": tgt.state_dict()}
+    tgt.fit(targets)
+    return src, tgt
+
+
+def fit_tokenizers(config: TrainConfig, train_pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """The encoders named in config, fitted on the training pairs, as their plain-data state."""
+    src, tgt = fit_encoders(config, train_pairs)
+    return {"src": src.state_dict(), "tgt": None if tgt is None else tgt.state_dict()}
 
 
 def load_tokenizers(config: TrainConfig, states: dict[str, Any]) -> tuple[Encoder, Tokenizer]:

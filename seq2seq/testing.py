@@ -38,7 +38,7 @@ from seq2seq.domain import Encoder, Tokenizer
 from seq2seq.embeddings import TokenEmbedding
 from seq2seq.heads import LinearHead
 from seq2seq.model import EncoderDecoder, ModelSpec
-from seq2seq.module import Seq2SeqModule, fit_tokenizers
+from seq2seq.module import Seq2SeqModule, fit_encoders, fit_tokenizers
 from seq2seq.registry import DATASETS, TOKENIZERS
 from seq2seq.translate import Translator
 
@@ -91,14 +91,9 @@ def _fitted(overrides: list[str], n_pairs: int) -> tuple[list[tuple[str, Encoder
     config = compose(overrides)
     train = DATASETS.build(config.data, "data").read("train").pairs
     sample = random.Random(0).sample(train, min(n_pairs, len(train)))
-    src = TOKENIZERS.build(config.tokenizer.src, "tokenizer.src")
-    sources, targets = [s for s, _ in train], [t for _, t in train]
-    if config.tokenizer.tgt is None:
-        src.fit(sources + targets)
+    src, tgt = fit_encoders(config, train)
+    if tgt is None:
         return [("src", src, [s for s, _ in sample] + [t for _, t in sample])], config
-    tgt = TOKENIZERS.build(config.tokenizer.tgt, "tokenizer.tgt")
-    src.fit(sources)
-    tgt.fit(targets)
     return [("src", src, [s for s, _ in sample]), ("tgt", tgt, [t for _, t in sample])], config
 
 
