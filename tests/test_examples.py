@@ -2,6 +2,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -17,6 +19,7 @@ def test_core_model_example_runs():
     assert "teacher-forced logits: (2, 3, 100)" in out
 
 
+@pytest.mark.slow  # it trains for an epoch
 def test_train_reverse_example_runs_and_the_reloaded_model_agrees():
     out = _run("train_reverse.py", "trainer.max_epochs=1", "data.n_train=512", "data.n_val=64", "data.n_test=64")
     lines = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in out.splitlines() if ":" in line}

@@ -40,8 +40,9 @@ def test_a_plugin_that_fails_to_import_is_named(tmp_path, monkeypatch):
 
 
 def test_checkpoints_record_plugin_versions_and_warn_when_they_changed(tmp_path, caplog):
-    testing.check_checkpoint(["experiment=reverse"], tmp_path)  # writes tmp_path/kit.ckpt
-    path = tmp_path / "kit.ckpt"
+    module, pairs = testing.build(["experiment=reverse", "model=tiny"])
+    path = tmp_path / "one-step.ckpt"
+    testing._fit(module, pairs, 1, tmp_path).save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["seq2seq"]["plugins"] == plugin_versions(["seq2seq_plugins.synthetic"])
     ckpt["seq2seq"]["plugins"]["seq2seq_plugins.synthetic"] = "seq2seq 0.0.1"
