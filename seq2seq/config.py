@@ -152,6 +152,7 @@ class TranslateConfig(InferenceConfig):
 
 SCHEMAS: dict[str, type] = {"train": TrainConfig, "evaluate": EvaluateConfig, "predict": PredictConfig,
                             "translate": TranslateConfig}
+INFERENCE_GROUPS = {"evaluate": ("trainer",), "predict": (), "translate": ()}
 ELSEWHERE = {"beam": "translate", "length_penalty": "translate", "n_best": "translate", "attention": "translate",
              "ckpt": "evaluate, predict and translate", "input": "predict and translate"}
 
@@ -178,10 +179,9 @@ def prepare_overrides(overrides: list[str] | tuple[str, ...], command: str = "tr
     settable; the registry checks them after composition. Additions, deletions and `hydra.*` keys pass unchanged.
     """
     parser = OverridesParser.create()
-    groups = _groups()
-    schema_root, groups = SCHEMAS[command], groups if command == "train" else {"trainer": groups["trainer"]}
-    if command in ("predict", "translate"):
-        groups = {}
+    schema_root, groups = SCHEMAS[command], _groups()
+    if command != "train":  # `conf/<command>.yaml` composes only these groups
+        groups = {g: groups[g] for g in INFERENCE_GROUPS[command]}
     prepared = []
     for text in overrides:
         if text.startswith("-") or "=" not in text:
