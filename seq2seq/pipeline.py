@@ -152,7 +152,7 @@ def _best_checkpoint(config: TrainConfig, trainer: L.Trainer, module: Seq2SeqMod
     if score is None or (best is not None and (score <= best if mode == "max" else score >= best)):
         return callback.best_model_path, {}
     path = run_dir / "checkpoints" / f"best-step{trainer.global_step}.ckpt"
-    trainer.save_checkpoint(path)
+    trainer.save_checkpoint(path, weights_only=False)  # a whole checkpoint: a run can resume from it
     previous = "no earlier validation" if best is None else f"the best validation's {float(best):.4f}"
     log.info("the final weights (step %d) score %s=%.4f, better than %s", trainer.global_step, metric, score,
              previous)
