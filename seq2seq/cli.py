@@ -78,12 +78,16 @@ def _train_task(cfg: DictConfig) -> float | None:
     """One training job; returns its best `monitor.metric` (what sweepers optimize)."""
     _restore_command("train")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # Only what this job wrote may be removed: never a directory that held files before it (a run to resume),
+    # and never from a re-launched rank, whose rank 0 owns the directory.
+    owned = rank_zero_only.rank == 0 and not (run_dir.is_dir() and any(run_dir.iterdir()))
     try:
         config = validate(cfg, "train")
         _check_multirun(config)
         pipeline.train(config, run_dir)
     except (ConfigError, DataError) as err:
-        _remove_failed_run(run_dir)
+        if owned:
+            _remove_failed_run(run_dir)
         _fail(err)
     metrics = run_dir / "metrics.json"
     return json.loads(metrics.read_text()).get(config.monitor.metric) if metrics.is_file() else None

@@ -156,3 +156,12 @@ def test_final_scoring_decodes_the_validation_split_once_per_set_of_weights(max_
     # validation during training; the final weights are validated once, and those scores are the result.
     assert runs == [max_steps]
     assert {"val/exact_match", "test/exact_match"} <= set(json.loads((tmp_path / "metrics.json").read_text()))
+
+
+@pytest.mark.slow  # a Python start
+def test_a_refused_resume_leaves_the_run_it_names_untouched(tmp_path):
+    (tmp_path / "config.yaml").write_text("seed: 7\n")  # a run directory whose checkpoints are gone
+    (tmp_path / "logs").mkdir()
+    result = _run("train", "experiment=reverse", f"resume={tmp_path}")
+    assert result.returncode == 2 and "differs in" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "logs"]
