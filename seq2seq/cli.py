@@ -1,5 +1,5 @@
-"""The command line: `seq2seq train | evaluate | predict | translate [key=value ...]`, `seq2seq <command> --help`,
-`seq2seq plugins`.
+"""The command line: `seq2seq train | prepare | evaluate | predict | translate [key=value ...]`,
+`seq2seq <command> --help`, `seq2seq plugins`.
 
 Hydra composes `conf/<command>.yaml` with the overrides; `config.validate` turns it into the command's typed config;
 `pipeline` does the work. A mistake in the config or the data exits with status 2 and one message saying what to
@@ -29,7 +29,7 @@ from seq2seq.errors import ConfigError, DataError
 from seq2seq.plugins import listing, searchpath_override
 
 COMMANDS: dict[str, Callable[..., Any]] = {
-    "train": pipeline.train, "evaluate": pipeline.evaluate, "predict": pipeline.predict,
+    "train": pipeline.train, "prepare": pipeline.prepare, "evaluate": pipeline.evaluate, "predict": pipeline.predict,
     "translate": pipeline.translate,
 }
 
@@ -66,7 +66,8 @@ def _remove_failed_run(run_dir: Path) -> None:
         return
     for name in ("config.yaml", "data_report.json", "cli.log"):
         (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "logs", ignore_errors=True)
+    for name in ("logs", "prepared"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
     cwd = Path.cwd().resolve()
     for folder in [run_dir.resolve(), *run_dir.resolve().parents]:
         if folder == cwd or cwd not in folder.parents or not folder.is_dir() or any(folder.iterdir()):
@@ -105,6 +106,11 @@ def _hydra_argv(command: str, args: list[str]) -> list[str]:
     """The overrides checked and prepared for Hydra, with the plugins' config folders and the run directory."""
     args = prepare_overrides(args, command)
     extra = [] if any(a.startswith("hydra.searchpath=") for a in args) else searchpath_override()
+    experiment = next((a.split("=", 1)[1] for a in args if a.startswith("experiment=")), None)
+    if command in ("train", "prepare") and experiment and not any(a.startswith("prepared=") for a in args):
+        default = Path("prepared") / experiment  # where `prepare` writes; `train` uses it when it is there
+        if command == "prepare" or (default / "meta.json").is_file():
+            extra.append(f"prepared={default}")
     if command == "train":
         run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
         resume = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)

@@ -90,6 +90,15 @@ class SidesSpec:
 
 
 @dataclass(frozen=True)
+class TokenizerSpec(SidesSpec):
+    """The tokenizers of both sides, and what they are fitted on."""
+
+    block: ClassVar[str] = "tokenizer"
+    fit_sample: int | None = setting(None, "fit on this many training pairs, drawn reproducibly (null: all of them)",
+                                     minimum=1)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """`seq2seq train`: fit a model, keep the best checkpoint, score it on the held-out splits."""
 
@@ -102,13 +111,24 @@ class TrainConfig:
     decode: DecodeSpec = dataclasses.field(default_factory=DecodeSpec)
     monitor: MonitorSpec = dataclasses.field(default_factory=MonitorSpec)
     data: dict[str, Any] = setting({}, "the domain's reader: {name: ..., options}")
-    tokenizer: SidesSpec = dataclasses.field(default_factory=SidesSpec)
+    tokenizer: TokenizerSpec = dataclasses.field(default_factory=TokenizerSpec)
     embedding: SidesSpec = dataclasses.field(default_factory=SidesSpec)
     head: dict[str, Any] = setting({}, "the output head: {name: ..., options}")
     metrics: list[str] = setting(["exact_match"], "metrics decoded and scored on val and test")
     loggers: list[str] = setting(["csv"], "csv and/or tensorboard")
     save_every_n_steps: int | None = setting(None, "also write checkpoints/last.ckpt every N steps", minimum=1)
     resume: str | None = setting(None, "continue the run in this run directory from its newest checkpoint")
+    prepared: str | None = setting(None, "the prepared dataset to train on (`seq2seq prepare` writes it; prepared "
+                                   "here first if absent). null: prepared/<experiment> if there, else the run's own")
+
+
+@dataclass(frozen=True)
+class PrepareConfig(TrainConfig):
+    """`seq2seq prepare`: read, fit the tokenizers and encode the data of a training config once, into memory-mapped
+    shards that `seq2seq train` (every process of it) maps; run it with the overrides training will have."""
+
+    workers: int = setting(1, "processes that encode (1: this one)", minimum=1)
+    shard_size: int = setting(1_000_000, "examples per shard file", minimum=1)
 
 
 @dataclass(frozen=True)
@@ -150,11 +170,12 @@ class TranslateConfig(InferenceConfig):
     attention: str | None = setting(None, "also save cross-attention heatmaps of the first inputs to this PNG")
 
 
-SCHEMAS: dict[str, type] = {"train": TrainConfig, "evaluate": EvaluateConfig, "predict": PredictConfig,
-                            "translate": TranslateConfig}
+SCHEMAS: dict[str, type] = {"train": TrainConfig, "prepare": PrepareConfig, "evaluate": EvaluateConfig,
+                            "predict": PredictConfig, "translate": TranslateConfig}
+TRAINING = ("train", "prepare")  # the commands that compose a whole training config
 INFERENCE_GROUPS = {"evaluate": ("trainer",), "predict": (), "translate": ()}
-ELSEWHERE = {"beam": "translate", "length_penalty": "translate", "n_best": "translate", "attention": "translate",
-             "ckpt": "evaluate, predict and translate", "input": "predict and translate"}
+ELSEWHERE = {"workers": "prepare", "shard_size": "prepare", "beam": "translate", "length_penalty": "translate",
+             "n_best": "translate", "attention": "translate", "ckpt": "evaluate, predict and translate", "input": "predict and translate"}
 
 
 def _groups() -> dict[str, list[str]]:
@@ -180,7 +201,7 @@ def prepare_overrides(overrides: list[str] | tuple[str, ...], command: str = "tr
     """
     parser = OverridesParser.create()
     schema_root, groups = SCHEMAS[command], _groups()
-    if command != "train":  # `conf/<command>.yaml` composes only these groups
+    if command not in TRAINING:  # `conf/<command>.yaml` composes only these groups
         groups = {g: groups[g] for g in INFERENCE_GROUPS[command]}
     prepared = []
     for text in overrides:
@@ -283,7 +304,7 @@ def validate(cfg: DictConfig | dict[str, Any], command: str = "train") -> Any:
     assert isinstance(data, dict)
     config, problems = build(SCHEMAS[command], data)
     problems = _required_problems(data) + problems
-    if command == "train":
+    if command in TRAINING:
         try:
             import_plugins(list(config.plugins))
             problems += _component_problems(config)
@@ -311,7 +332,7 @@ def help_text(command: str) -> str:
     lines = [f"usage: seq2seq {command} [key=value ...] [hydra options]", f"  {about}", "",
              "keys (key=default  help):"]
     lines += describe(schema)
-    if command == "train":
+    if command in TRAINING:
         lines += ["", "plugin blocks (data, tokenizer.*, embedding.*, head) take their component's constructor "
                   "options;",
                   "config groups: " + "; ".join(f"{g}={'|'.join(sorted(o))}" for g, o in sorted(_groups().items()))]

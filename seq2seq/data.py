@@ -2,31 +2,34 @@
 
 Shapes: B batch, S source length, T target length, F numeric features.
 
-A domain's reader yields raw (source, target) pairs per split and its encoders turn them into ids or values
-(`domain.py`); the core adds BOS/EOS, pads, checks lengths and batches. Every example the core rejects is counted
-by reason: kept + rejected = rows read, per split.
+A domain's reader yields raw (source, target) pairs per split, its encoders turn them into ids or values
+(`domain.py`), and `prepared.py` stores them in memory-mapped shards; here the core checks lengths, adds BOS/EOS,
+pads and batches. Every example left out is counted by reason: kept + rejected = rows read, per split.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from seq2seq.domain import Encoder, Split, Tokenizer
+from seq2seq.domain import Encoder, Tokenizer
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.schema import check, setting
+
+if TYPE_CHECKING:
+    from seq2seq.prepared import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -92,45 +95,32 @@ class Collate:
         return Batch(src, src_keep, tgt_in, tgt_out)  # tgt_* (B, T)
 
 
-def encode_split(
-    split: Split, src_tok: Encoder, tgt_tok: Tokenizer, max_src: int, max_tgt: int
-) -> tuple[list[tuple[Tensor, Tensor]], Counter[str]]:
-    """Encode a split, rejecting (and counting) empty or over-long examples."""
-    kept, rejected = [], Counter(split.rejected)
-    for src_raw, tgt_raw in split.pairs:
-        src, tgt = src_tok.encode(src_raw), tgt_tok.encode(tgt_raw)
-        if len(src) == 0:
-            rejected["empty source"] += 1
-        elif len(src) > max_src:
-            rejected[f"source longer than {max_src}"] += 1
-        elif len(tgt) + 1 > max_tgt:
-            rejected[f"target longer than {max_tgt - 1}"] += 1
-        else:
-            kept.append((src, tgt))
-    return kept, rejected
-
-
 class TrainingBatches(Sampler[list[int]]):
     """The training batches of an epoch, drawn from `seed + epoch` alone, so every process and every resumed run
     draws the same ones.
 
-    With `max_tokens`, batches hold examples of similar lengths, at most `max_tokens` padded tokens each (longest
-    × count; lengths sorted with random tie-breaks), in shuffled order; otherwise `batch_size` examples of a
-    shuffled order. With `num_replicas` > 1 the batch list is extended by repeating its first batches to a multiple
-    of `num_replicas` and rank r takes every r-th batch: all ranks run the same number of steps. On one process
-    every example appears exactly once per epoch. `resume(epoch, done)` makes the next pass over that epoch skip
-    its first `done` batches (exact resume mid-epoch).
+    An epoch's examples are each example once, or, with `corpora` ((start, end, weight) index ranges), as many as
+    there are examples in all, drawn from each corpus in proportion to its weight (without repeats while a corpus
+    lasts). With `max_tokens`, batches hold examples of similar lengths, at most `max_tokens` padded tokens each
+    (longest × count; lengths sorted with random tie-breaks), in shuffled order; otherwise `batch_size` examples of
+    a shuffled order. With `num_replicas` > 1 the batch list is extended by repeating its first batches to a
+    multiple of `num_replicas` and rank r takes every r-th batch: all ranks run the same number of steps.
+    `resume(epoch, done)` makes the next pass over that epoch skip its first `done` batches (exact resume
+    mid-epoch). Indices and lengths live in numpy arrays: a few bytes per example.
     """
 
-    def __init__(self, lengths: list[int], max_tokens: int | None = None, batch_size: int = 64, seed: int = 0,
-                 shuffle: bool = True, num_replicas: int = 1, rank: int = 0) -> None:
-        too_long = max(lengths, default=0)
+    def __init__(self, lengths: Sequence[int] | np.ndarray, max_tokens: int | None = None, batch_size: int = 64,
+                 seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0,
+                 corpora: list[tuple[int, int, float]] | None = None) -> None:
+        self.lengths = np.asarray(lengths, dtype=np.int32)
+        too_long = int(self.lengths.max(initial=0))
         if max_tokens is not None and too_long > max_tokens:
             raise ConfigError(f"`loader.max_tokens` ({max_tokens}) is below the longest example ({too_long} "
                               "tokens); raise it or cap lengths with `loader.max_src_len` / `loader.max_tgt_len`")
-        self.lengths, self.max_tokens, self.batch_size = lengths, max_tokens, batch_size
+        self.max_tokens, self.batch_size, self.corpora = max_tokens, batch_size, corpora
         self.seed, self.shuffle, self.num_replicas, self.rank = seed, shuffle, num_replicas, rank
         self.epoch, self.skip = 0, (0, 0)  # skip: (epoch, batches to leave out at its start)
+        self._drawn: tuple[int, list[np.ndarray]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -143,38 +133,63 @@ class TrainingBatches(Sampler[list[int]]):
     def resume(self, epoch: int, done: int) -> None:
         self.skip = (epoch, done)
 
-    def _by_tokens(self, rng: random.Random) -> list[list[int]]:
-        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], rng.random()))
-        batches: list[list[int]] = [[]]
-        longest = 0
-        for i in order:
-            longest = max(longest, self.lengths[i])
-            if batches[-1] and longest * (len(batches[-1]) + 1) > self.max_tokens:  # type: ignore[operator]
-                batches.append([])
-                longest = self.lengths[i]
-            batches[-1].append(i)
+    def _examples(self, rng: np.random.Generator) -> np.ndarray:
+        n = len(self.lengths)
+        if not self.corpora or len(self.corpora) == 1:
+            return rng.permutation(n) if self.shuffle else np.arange(n)
+        weights = np.array([w for _, _, w in self.corpora])
+        share = n * weights / weights.sum()
+        counts = np.floor(share).astype(np.int64)
+        counts[np.argsort(counts - share, kind="stable")[: n - counts.sum()]] += 1  # largest remainders
+        drawn = []
+        for (start, end, _), count in zip(self.corpora, counts, strict=True):
+            size = end - start
+            if size == 0 or count == 0:
+                continue
+            laps = [rng.permutation(size) for _ in range(-(-count // size))]
+            drawn.append(start + np.concatenate(laps)[:count])
+        return rng.permutation(np.concatenate(drawn))
+
+    def _by_tokens(self, examples: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+        order = examples[np.argsort(self.lengths[examples], kind="stable")]  # `examples` is shuffled: random ties
+        sorted_lengths = self.lengths[order]
+        values, firsts = np.unique(sorted_lengths, return_index=True)
+        sizes, filled = [], 0  # greedy: add while (longest so far) × (count + 1) <= max_tokens
+        for length, count in zip(values.tolist(), np.diff([*firsts, len(order)]).tolist(), strict=True):
+            fits = max(self.max_tokens // max(length, 1), 1)  # type: ignore[operator]
+            if filled:
+                take = min(count, max(fits - filled, 0))
+                sizes[-1] += take
+                filled += take
+                count -= take
+            full, rest = divmod(count, fits)
+            sizes += [fits] * full + ([rest] if rest else [])
+            filled = rest if rest else (fits if full else filled)
+        batches = np.split(order, np.cumsum(sizes)[:-1]) if sizes else []
         if self.shuffle:
-            rng.shuffle(batches)
+            batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
 
-    def batches(self) -> list[list[int]]:
-        rng = random.Random(self.seed + self.epoch)
-        if self.max_tokens is not None:
-            batches = self._by_tokens(rng)
-        else:
-            order = list(range(len(self.lengths)))
-            if self.shuffle:
-                rng.shuffle(order)
-            batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        batches += batches[: -len(batches) % self.num_replicas]
-        return batches[self.rank :: self.num_replicas]
+    def batches(self) -> list[np.ndarray]:
+        """This rank's batches of the current epoch (index arrays)."""
+        if self._drawn is None or self._drawn[0] != self.epoch:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            examples = self._examples(rng)
+            if self.max_tokens is not None:
+                batches = self._by_tokens(examples, rng)
+            else:
+                batches = [examples[i : i + self.batch_size] for i in range(0, len(examples), self.batch_size)]
+            batches += batches[: -len(batches) % self.num_replicas]
+            self._drawn = (self.epoch, batches[self.rank :: self.num_replicas])
+        return self._drawn[1]
 
     def __iter__(self) -> Iterator[list[int]]:
         # A generator: the batches are drawn at the first `next`, after the loop has set the epoch.
         batches = self.batches()
         if self.skip[0] == self.epoch:
             batches, self.skip = batches[self.skip[1] :], (0, 0)
-        yield from batches
+        for batch in batches:
+            yield batch.tolist()
 
     def __len__(self) -> int:
         return len(self.batches())
@@ -191,13 +206,14 @@ def shard(n: int, batch_size: int, num_replicas: int = 1, rank: int = 0) -> list
 
 
 class Seq2SeqDataModule(L.LightningDataModule):
-    """Encodes and batches the splits a reader read; writes the per-split counts to `report_path`."""
+    """Batches the splits of a prepared dataset. Examples longer than the limits are left out here, from the
+    lengths index (so a new `model.max_positions` needs no new preparation), and counted with the rejections of
+    preparation in `report_path` (data_report.json): kept + rejected = rows read, per split and file."""
 
     def __init__(
         self,
-        splits: dict[str, Split],
-        src_tok: Encoder,
-        tgt_tok: Tokenizer,
+        prepared: Prepared,
+        collate: Collate,
         loader: LoaderSpec,
         max_positions: int,
         report_path: Path | None = None,
@@ -205,30 +221,46 @@ class Seq2SeqDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.seed, self._resume = seed, None
-        self.splits, self.src_tok, self.tgt_tok, self.loader = splits, src_tok, tgt_tok, loader
+        self.prepared, self.collate, self.loader = prepared, collate, loader
         self.max_src = min(loader.max_src_len or max_positions, max_positions)
         self.max_tgt = min(loader.max_tgt_len or max_positions, max_positions)
         self.report_path = report_path
-        self.examples: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        self.examples: dict[str, Dataset] = {}
+        self.sizes: dict[str, np.ndarray] = {}  # per split: max(source, target + EOS) of each kept example
+        self.corpora: list[tuple[int, int, float]] = []
         self.report: dict[str, dict[str, Any]] = {}
-        self.collate = Collate.for_tokenizers(src_tok, tgt_tok)
 
     def setup(self, stage: str | None = None) -> None:
-        for name, split in self.splits.items():
+        weights = self.prepared.meta["corpus_weights"]
+        for name in self.prepared.splits:
             if name in self.examples:
                 continue
-            kept, rejected = encode_split(split, self.src_tok, self.tgt_tok, self.max_src, self.max_tgt)
-            assert len(kept) + sum(rejected.values()) == split.rows_read, f"{name}: counts do not add up"
-            if not kept:
-                raise DataError(f"the {name} split has no examples: {split.rows_read} read, rejected by reason "
+            split, report = self.prepared.dataset(name), self.prepared.report(name)
+            src_len, tgt_len = split.lengths()
+            long_src, long_tgt = src_len > self.max_src, tgt_len + 1 > self.max_tgt
+            long_tgt &= ~long_src
+            rejected = Counter(report["rejected"])
+            rejected.update({f"source longer than {self.max_src}": int(long_src.sum()),
+                             f"target longer than {self.max_tgt - 1}": int(long_tgt.sum())})
+            rejected = +rejected  # drop zero counts
+            keep = np.flatnonzero(~(long_src | long_tgt))
+            examples: Dataset = split if len(keep) == len(split) else Subset(split, keep)
+            if not len(keep):
+                raise DataError(f"the {name} split has no examples: {report['rows_read']} read, rejected by reason "
                                 f"{dict(rejected) or '(none)'}. Check the data file and its `data.*` options, or "
                                 "raise `loader.max_src_len` / `loader.max_tgt_len`")
-            self.examples[name] = kept
-            self.report[name] = {"rows_read": split.rows_read, "kept": len(kept), "rejected": dict(rejected)}
+            if name == "train":  # the corpora's ranges among the kept examples
+                self.corpora = [(int(np.searchsorted(keep, a)), int(np.searchsorted(keep, b)), w)
+                                for (a, b), w in zip(split.corpus_ranges, weights, strict=True)]
+            self.examples[name] = examples
+            self.sizes[name] = np.maximum(src_len[keep], tgt_len[keep] + 1)
+            self.report[name] = {"rows_read": report["rows_read"], "kept": len(keep), "rejected": dict(rejected),
+                                 "files": report["files"]}
+            assert len(keep) + sum(rejected.values()) == report["rows_read"], f"{name}: counts do not add up"
             if rejected:
-                log.warning("%s split: rejected %d of %d rows: %s", name, split.rows_read - len(kept),
-                            split.rows_read, dict(rejected))
-        if self.report_path is not None and self.trainer is not None and self.trainer.is_global_zero:
+                log.warning("%s split: rejected %d of %d rows: %s", name, report["rows_read"] - len(keep),
+                            report["rows_read"], dict(rejected))
+        if self.report_path is not None and (self.trainer is None or self.trainer.is_global_zero):
             self.report_path.write_text(json.dumps(self.report, indent=2) + "\n")
 
     def _ranks(self) -> tuple[int, int]:
@@ -241,10 +273,9 @@ class Seq2SeqDataModule(L.LightningDataModule):
                           persistent_workers=self.loader.num_workers > 0, generator=torch.Generator())
 
     def train_dataloader(self) -> DataLoader:
-        examples = self.examples["train"]
         replicas, rank = self._ranks()
-        self.sampler = TrainingBatches([max(len(s), len(t) + 1) for s, t in examples], self.loader.max_tokens,
-                                       self.loader.batch_size, self.seed, num_replicas=replicas, rank=rank)
+        self.sampler = TrainingBatches(self.sizes["train"], self.loader.max_tokens, self.loader.batch_size,
+                                       self.seed, num_replicas=replicas, rank=rank, corpora=self.corpora)
         if self._resume is not None:
             self.sampler.resume(*self._resume)
         return self._loader("train", self.sampler)

@@ -2,8 +2,9 @@
 
 A domain registers, in the registries of `registry.py`:
 
-- a **reader** (`DATASETS`): a `Reader` subclass. It names its splits, yields the raw (source, target) pairs of
-  each with the rows it read and rejected (`Split`), and reads raw sources for inference (`read_inputs`). Three hooks
+- a **reader** (`DATASETS`): a `Reader` subclass. It names its splits and the files it reads, streams the raw
+  (source, target) pairs of the splits asked for in runs of rows (`Rows`: the kept pairs and the rejected rows by
+  reason, with the file and corpus they came from), and reads raw sources for inference (`read_inputs`). Three hooks
   have defaults here: `report` (domain scores, baselines and plots after training or evaluation; none by default),
   `write_predictions` (one decoded line per source by default) and `plot_attention` (refused by default).
 - a **source encoder** (`TOKENIZERS`): a `Tokenizer` (raw item -> token ids (S,)) or a `FeatureEncoder` (raw item
@@ -13,14 +14,16 @@ A domain registers, in the registries of `registry.py`:
 - optionally embeddings (`EMBEDDINGS`), heads (`HEADS`, a head that can share the target embedding's weight
   subclasses `seq2seq.heads.TiedHead`) and metrics (`METRICS`).
 
-Encoders are fitted on the training split, and their `state_dict` (plain data) travels in the checkpoint: a
-reloaded encoder must encode exactly as the fitted one did.
+Encoders are fitted on the training split (or a sample of it), and their `state_dict` (plain data) travels in the
+prepared dataset and the checkpoint: a reloaded encoder must encode exactly as the fitted one did. `seq2seq prepare`
+encodes the splits once, in batches (`encode_batch`), into memory-mapped shards (`seq2seq/prepared.py`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -42,6 +45,10 @@ class Encoder(ABC):
     @abstractmethod
     def encode(self, item: Any) -> Tensor:
         """(L,) token ids or (L, F) feature values of one raw item, without BOS/EOS."""
+
+    def encode_batch(self, items: list[Any]) -> list[Tensor]:
+        """`encode` of each item; override with the tokenizer library's batch call where it has one."""
+        return [self.encode(item) for item in items]
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
@@ -107,8 +114,24 @@ class FeatureEncoder(Encoder):
 
 
 @dataclass
+class Rows:
+    """A run of rows a reader read for one split from one file: the kept raw pairs, and the rejected rows by reason.
+    `corpus` indexes the reader's `corpus_weights`."""
+
+    split: str
+    pairs: list[tuple[Any, Any]]
+    rejected: Counter[str] = field(default_factory=Counter)
+    file: str = ""
+    corpus: int = 0
+
+    @property
+    def rows_read(self) -> int:
+        return len(self.pairs) + sum(self.rejected.values())
+
+
+@dataclass
 class Split:
-    """What a reader read for one split: the kept raw pairs, how many rows it read, and its rejections by reason."""
+    """One whole split in memory: the kept raw pairs, how many rows were read, and the rejections by reason."""
 
     pairs: list[tuple[Any, Any]]
     rows_read: int
@@ -122,17 +145,35 @@ class Reader(ABC):
     same."""
 
     splits: tuple[str, ...] = ("train", "val", "test")
+    # The training split's corpora, by `Rows.corpus`: the share of training examples each is drawn for (as
+    # OpenNMT's weights: 2.0 and 1.0 draw two examples of the first for each of the second, whatever their sizes).
+    corpus_weights: tuple[float, ...] = (1.0,)
 
     @abstractmethod
-    def read(self, split: str) -> Split: ...
+    def stream(self, splits: Collection[str]) -> Iterator[Rows]:
+        """The rows of `splits`, in a fixed order, a run at a time (memory stays flat on any corpus); a file that
+        cannot be read is a DataError naming it."""
+
+    def files(self) -> list[str]:
+        """The files this reader reads (their sizes and times key the prepared dataset); missing ones are a
+        DataError."""
+        return []
+
+    def read(self, split: str) -> Split:
+        """One split in memory (for reports and small data)."""
+        pairs, rejected = [], Counter()
+        for rows in self.stream((split,)):
+            pairs += rows.pairs
+            rejected.update(rows.rejected)
+        return Split(pairs, len(pairs) + sum(rejected.values()), rejected)
 
     @abstractmethod
     def read_inputs(self, path: str) -> list[Any]:
         """The raw sources in a file, for `predict` and `translate`; a bad line is a DataError naming it."""
 
-    def report(self, translator: Translator, splits: dict[str, Split], run_dir: Path) -> dict[str, float]:
-        """Domain scores, baselines and plots (under `run_dir`) after training or evaluation; merged into
-        metrics.json. `splits` holds the splits that were read."""
+    def report(self, translator: Translator, run_dir: Path) -> dict[str, float]:
+        """Domain scores, baselines and plots (under `run_dir`) after training or evaluation, reading what they need
+        (`read`); merged into metrics.json."""
         return {}
 
     def write_predictions(self, translator: Translator, sources: list[Any], out: TextIO) -> int:

@@ -150,6 +150,7 @@ class Seq2SeqModule(L.LightningModule):
         self.model = build_model(config, self.src_tok, self.tgt_tok)
         self.decoder = Decoder.for_tokenizer(config.decode, self.tgt_tok)
         self._rng_to_restore: dict[str, Any] | None = None
+        self.prepared: dict[str, str] = {}  # the prepared dataset it trains on: fingerprint, tokenizers' digest, path
         self.validated_at = -1  # the training step of the last validation
         self._rng_at_batch_start: tuple[Any, ...] | None = None
         self.metrics = nn.ModuleDict({
@@ -228,6 +229,7 @@ class Seq2SeqModule(L.LightningModule):
             "version": metadata.version("seq2seq"),
             "plugins": plugin_versions(component_modules(self.config)),
             "rng": rng_state(self._rng_at_batch_start if interrupted else None),
+            "data": self.prepared,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,9 +1,10 @@
 """What each command does, top to bottom, on a validated config: `train`, `evaluate`, `predict`, `translate`.
 
-Training: reader -> encoders fitted (or loaded when resuming) -> module -> data module -> fit -> best checkpoint
--> evaluation of the held-out splits -> the domain's report -> metrics.json. Everything a run writes goes under its
-run directory: config.yaml, checkpoints/, logs/, metrics.json, data_report.json, plots/. The other commands need
-nothing but a checkpoint and write only what they are asked to.
+Training: reader -> prepared dataset (found, or prepared with encoders fitted, or loaded when resuming) -> module ->
+data module -> fit -> best checkpoint -> evaluation of the held-out splits -> the domain's report -> metrics.json.
+Everything a run writes goes under its run directory: config.yaml, prepared/ (unless `prepared=` names a dataset),
+checkpoints/, logs/, metrics.json, data_report.json, plots/. `prepare` writes the prepared dataset alone. The other
+commands need nothing but a checkpoint and write only what they are asked to.
 """
 
 from __future__ import annotations
@@ -20,16 +21,27 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import OmegaConf
 
 from seq2seq.checkpoints import AtomicCheckpointIO, InterruptCheckpoint, refuse_reuse, resume_point
-from seq2seq.config import EvaluateConfig, InferenceConfig, PredictConfig, TrainConfig, TrainerSpec, TranslateConfig
-from seq2seq.data import Seq2SeqDataModule
-from seq2seq.domain import Reader, Split
-from seq2seq.module import Seq2SeqModule, fit_tokenizers
+from seq2seq.config import (
+    EvaluateConfig,
+    InferenceConfig,
+    PredictConfig,
+    PrepareConfig,
+    TrainConfig,
+    TrainerSpec,
+    TranslateConfig,
+)
+from seq2seq.data import Collate, Seq2SeqDataModule
+from seq2seq.domain import Reader
+from seq2seq.errors import ConfigError
+from seq2seq.module import Seq2SeqModule
+from seq2seq.prepared import Prepared, changes, inputs_of, obtain, prepare_dataset
 from seq2seq.registry import DATASETS
 from seq2seq.schema import to_data
 from seq2seq.translate import Translator
@@ -89,11 +101,35 @@ def _fit_trainer(config: TrainConfig, run_dir: Path) -> L.Trainer:
     return _trainer(config.trainer, run_dir, callbacks, loggers)
 
 
-def _datamodule(config: TrainConfig, module: Seq2SeqModule, splits: dict[str, Split], report: Path | None,
+def _datamodule(config: TrainConfig, module: Seq2SeqModule, prepared: Prepared, report: Path | None,
                 batch_size: int | None = None) -> Seq2SeqDataModule:
     loader = dataclasses.replace(config.loader, batch_size=batch_size or config.loader.batch_size)
-    return Seq2SeqDataModule(splits, module.src_tok, module.tgt_tok, loader, config.model.max_positions,
-                             report_path=report, seed=config.seed)
+    return Seq2SeqDataModule(prepared, Collate.for_tokenizers(module.src_tok, module.tgt_tok), loader,
+                             config.model.max_positions, report_path=report, seed=config.seed)
+
+
+def _remedy(dest: Path) -> str:
+    """How to re-prepare `dest`: the command line of this run, as `seq2seq prepare`."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ["..."]
+    kept = [o for o in overrides if not o.lstrip("+").startswith(("trainer", "resume=", "prepared=", "hydra."))]
+    return (f"Prepare it again with `seq2seq prepare {' '.join(kept)} prepared={dest}`, or give the options it was "
+            "prepared with")
+
+
+def prepare(config: PrepareConfig) -> Prepared:
+    """Read, fit the tokenizers and encode a training config's data into `config.prepared` (nothing to do when it
+    holds that already)."""
+    if config.prepared is None:
+        raise ConfigError("say where the prepared dataset goes: `prepared=DIR` (with an `experiment=`, the default "
+                          "is prepared/<experiment>)")
+    reader: Reader = DATASETS.build(config.data, "data")
+    dest = Path(config.prepared)
+    if (dest / "meta.json").is_file():
+        found = Prepared(dest)
+        if not changes(found.meta["inputs"], inputs_of(config, reader)):
+            log.info("%s is prepared already (fingerprint %s): nothing to do", dest, found.fingerprint)
+            return found
+    return prepare_dataset(config, reader, dest, workers=config.workers, shard_size=config.shard_size)
 
 
 def _write_metrics(trainer: L.Trainer, path: Path, results: dict[str, Any]) -> None:
@@ -113,9 +149,16 @@ def train(config: TrainConfig, run_dir: Path) -> Seq2SeqModule:
         OmegaConf.save(OmegaConf.create(to_data(config)), run_dir / "config.yaml")
     L.seed_everything(config.seed, workers=True)
     reader: Reader = DATASETS.build(config.data, "data")
-    splits = {name: reader.read(name) for name in reader.splits}
-    module = Seq2SeqModule(config, tokenizers or fit_tokenizers(config, splits["train"].pairs))
-    datamodule = _datamodule(config, module, splits, run_dir / "data_report.json")
+    if config.prepared:
+        dest = Path(config.prepared)
+        prepared = obtain(config, reader, dest, tokenizers, strict=True, remedy=_remedy(dest))
+    else:  # prepared on the fly, into the run's own cache (reused on resume)
+        prepared = obtain(config, reader, run_dir / "prepared", tokenizers)
+    module = Seq2SeqModule(config, prepared.tokenizers)
+    module.prepared = {"fingerprint": prepared.fingerprint, "tokenizers": prepared.meta["tokenizers_digest"],
+                       "path": str(prepared.path)}
+    splits = prepared.splits
+    datamodule = _datamodule(config, module, prepared, run_dir / "data_report.json")
     trainer = _fit_trainer(config, run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     best, results = _best_checkpoint(config, trainer, module, datamodule, run_dir) if "val" in splits else ("", {})
@@ -125,7 +168,7 @@ def train(config: TrainConfig, run_dir: Path) -> Seq2SeqModule:
         results.update(_scores(trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)))
     module.eval()
     if trainer.is_global_zero:  # a domain's own scores, baselines and plots, computed once
-        results.update(reader.report(Translator(module, config.loader.batch_size), splits, run_dir))
+        results.update(reader.report(Translator(module, config.loader.batch_size), run_dir))
     _write_metrics(trainer, run_dir / "metrics.json", {**results, "best_checkpoint": best})
     return module
 
@@ -183,13 +226,14 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     data = {**module.config.data, **config.data}
     DATASETS.check(data, (), "data")  # an option of another reader is refused here, naming the accepted ones
     reader: Reader = DATASETS.build(data, "data")
-    splits = {name: reader.read(name) for name in reader.splits}
-    held_out = {name: split for name, split in splits.items() if name in ("val", "test")}
+    held_out = tuple(name for name in reader.splits if name in ("val", "test"))
     out_dir = Path(config.output) if config.output else None
     with tempfile.TemporaryDirectory() as scratch:
         root = out_dir or Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
-        datamodule = _datamodule(module.config, module, held_out, None, config.batch_size)
+        prepared = prepare_dataset(dataclasses.replace(module.config, data=data), reader, Path(scratch) / "prepared",
+                                   module.hparams["tokenizers"], splits=held_out)
+        datamodule = _datamodule(module.config, module, prepared, None, config.batch_size)
         trainer = _trainer(config.trainer, root, [], False)
         results: dict[str, Any] = {}
         if "val" in held_out:
@@ -197,7 +241,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         if "test" in held_out:
             results.update(_scores(trainer.test(module, datamodule=datamodule, verbose=False)))
         if trainer.is_global_zero:
-            results.update(reader.report(translator, splits, root))
+            results.update(reader.report(translator, root))
     results["checkpoint"] = config.ckpt
     if out_dir is not None:
         _write_metrics(trainer, out_dir / "metrics.json", results)

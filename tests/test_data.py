@@ -4,16 +4,11 @@ from collections import Counter
 import pytest
 import torch
 
-from seq2seq.data import (
-    IGNORE_INDEX,
-    Collate,
-    LoaderSpec,
-    Seq2SeqDataModule,
-    Split,
-    TrainingBatches,
-    encode_split,
-)
-from seq2seq.errors import ConfigError
+from seq2seq import compose
+from seq2seq.data import IGNORE_INDEX, Collate, LoaderSpec, Seq2SeqDataModule, TrainingBatches
+from seq2seq.domain import Reader, Rows
+from seq2seq.errors import ConfigError, DataError
+from seq2seq.prepared import prepare_dataset
 from seq2seq_plugins.synthetic import SymbolTokenizer
 
 BOS, EOS, PAD = 1, 2, 0
@@ -23,6 +18,27 @@ def _tokenizer() -> SymbolTokenizer:
     tok = SymbolTokenizer()
     tok.fit(["a b c d e"])
     return tok
+
+
+class Listed(Reader):
+    """A reader of rows given in advance."""
+
+    def __init__(self, rows: list[Rows]) -> None:
+        self.rows = rows
+
+    def stream(self, splits):
+        return (rows for rows in self.rows if rows.split in splits)
+
+    def read_inputs(self, path):
+        raise NotImplementedError
+
+
+def _datamodule(tmp_path, rows: list[Rows], loader: LoaderSpec) -> Seq2SeqDataModule:
+    tok = _tokenizer()
+    config = compose(["experiment=reverse"])
+    prepared = prepare_dataset(config, Listed(rows), tmp_path / "prepared", {"src": tok.state_dict(), "tgt": None},
+                               splits=("train", "val"))
+    return Seq2SeqDataModule(prepared, Collate.for_tokenizers(tok, tok), loader, max_positions=64)
 
 
 def test_collate_pads_and_marks_bos_eos_and_ignored_positions():
@@ -42,26 +58,27 @@ def test_collate_pads_numeric_sources_to_batch_length_features():
     assert batch.src[1, 2:].abs().sum() == 0 and batch.src_keep.sum().item() == 6
 
 
-def test_over_long_and_empty_examples_are_rejected_and_counted_by_reason():
-    tok = _tokenizer()
-    split = Split([("a b c", "a"), ("a b c d e", "a"), ("", "a"), ("a", "a b c d")], rows_read=5,
-                  rejected=Counter({"malformed row": 1}))
-    kept, rejected = encode_split(split, tok, tok, max_src=4, max_tgt=4)
-    assert len(kept) == 1
-    assert rejected == {"malformed row": 1, "source longer than 4": 1, "empty source": 1,
-                        "target longer than 3": 1}
-    assert len(kept) + sum(rejected.values()) == split.rows_read
-
-
-def test_datamodule_reports_kept_plus_rejected_equals_rows_read(tmp_path):
-    tok = _tokenizer()
-    splits = {"train": Split([("a b", "b a"), ("a b c d e a b", "a")], rows_read=2),
-              "val": Split([("c", "c")], rows_read=1)}
-    dm = Seq2SeqDataModule(splits, tok, tok, LoaderSpec(batch_size=2), max_positions=5)
+def test_over_long_and_empty_examples_are_rejected_and_counted_by_reason(tmp_path):
+    rows = [Rows("train", [("a b c", "a"), ("a b c d e", "a"), ("", "a"), ("a", "a b c d")],
+                 Counter({"malformed row": 1}), "one.tsv"),
+            Rows("train", [("a b", "b")], file="two.tsv"), Rows("val", [("c", "c")], file="two.tsv")]
+    dm = _datamodule(tmp_path, rows, LoaderSpec(batch_size=2, max_src_len=4, max_tgt_len=4))
     dm.setup("fit")
-    assert dm.report["train"] == {"rows_read": 2, "kept": 1, "rejected": {"source longer than 5": 1}}
+    assert dm.report["train"]["rejected"] == {"malformed row": 1, "source longer than 4": 1, "empty source": 1,
+                                              "target longer than 3": 1}
+    assert dm.report["train"]["rows_read"] == 6 and dm.report["train"]["kept"] == 2
+    assert dm.report["train"]["files"] == {
+        "one.tsv": {"rows_read": 5, "kept": 3, "rejected": {"malformed row": 1, "empty source": 1}},
+        "two.tsv": {"rows_read": 1, "kept": 1, "rejected": {}}}  # the length limits apply when training
+    assert sorted(len(s) for s, _ in dm.examples["train"]) == [2, 3]
     batch = next(iter(dm.val_dataloader()))
-    assert batch.src.tolist() == [[tok.stoi["c"]]]
+    assert batch.src.tolist() == [[_tokenizer().stoi["c"]]]
+
+
+def test_a_split_left_with_no_examples_is_a_data_error_with_the_counts(tmp_path):
+    rows = [Rows("train", [("a b c", "c b a")]), Rows("val", [], Counter({"blank line": 2}))]
+    with pytest.raises(DataError, match=r"the val split has no examples: 2 read, rejected by reason \{'blank line'"):
+        _datamodule(tmp_path, rows, LoaderSpec()).setup()
 
 
 def test_symbol_tokenizer_round_trips_and_names_unknown_symbols():
@@ -98,16 +115,3 @@ def test_token_budget_batches_give_every_rank_the_same_number_of_steps():
     assert {i for r in ranks for b in r for i in b} == set(range(301))
     with pytest.raises(ConfigError, match="max_tokens"):
         TrainingBatches([10, 70], 64)
-
-
-def test_a_split_left_with_no_examples_is_a_data_error_with_the_counts():
-    from seq2seq.data import LoaderSpec, Seq2SeqDataModule
-    from seq2seq.domain import Split
-    from seq2seq.errors import DataError
-    from seq2seq_plugins.synthetic import SymbolTokenizer
-
-    tok = SymbolTokenizer()
-    tok.fit(["1 2 3"])
-    splits = {"train": Split([("1 2 3", "3 2 1")], rows_read=1), "val": Split([], 2, Counter({"blank line": 2}))}
-    with pytest.raises(DataError, match=r"the val split has no examples: 2 read, rejected by reason \{'blank line'"):
-        Seq2SeqDataModule(splits, tok, tok, LoaderSpec(), 64).setup()

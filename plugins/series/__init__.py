@@ -18,6 +18,7 @@ imputation) still miss a reading or a label. Splits are by year, so no window se
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -27,7 +28,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from seq2seq.domain import FeatureEncoder, Reader, Split, Tokenizer
+from seq2seq.domain import FeatureEncoder, Reader, Rows, Tokenizer
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.registry import DATASETS, EMBEDDINGS, TOKENIZERS
 
@@ -243,7 +244,16 @@ class DailyWindows(Reader):
         labels = rows[self.label].to_numpy() if self.label in rows else np.full(len(rows), np.nan)
         return Window(rows[self.columns].to_numpy(np.float32), rows["date"].iloc[-1], labels)
 
-    def read(self, split: str) -> Split:
+    def files(self) -> list[str]:
+        if not Path(self.path).is_file():
+            raise DataError(f"{self.path}: no such file; set `data.path`")
+        return [self.path]
+
+    def stream(self, splits: Collection[str]) -> Iterator[Rows]:
+        for split in (s for s in self.splits if s in splits):
+            yield self._rows(split)
+
+    def _rows(self, split: str) -> Rows:
         frame = self.frame()
         starts, rejected = self._windows(frame, self.window + self.horizon, split)
         pairs = []
@@ -256,7 +266,7 @@ class DailyWindows(Reader):
                 rejected["missing reading after imputation"] += 1
             else:
                 pairs.append((source, [int(v) for v in target]))
-        return Split(pairs, rows_read=len(pairs) + sum(rejected.values()), rejected=rejected)
+        return Rows(split, pairs, rejected, self.path)
 
     def read_inputs(self, path: str) -> list[Window]:
         """Every complete window of a CSV with the feature columns (labels optional); gaps are skipped."""
@@ -270,10 +280,10 @@ class DailyWindows(Reader):
             raise DataError(f"{path}: no complete window of {self.window} consecutive days ({dict(rejected)})")
         return windows
 
-    def report(self, translator: Translator, splits: dict[str, Split], run_dir: Path) -> dict[str, float]:
+    def report(self, translator: Translator, run_dir: Path) -> dict[str, float]:
         from seq2seq_plugins.series.report import report
 
-        return report(translator, splits, run_dir)
+        return report(translator, {split: self.read(split) for split in self.splits}, run_dir)
 
     def write_predictions(self, translator: Translator, sources: list[Window], out: TextIO) -> int:
         from seq2seq_plugins.series.report import write_predictions

@@ -8,16 +8,18 @@ is the same on every machine and process; lengths vary within [min_len, max_len]
 from __future__ import annotations
 
 import random
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from seq2seq.domain import Reader, Split, Tokenizer, read_lines
+from seq2seq.domain import Reader, Rows, Tokenizer, read_lines
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.registry import DATASETS, TOKENIZERS
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")
+CHUNK = 10_000  # examples per run of rows
 
 
 @TOKENIZERS.register("symbols")
@@ -105,14 +107,16 @@ class SyntheticTask(Reader):
     def _symbol(self, i: int) -> str:
         return "0123456789abcdefghijklmnopqrstuvwxyz"[i]
 
-    def read(self, split: str) -> Split:
-        rng = random.Random(f"{self.seed}-{self.task}-{split}")  # a separate stream per split
-        pairs = []
-        for _ in range(self.sizes[split]):
-            xs = [rng.randrange(self.n_symbols) for _ in range(rng.randint(self.min_len, self.max_len))]
-            ys = _target(self.task, xs, self.n_symbols)
-            pairs.append((" ".join(map(self._symbol, xs)), " ".join(map(self._symbol, ys))))
-        return Split(pairs, rows_read=len(pairs))
+    def stream(self, splits: Collection[str]) -> Iterator[Rows]:
+        for split in (s for s in self.splits if s in splits):
+            rng = random.Random(f"{self.seed}-{self.task}-{split}")  # a separate stream per split
+            for start in range(0, self.sizes[split], CHUNK):
+                pairs = []
+                for _ in range(min(CHUNK, self.sizes[split] - start)):
+                    xs = [rng.randrange(self.n_symbols) for _ in range(rng.randint(self.min_len, self.max_len))]
+                    ys = _target(self.task, xs, self.n_symbols)
+                    pairs.append((" ".join(map(self._symbol, xs)), " ".join(map(self._symbol, ys))))
+                yield Rows(split, pairs)
 
     def read_inputs(self, path: str) -> list[str]:
         """One source per line; a blank line is an error (it would silently become an empty output)."""

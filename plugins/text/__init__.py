@@ -6,8 +6,9 @@ the default), `sentencepiece` (unigram or BPE), `char` and `word`. All share the
 unk 3, and `decode` gives back detokenized text, which is what metrics score. The core's `token` embedding and tied
 `linear` head do the rest.
 
-The `parallel` reader takes TSV/CSV/Parquet (optionally .gz), column names by config. Text is read as text: "NA",
-"null" and "" stay strings, blank lines are rows. Rows are rejected, and counted by reason, for an empty side,
+The `parallel` reader streams TSV/CSV/Parquet tables (optionally .gz/.zst/.bz2; column names by config) or aligned
+text files (`train.ko` + `train.en`), from files, globs or lists of them, or several weighted `corpora`. Text is
+read as text: "NA", "null" and "" stay strings, blank lines are rows. Rows are rejected, and counted by reason, for an empty side,
 undecodable bytes, more than `max_chars` characters on a side, or a length ratio above `max_ratio`.
 Splits come from separate files (`val_path`, `test_path`), a split column, or deterministically from a hash of the
 source text. After training, the reader's `report` saves cross-attention heatmaps of a few validation sentences
@@ -16,16 +17,23 @@ source text. After training, the reader's `report` saves cross-attention heatmap
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import io
+import itertools
 from collections import Counter
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from torch import Tensor
 from torchmetrics.text import CHRFScore, SacreBLEUScore
 
-from seq2seq.domain import Reader, Split, read_lines
+from seq2seq.domain import Reader, Rows, read_lines
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.registry import DATASETS, METRICS
 from seq2seq_plugins.text.tokenizers import (  # noqa: F401 - importing registers the tokenizers
@@ -75,26 +83,79 @@ class ChrF(CHRFScore):
         return super().compute() * 100
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Every row as text: nothing becomes NaN, blank lines stay rows, undecodable bytes become U+FFFD. A missing or
-    empty file, or a row with the wrong number of fields, is a DataError naming the file (and the line)."""
+CHUNK = 10_000  # rows per run a reader yields
+TABLES = (".tsv", ".csv", ".parquet")
+COMPRESSED = (".gz", ".zst", ".bz2", ".lz4")  # decompressed by pyarrow, by file name
+
+
+def _table_kind(path: str) -> str | None:
+    name = path
+    for suffix in COMPRESSED:
+        name = name.removesuffix(suffix)
+    return next((kind for kind in TABLES if name.endswith(kind)), None)
+
+
+def _open(path: str) -> pa.NativeFile:
+    try:
+        return pa.input_stream(path, compression="detect")
+    except (OSError, pa.ArrowInvalid) as err:
+        raise DataError(f"{path}: {err}") from None
+
+
+def table_chunks(path: str, columns: list[str]) -> Iterator[pd.DataFrame]:
+    """A table file in chunks of CHUNK rows, every field as text: nothing becomes NaN, blank lines stay rows,
+    undecodable bytes become U+FFFD. A missing or empty file, a missing column or a row with the wrong number of
+    fields is a DataError naming the file (and the line)."""
     if not Path(path).is_file():
         raise DataError(f"{path}: no such file; set `data.path` (and `data.val_path`, `data.test_path`)")
-    name = str(path).removesuffix(".gz")
-    if name.endswith(".parquet"):
-        return pd.read_parquet(path).astype(str)
-    tsv = name.endswith(".tsv")
-    try:
-        return pd.read_csv(path, sep="\t" if tsv else ",", dtype=str, keep_default_na=False, na_filter=False,
-                           skip_blank_lines=False, encoding="utf-8", encoding_errors="replace",
-                           quoting=3 if tsv else 0)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: the file is empty; it needs a header row naming the columns") from None
-    except pd.errors.ParserError as err:
-        detail = str(err).split("C error: ")[-1].strip()
-        raise DataError(f"{path}: {detail}. A row must have one field per header column"
-                        + ("; a tab inside a sentence must be removed" if tsv else "; quote fields that hold commas")
-                        ) from None
+    if _table_kind(path) == ".parquet":
+        parquet = pq.ParquetFile(path)
+        _check_columns(path, columns, parquet.schema_arrow.names)
+        for batch in parquet.iter_batches(CHUNK, columns=columns):
+            yield batch.to_pandas().astype(str)
+        return
+    tsv = _table_kind(path) == ".tsv"
+    with _open(path) as stream:
+        try:
+            chunks = pd.read_csv(stream, sep="\t" if tsv else ",", dtype=str, keep_default_na=False, na_filter=False,
+                                 skip_blank_lines=False, encoding="utf-8", encoding_errors="replace",
+                                 quoting=3 if tsv else 0, chunksize=CHUNK)
+            for chunk in chunks:
+                _check_columns(path, columns, list(chunk.columns))
+                yield chunk
+        except pd.errors.EmptyDataError:
+            raise DataError(f"{path}: the file is empty; it needs a header row naming the columns") from None
+        except pd.errors.ParserError as err:
+            detail = str(err).split("C error: ")[-1].strip()
+            raise DataError(f"{path}: {detail}. A row must have one field per header column"
+                            + ("; a tab inside a sentence must be removed" if tsv else "; quote fields that hold "
+                               "commas")) from None
+
+
+def _check_columns(path: str, wanted: list[str], found: list[str]) -> None:
+    missing = [c for c in wanted if c not in found]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; found {found}. Set `data.source`, `data.target` and "
+                        "`data.split_column` (null to split by hash)")
+
+
+def line_pairs(src_path: str, tgt_path: str) -> Iterator[list[tuple[str, str]]]:
+    """Aligned text files, one sentence per line (split on newlines only), in runs of CHUNK pairs."""
+    with _open(src_path) as a, _open(tgt_path) as b:
+        sources = io.TextIOWrapper(a, encoding="utf-8", errors="replace", newline="\n")
+        targets = io.TextIOWrapper(b, encoding="utf-8", errors="replace", newline="\n")
+        run: list[tuple[str, str]] = []
+        for n, (src, tgt) in enumerate(itertools.zip_longest(sources, targets), 1):
+            if src is None or tgt is None:
+                longer, shorter = (src_path, tgt_path) if tgt is None else (tgt_path, src_path)
+                raise DataError(f"{shorter} ends at line {n - 1} and {longer} goes on: aligned files need one "
+                                "sentence per line on both sides")
+            run.append((src.removesuffix("\n").removesuffix("\r"), tgt.removesuffix("\n").removesuffix("\r")))
+            if len(run) == CHUNK:
+                yield run
+                run = []
+        if run:
+            yield run
 
 
 def _split_of(text: str, val_fraction: float, test_fraction: float) -> str:
@@ -102,13 +163,29 @@ def _split_of(text: str, val_fraction: float, test_fraction: float) -> str:
     return "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
 
 
+@dataclass(frozen=True)
+class Source:
+    """One input of the reader: a table file, or a pair of aligned text files; `split` when the file is one
+    split's (else each row's split comes from the split column or a hash)."""
+
+    files: tuple[str, ...]
+    corpus: int = 0
+    split: str | None = None
+
+
 @DATASETS.register("parallel")
 class ParallelCorpus(Reader):
-    """Sentence pairs; the split is the file's (`val_path`/`test_path`), else `split_column`'s, else a hash's."""
+    """Sentence pairs from TSV/CSV/Parquet tables (optionally .gz/.zst/.bz2) or aligned text files.
+
+    `path` is a file, a glob or a list of them; a path that is not a table names aligned files by prefix:
+    `corpora/train` reads `corpora/train.<source>` and `corpora/train.<target>` (each optionally compressed).
+    `corpora` lists several such inputs with training weights instead: `[{path: ..., weight: 2.0}, ...]`.
+    The split is the file's (`val_path`/`test_path`), else `split_column`'s (tables), else a hash's.
+    """
 
     def __init__(  # noqa: PLR0913 - flat options are the schema of the `data:` block
         self,
-        path: str | None = None,
+        path: str | list[str] | None = None,
         source: str = "ko",
         target: str = "en",
         split_column: str | None = "split",
@@ -116,48 +193,69 @@ class ParallelCorpus(Reader):
         test_fraction: float = 0.05,
         max_chars: int = 1000,
         max_ratio: float = 9.0,
-        val_path: str | None = None,
-        test_path: str | None = None,
+        val_path: str | list[str] | None = None,
+        test_path: str | list[str] | None = None,
+        corpora: list[dict[str, Any]] | None = None,
     ) -> None:
         if (val_path is None) != (test_path is None):
             raise ConfigError("give both `data.val_path` and `data.test_path`, or neither")
-        self.path = path or str(EMBEDDED)
-        self.files = {"train": self.path, "val": val_path, "test": test_path} if val_path else None
+        if corpora is not None and path is not None:
+            raise ConfigError("give `data.path` or `data.corpora`, not both")
+        corpora = corpora or [{"path": path or str(EMBEDDED)}]
+        for i, corpus in enumerate(corpora):
+            unknown = sorted(set(corpus) - {"path", "weight"})
+            if unknown or "path" not in corpus:
+                raise ConfigError(f"`data.corpora[{i}]` takes `path` (required) and `weight`, got {sorted(corpus)}")
+            if not (isinstance(corpus.get("weight", 1.0), (int, float)) and corpus.get("weight", 1.0) > 0):
+                raise ConfigError(f"`data.corpora[{i}].weight` must be a positive number, got {corpus['weight']!r}")
+        self.corpora = [(c["path"], float(c.get("weight", 1.0))) for c in corpora]
+        self.corpus_weights = tuple(w for _, w in self.corpora)
+        self.held_out = {"val": val_path, "test": test_path} if val_path is not None else {}
         self.source, self.target, self.split_column = source, target, split_column
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.max_chars, self.max_ratio = max_chars, max_ratio
-        self._frame: pd.DataFrame | None = None
 
-    def _table(self, path: str, split_column: str | None) -> pd.DataFrame:
-        frame = read_table(path)
-        wanted = [self.source, self.target] + ([split_column] if split_column else [])
-        missing = [c for c in wanted if c not in frame.columns]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}. Set "
-                            "`data.source`, `data.target` and `data.split_column` (null to split by hash)")
-        return frame
-
-    def frame(self) -> pd.DataFrame:
-        if self._frame is None and self.files:
-            self._frame = pd.concat([self._table(path, None).assign(_split=split)
-                                     for split, path in self.files.items()], ignore_index=True)
-        if self._frame is None:
-            frame = self._table(self.path, self.split_column)
-            if self.split_column:
-                # A blank line belongs to no split: it is counted with the training rows as rejected.
-                columns = frame[[self.source, self.target, self.split_column]]
-                blank = (columns.apply(lambda c: c.str.strip()) == "").all(axis=1)
-                frame.loc[blank, self.split_column] = "train"
-                bad = ~frame[self.split_column].isin(self.splits)
-                if bad.any():
-                    lines = (frame.index[bad] + 2).tolist()[:10]
-                    raise DataError(f"{self.path}: `{self.split_column}` must be train, val or test; lines {lines}")
-                frame = frame.rename(columns={self.split_column: "_split"})
+    def _expand(self, paths: str | list[str], option: str) -> list[tuple[str, ...]]:
+        """Paths or globs -> inputs: (table,) or (source file, target file)."""
+        found = []
+        for pattern in [paths] if isinstance(paths, str) else paths:
+            if _table_kind(pattern) is None:
+                found.append(tuple(self._side(pattern, lang, option) for lang in (self.source, self.target)))
+            elif glob.has_magic(pattern):
+                matches = sorted(glob.glob(pattern))
+                if not matches:
+                    raise DataError(f"`{option}={pattern}` matches no file")
+                found += [(m,) for m in matches]
             else:
-                frame = frame.assign(_split=frame[self.source].map(
-                    lambda t: _split_of(t, self.val_fraction, self.test_fraction)))
-            self._frame = frame
-        return self._frame
+                found.append((pattern,))
+        return found
+
+    def _side(self, prefix: str, lang: str, option: str) -> str:
+        for suffix in ("", *COMPRESSED):
+            if Path(f"{prefix}.{lang}{suffix}").is_file():
+                return f"{prefix}.{lang}{suffix}"
+        raise DataError(f"`{option}={prefix}`: no such file. A table needs a .tsv, .csv or .parquet name; aligned "
+                        f"text files are named by prefix, and {prefix}.{lang} is not there")
+
+    def sources(self, splits: Iterable[str] = ("train", "val", "test")) -> list[Source]:
+        """The inputs that hold rows of `splits`."""
+        wanted = set(splits)
+        found = []
+        for corpus, (paths, _) in enumerate(self.corpora):
+            if not self.held_out or "train" in wanted:
+                split = "train" if self.held_out else None
+                found += [Source(files, corpus, split) for files in self._expand(paths, "data.path")]
+        for split, paths in self.held_out.items():
+            if split in wanted:
+                found += [Source(files, 0, split) for files in self._expand(paths, f"data.{split}_path")]
+        return found
+
+    def files(self) -> list[str]:
+        names = [name for source in self.sources() for name in source.files]
+        for name in names:
+            if not Path(name).is_file():
+                raise DataError(f"{name}: no such file; set `data.path` (and `data.val_path`, `data.test_path`)")
+        return names
 
     def _reason(self, src: str, tgt: str) -> str | None:
         if not src.strip() and not tgt.strip():
@@ -174,24 +272,58 @@ class ParallelCorpus(Reader):
             return f"length ratio above {self.max_ratio}"
         return None
 
-    def read(self, split: str) -> Split:
-        rows = self.frame()
-        rows = rows[rows["_split"] == split]
-        pairs, rejected = [], Counter()
-        for src, tgt in zip(rows[self.source], rows[self.target], strict=True):
-            reason = self._reason(src, tgt)
-            if reason:
-                rejected[reason] += 1
+    def _runs(self, source: Source) -> Iterator[tuple[list[tuple[str, str]], list[str]]]:
+        """(pairs, their splits) of an input, a run at a time."""
+        if len(source.files) == 2:
+            for pairs in line_pairs(*source.files):
+                yield pairs, [source.split or self._hashed(s, t) for s, t in pairs]
+            return
+        path = source.files[0]
+        by_column = source.split is None and self.split_column is not None
+        columns = [self.source, self.target] + ([self.split_column] if by_column else [])  # type: ignore[list-item]
+        line = 2  # the first data row's line (after the header)
+        for chunk in table_chunks(path, columns):
+            pairs = list(zip(chunk[self.source].tolist(), chunk[self.target].tolist(), strict=True))
+            if source.split is not None:
+                splits = [source.split] * len(pairs)
+            elif by_column:
+                splits = chunk[self.split_column].tolist()
+                for i, ((src, tgt), split) in enumerate(zip(pairs, splits, strict=True)):
+                    if split not in self.splits:
+                        if not (src.strip() or tgt.strip() or split.strip()):
+                            splits[i] = "train"  # a blank line belongs to no split: counted with the training rows
+                            continue
+                        bad = [line + j for j, s in enumerate(splits) if s not in self.splits and s.strip()]
+                        raise DataError(f"{path}: `{self.split_column}` must be train, val or test; lines {bad[:10]}")
             else:
-                pairs.append((src.strip(), tgt.strip()))
-        return Split(pairs, rows_read=len(rows), rejected=rejected)
+                splits = [self._hashed(s, t) for s, t in pairs]
+            line += len(pairs)
+            yield pairs, splits
 
-    def report(self, translator: Translator, splits: dict[str, Split], run_dir: Path) -> dict[str, float]:
+    def _hashed(self, src: str, tgt: str) -> str:
+        return _split_of(src, self.val_fraction, self.test_fraction)
+
+    def stream(self, splits: Collection[str]) -> Iterator[Rows]:
+        for source in self.sources(splits):
+            name = " + ".join(source.files)
+            for pairs, split_of in self._runs(source):
+                runs = {s: Rows(s, [], Counter(), name, source.corpus) for s in splits}
+                for (src, tgt), split in zip(pairs, split_of, strict=True):
+                    if split not in runs:
+                        continue
+                    reason = self._reason(src, tgt)
+                    if reason:
+                        runs[split].rejected[reason] += 1
+                    else:
+                        runs[split].pairs.append((src.strip(), tgt.strip()))
+                yield from (rows for rows in runs.values() if rows.rows_read)
+
+    def report(self, translator: Translator, run_dir: Path) -> dict[str, float]:
         """Attention heatmaps for the first validation sentences (plots/attention.png); no extra scores."""
-        if "val" in splits and splits["val"].pairs:
+        first = next((rows.pairs for rows in self.stream(("val",)) if rows.pairs), [])
+        if first:
             (run_dir / "plots").mkdir(exist_ok=True)
-            sources = [src for src, _ in splits["val"].pairs[:3]]
-            self.plot_attention(translator, sources, run_dir / "plots" / "attention.png")
+            self.plot_attention(translator, [src for src, _ in first[:3]], run_dir / "plots" / "attention.png")
         return {}
 
     def plot_attention(self, translator: Translator, sources: list[str], path: Path) -> None:

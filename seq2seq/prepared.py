@@ -1,0 +1,425 @@
+"""Prepared datasets: every split encoded once into memory-mapped Apache Arrow shards that all processes share.
+
+A prepared dataset is a directory:
+
+    meta.json                    what it was prepared from (`inputs`: data and tokenizer options, the data files'
+                                 sizes and times) and its fingerprint, the fitted tokenizers' state, and per split:
+                                 its shards by corpus, and the rows read, kept and rejected by reason, per file
+    <split>-<corpus>-<n>.arrow   Arrow IPC files with columns src, tgt (ids, or F values per position, flattened)
+                                 and src_len, tgt_len: the lengths index that token-budget batching reads alone
+
+Preparing streams the reader's rows, fits the tokenizers on the training split (or on a reproducible sample of
+`tokenizer.fit_sample` pairs) unless their state is given, encodes runs of rows in worker processes through the
+encoders' batch call, and writes the shards into `<dir>.partial-<pid>`, renamed into place once complete: a failed or
+interrupted preparation leaves the previous dataset whole, and a partial one is never read (the next preparation
+removes it). Training maps the shards (`PreparedSplit`); nothing of a split is held in memory but its lengths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from seq2seq.config import TrainConfig
+from seq2seq.domain import Encoder, Reader, Rows, Tokenizer
+from seq2seq.errors import DataError
+from seq2seq.module import fit_tokenizers, load_tokenizers
+from seq2seq.plugins import import_plugins
+from seq2seq.schema import to_data
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bumped when the layout changes: an older dataset is then re-prepared, never misread
+META = "meta.json"
+
+
+def digest(data: Any) -> str:
+    """A short, stable hash of plain data."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def inputs_of(config: TrainConfig, reader: Reader, files: bool = True) -> dict[str, Any]:
+    """What a prepared dataset is computed from: a change in any of it means preparing again. Without `files`,
+    the data files are not looked at (a node that has the shards but not the corpus)."""
+    found = None
+    if files:
+        found = []
+        for name in reader.files():
+            stat = Path(name).stat()
+            found.append({"path": str(name), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return {"format": FORMAT, "data": config.data, "tokenizer": to_data(config.tokenizer), "files": found}
+
+
+def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two `inputs_of`, in words."""
+    found = []
+    if old.get("format") != new["format"]:
+        found.append(f"the dataset format ({old.get('format')} -> {new['format']})")
+    for block in ("data", "tokenizer"):
+        a, b = old.get(block, {}), new[block]
+        found += [f"`{block}.{k}`: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+                  if a.get(k) != b.get(k)]
+    if new["files"] is None:
+        return found
+    files_a = {f["path"]: f for f in old.get("files") or []}
+    files_b = {f["path"]: f for f in new["files"]}
+    found += [f"file {p} is no longer read" for p in sorted(files_a.keys() - files_b.keys())]
+    found += [f"file {p} is new" for p in sorted(files_b.keys() - files_a.keys())]
+    for path in sorted(files_a.keys() & files_b.keys()):
+        a, b = files_a[path], files_b[path]
+        if (a["bytes"], a["mtime_ns"]) != (b["bytes"], b["mtime_ns"]):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["mtime_ns"] / 1e9))
+            found.append(f"file {path} changed ({a['bytes']} -> {b['bytes']} bytes, modified {when})")
+    return found
+
+
+def _fit_sample(reader: Reader, n: int | None) -> list[tuple[Any, Any]]:
+    """The training pairs tokenizers are fitted on: all, or `n` drawn uniformly and reproducibly (a reservoir
+    sample with a fixed seed, in one pass, holding `n` pairs)."""
+    pairs: list[tuple[Any, Any]] = []
+    rng, seen = random.Random(0), 0
+    for rows in reader.stream(("train",)):
+        if n is None:
+            pairs += rows.pairs
+            continue
+        for pair in rows.pairs:
+            seen += 1
+            if len(pairs) < n:
+                pairs.append(pair)
+            elif (j := rng.randrange(seen)) < n:
+                pairs[j] = pair
+    return pairs
+
+
+def _ids_type(tok: Encoder) -> pa.DataType:
+    if not isinstance(tok, Tokenizer):
+        return pa.float32()
+    return pa.uint16() if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else pa.int32()
+
+
+def _column(items: list[Tensor], kind: pa.DataType) -> tuple[pa.Array, np.ndarray]:
+    """Encoded items -> one Arrow list column (values flattened) and the items' lengths in positions."""
+    lengths = np.fromiter((len(t) for t in items), dtype=np.int32, count=len(items))
+    sizes = np.fromiter((t.numel() for t in items), dtype=np.int64, count=len(items))
+    offsets = np.zeros(len(items) + 1, dtype=np.int32)
+    np.cumsum(sizes, out=offsets[1:])
+    values = np.concatenate([t.reshape(-1).numpy() for t in items]) if items else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(kind.to_pandas_dtype()))), lengths
+
+
+@dataclass
+class Encoded:
+    """One run of rows, encoded: a record batch, and the counts of the rows it came from."""
+
+    split: str
+    corpus: int
+    file: str
+    batch: pa.RecordBatch | None
+    rows_read: int
+    rejected: Counter[str]
+
+
+_WORKER: tuple[Encoder, Tokenizer] | None = None  # the encoders of a worker process
+
+
+def _start_worker(config: TrainConfig, tokenizers: dict[str, Any], quiet: bool) -> None:
+    global _WORKER
+    if quiet:  # a batch call's own threads, times the worker processes, would oversubscribe the cores
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        torch.set_num_threads(1)
+    import_plugins(list(config.plugins))
+    _WORKER = load_tokenizers(config, tokenizers)
+
+
+def _encode(rows: Rows) -> Encoded:
+    assert _WORKER is not None, "a worker encodes only after _start_worker"
+    src_tok, tgt_tok = _WORKER
+    rejected = Counter(rows.rejected)
+    srcs = src_tok.encode_batch([s for s, _ in rows.pairs])
+    tgts = tgt_tok.encode_batch([t for _, t in rows.pairs])
+    kept = [i for i, s in enumerate(srcs) if len(s)]
+    if len(kept) < len(srcs):
+        rejected["empty source"] += len(srcs) - len(kept)
+    batch = None
+    if kept:
+        src, src_len = _column([srcs[i] for i in kept], _ids_type(src_tok))
+        tgt, tgt_len = _column([tgts[i] for i in kept], _ids_type(tgt_tok))
+        batch = pa.record_batch({"src": src, "tgt": tgt, "src_len": src_len, "tgt_len": tgt_len})
+    return Encoded(rows.split, rows.corpus, rows.file, batch, rows.rows_read, rejected)
+
+
+def _encoded(stream: Iterable[Rows], config: TrainConfig, tokenizers: dict[str, Any], workers: int
+             ) -> Iterator[Encoded]:
+    """Encoded runs in stream order, whatever the number of workers (so are the shards); at most two runs per
+    worker are in flight, so memory stays flat."""
+    if workers <= 1:
+        _start_worker(config, tokenizers, quiet=False)
+        yield from map(_encode, stream)
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("forkserver"), initializer=_start_worker,
+                             initargs=(config, tokenizers, True)) as pool:
+        pending: deque[Future[Encoded]] = deque()
+        for rows in stream:
+            pending.append(pool.submit(_encode, rows))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class _Shards:
+    """Writes the encoded runs of each (split, corpus) into Arrow files of at most `shard_size` rows."""
+
+    def __init__(self, root: Path, shard_size: int) -> None:
+        self.root, self.shard_size = root, shard_size
+        self.open: dict[tuple[str, int], tuple[pa.ipc.RecordBatchFileWriter, dict[str, Any]]] = {}
+        self.done: dict[tuple[str, int], list[dict[str, Any]]] = {}
+
+    def write(self, key: tuple[str, int], batch: pa.RecordBatch) -> None:
+        for start in range(0, batch.num_rows, self.shard_size):
+            part = batch.slice(start, self.shard_size)
+            if key in self.open and self.open[key][1]["rows"] + part.num_rows > self.shard_size:
+                self._close(key)
+            if key not in self.open:
+                shards = self.done.setdefault(key, [])
+                name = f"{key[0]}-{key[1]}-{len(shards):05d}.arrow"
+                self.open[key] = (pa.ipc.new_file(self.root / name, part.schema), {"file": name, "rows": 0})
+            writer, info = self.open[key]
+            writer.write_batch(part)
+            info["rows"] += part.num_rows
+
+    def _close(self, key: tuple[str, int]) -> None:
+        writer, info = self.open.pop(key)
+        writer.close()
+        info["bytes"] = (self.root / info["file"]).stat().st_size
+        self.done[key].append(info)
+
+    def close(self) -> dict[tuple[str, int], list[dict[str, Any]]]:
+        for key in list(self.open):
+            self._close(key)
+        return self.done
+
+
+def _counts(encoded: Encoded, report: dict[str, Any]) -> None:
+    kept = 0 if encoded.batch is None else encoded.batch.num_rows
+    entries = [report]
+    if encoded.file:  # rows a reader generated come from no file
+        entries.append(report["files"].setdefault(encoded.file, {"rows_read": 0, "kept": 0, "rejected": {}}))
+    for entry in entries:
+        entry["rows_read"] += encoded.rows_read
+        entry["kept"] += kept
+        for reason, n in encoded.rejected.items():
+            entry["rejected"][reason] = entry["rejected"].get(reason, 0) + n
+
+
+def prepare_dataset(config: TrainConfig, reader: Reader, dest: Path, tokenizers: dict[str, Any] | None = None,
+            splits: tuple[str, ...] | None = None, workers: int = 1, shard_size: int = 1_000_000) -> Prepared:
+    """Encode the reader's splits into a prepared dataset at `dest` (replacing one there only once complete)."""
+    splits = splits or reader.splits
+    inputs = inputs_of(config, reader)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f"{dest.name}.partial-*"):
+        log.info("removing %s, a preparation that did not finish", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    partial = dest.with_name(f"{dest.name}.partial-{os.getpid()}")
+    partial.mkdir()
+    started = time.monotonic()
+    try:
+        if tokenizers is None:
+            sample = _fit_sample(reader, config.tokenizer.fit_sample)
+            if not sample:
+                raise DataError("the training split has no examples to fit the tokenizers on; check `data.*`")
+            log.info("fitting the tokenizers on %d training pairs", len(sample))
+            tokenizers = fit_tokenizers(config, sample)
+            del sample
+        report = {s: {"rows_read": 0, "kept": 0, "rejected": {}, "files": {}} for s in splits}
+        shards = _Shards(partial, shard_size)
+        for encoded in _encoded(reader.stream(splits), config, tokenizers, workers):
+            _counts(encoded, report[encoded.split])
+            if encoded.batch is not None:
+                shards.write((encoded.split, encoded.corpus), encoded.batch)
+        written = shards.close()
+        for split, entry in report.items():
+            assert entry["kept"] + sum(entry["rejected"].values()) == entry["rows_read"], f"{split}: counts"
+            entry["shards"] = {str(c): written.get((split, c), []) for c in range(len(reader.corpus_weights))}
+        meta = {"format": FORMAT, "fingerprint": digest(inputs), "inputs": inputs, "tokenizers": tokenizers,
+                "tokenizers_digest": digest(tokenizers), "corpus_weights": list(reader.corpus_weights),
+                "splits": report}
+        (partial / META).write_text(json.dumps(meta, indent=1) + "\n")
+        _swap(partial, dest)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    pairs = sum(entry["kept"] for entry in report.values())
+    log.info("prepared %d examples (%s) into %s in %.1f s", pairs,
+             ", ".join(f"{s} {e['kept']}" for s, e in report.items()), dest, time.monotonic() - started)
+    return Prepared(dest)
+
+
+def _swap(partial: Path, dest: Path) -> None:
+    """Put a complete dataset in place of the one at `dest`, if any, which is removed only afterwards."""
+    old = dest.with_name(f"{dest.name}.old-{os.getpid()}")
+    if dest.exists():
+        dest.rename(old)
+    partial.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def obtain(config: TrainConfig, reader: Reader, dest: Path, tokenizers: dict[str, Any] | None = None,
+           strict: bool = False, remedy: str = "") -> Prepared:
+    """The prepared dataset at `dest` for this config and tokenizers: the one there if it matches, else prepared
+    there by global rank 0 while the other processes wait for it. With `strict`, one that does not match is an
+    error (a dataset the user named is never replaced behind their back); otherwise it is prepared again."""
+    meta = dest / META
+    try:
+        inputs = inputs_of(config, reader)
+    except DataError as err:
+        if not meta.is_file():
+            raise
+        log.warning("the data files cannot be checked here (%s); using %s as it was prepared", err, dest)
+        inputs = inputs_of(config, reader, files=False)
+    if rank_zero_only.rank != 0:
+        waited = 0
+        while not (meta.is_file() and not changes(json.loads(meta.read_text())["inputs"], inputs)):
+            if waited % 60 == 0:
+                log.info("waiting for rank 0 to prepare %s", dest)
+            time.sleep(1)
+            waited += 1
+        return Prepared(dest)
+    if meta.is_file():
+        found = Prepared(dest)
+        try:
+            found.check(inputs, tokenizers, remedy)
+            log.info("using the prepared dataset %s (fingerprint %s)", dest, found.fingerprint)
+            return found
+        except DataError as err:
+            if strict:
+                raise
+            log.info("preparing again: %s", err)
+    return prepare_dataset(config, reader, dest, tokenizers, workers=max(1, config.loader.num_workers))
+
+
+class Prepared:
+    """A prepared dataset on disk, checked whole: every shard is there with the size it was written with."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.meta = json.loads((self.path / META).read_text())
+        except (OSError, ValueError) as err:
+            raise DataError(f"{self.path} is not a prepared dataset ({err}); write one with `seq2seq prepare ... "
+                            f"prepared={self.path}`") from None
+        self.tokenizers: dict[str, Any] = self.meta["tokenizers"]
+        for split, entry in self.meta["splits"].items():
+            for shard in (s for shards in entry["shards"].values() for s in shards):
+                file = self.path / shard["file"]
+                size = file.stat().st_size if file.is_file() else None
+                if size != shard["bytes"]:
+                    found = "is missing" if size is None else f"has {size} bytes, not the {shard['bytes']} written"
+                    raise DataError(f"{file} {found}: the {split} split of {self.path} is damaged; prepare it again "
+                                    "(`seq2seq prepare ...`)")
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta["splits"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    def report(self, split: str) -> dict[str, Any]:
+        entry = self.meta["splits"][split]
+        return {k: entry[k] for k in ("rows_read", "kept", "rejected", "files")}
+
+    def dataset(self, split: str) -> PreparedSplit:
+        entry = self.meta["splits"][split]
+        shards = [s for c in sorted(entry["shards"], key=int) for s in entry["shards"][c]]
+        sizes = [sum(s["rows"] for s in entry["shards"][c]) for c in sorted(entry["shards"], key=int)]
+        return PreparedSplit(self.path, [s["file"] for s in shards], sizes)
+
+    def check(self, inputs: dict[str, Any], tokenizers: dict[str, Any] | None, remedy: str) -> None:
+        """A DataError naming what changed when this dataset was prepared from other inputs or tokenizers."""
+        found = changes(self.meta["inputs"], inputs)
+        if tokenizers is not None and digest(tokenizers) != self.meta["tokenizers_digest"]:
+            found.append("the tokenizers (the checkpoint's differ from those it was encoded with)")
+        if found:
+            raise DataError(f"the prepared dataset {self.path} does not match this config: " + "; ".join(found)
+                            + f". {remedy}")
+
+
+class PreparedSplit(Dataset[tuple[Tensor, Tensor]]):
+    """One split's shards, memory-mapped: item i is (src, tgt) as the encoders gave them. Corpus c holds items
+    `corpus_ranges[c]`. It pickles without its maps (DataLoader workers map the files themselves)."""
+
+    def __init__(self, root: Path, files: list[str], corpus_sizes: list[int]) -> None:
+        self.root, self.files = root, files
+        bounds = np.cumsum([0, *corpus_sizes])
+        self.corpus_ranges = [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+        self._batches: list[pa.RecordBatch] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_batches": None}
+
+    def _open(self) -> list[pa.RecordBatch]:
+        if self._batches is None:
+            batches = []
+            for name in self.files:
+                try:
+                    reader = pa.ipc.open_file(pa.memory_map(str(self.root / name)))
+                    batches += [reader.get_batch(i) for i in range(reader.num_record_batches)]
+                except (OSError, pa.ArrowInvalid) as err:
+                    raise DataError(f"{self.root / name}: unreadable shard ({err}); prepare the dataset again "
+                                    "(`seq2seq prepare ...`)") from None
+            self._batches = batches
+            self._starts = np.cumsum([0] + [b.num_rows for b in batches])
+            self._columns = [tuple(self._lists(b, side) for side in ("src", "tgt")) for b in batches]
+        return self._batches
+
+    @staticmethod
+    def _lists(batch: pa.RecordBatch, side: str) -> tuple[np.ndarray, np.ndarray, int]:
+        column = batch.column(side)
+        lengths = batch.column(f"{side}_len").to_numpy()
+        width = int(len(column.values) // max(int(lengths.sum()), 1)) or 1
+        return column.offsets.to_numpy(), column.values.to_numpy(), width
+
+    def __len__(self) -> int:
+        return self.corpus_ranges[-1][1] if self.corpus_ranges else 0
+
+    def lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) source and target lengths (int32), from the lengths index alone."""
+        batches = self._open()
+        if not batches:
+            return np.zeros(0, np.int32), np.zeros(0, np.int32)
+        return tuple(np.concatenate([b.column(c).to_numpy() for b in batches]) for c in ("src_len", "tgt_len"))
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        self._open()
+        b = int(np.searchsorted(self._starts, i, side="right")) - 1
+        j = i - int(self._starts[b])
+        out = []
+        for offsets, values, width in self._columns[b]:
+            part = values[offsets[j] : offsets[j + 1]]
+            kind = np.float32 if part.dtype.kind == "f" else np.int64
+            item = torch.from_numpy(part.astype(kind))
+            out.append(item.view(-1, width) if kind is np.float32 else item)
+        return out[0], out[1]
