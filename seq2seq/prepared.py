@@ -45,6 +45,7 @@ from seq2seq.domain import Encoder, Reader, Rows, Tokenizer
 from seq2seq.errors import DataError
 from seq2seq.module import fit_tokenizers, load_tokenizers
 from seq2seq.plugins import import_plugins
+from seq2seq.registry import DATASETS, TOKENIZERS
 from seq2seq.schema import to_data
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,10 @@ def inputs_of(config: TrainConfig, reader: Reader, files: bool = True) -> dict[s
         for name in reader.files():
             stat = Path(name).stat()
             found.append({"path": str(name), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-    return {"format": FORMAT, "data": config.data, "tokenizer": to_data(config.tokenizer), "files": found}
+    tokenizer = {side: TOKENIZERS.with_defaults(spec) if spec else spec
+                 for side, spec in to_data(config.tokenizer).items() if side in ("src", "tgt")}
+    tokenizer["fit_sample"] = config.tokenizer.fit_sample
+    return {"format": FORMAT, "data": DATASETS.with_defaults(config.data), "tokenizer": tokenizer, "files": found}
 
 
 def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -88,6 +88,12 @@ class Registry:
         if missing:
             raise ConfigError(f"{self.kind} `{name}` needs option(s) {', '.join(missing)} under `{where}`")
 
+    def with_defaults(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """A block with every option its constructor has, the defaults filled in (context values left out)."""
+        params = inspect.signature(self.get(spec["name"]), eval_str=True).parameters
+        return {"name": spec["name"], **{p: v.default for p, v in params.items()
+                                         if v.default is not inspect.Parameter.empty}, **spec}
+
     def build(self, spec: Mapping[str, Any], where: str = "", **context: Any) -> Any:
         """Check `spec` then call the constructor with its options and the context values it asks for."""
         where = where or self.kind

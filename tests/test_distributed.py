@@ -89,10 +89,10 @@ def test_a_failing_rank_makes_the_launcher_exit_non_zero(tmp_path):
 
         @DATASETS.register("fails_on_rank_1")
         class FailsOnRank1(SyntheticTask):
-            def read(self, split):
+            def files(self):  # every rank checks the data files before it maps the prepared data
                 if os.environ.get("LOCAL_RANK") == "1":
                     raise RuntimeError("rank 1 cannot read its data")
-                return super().read(split)
+                return super().files()
     """))
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
     result = _cli("train", *REVERSE, *DDP, "data.name=fails_on_rank_1", "data.n_train=64",

@@ -147,3 +147,64 @@ def test_separate_source_and_target_vocabularies_build_and_decode():
     assert module.tgt_tok.decode(module.tgt_tok.encode("Inserts a table.").tolist()) == "Inserts a table."
     [ids] = Translator(module.eval()).tokens(["표를 삽입합니다."])
     assert ids and max(ids) < module.tgt_tok.vocab_size and module.tgt_tok.bos_id not in ids
+
+
+def test_aligned_text_files_are_read_by_prefix_and_must_have_equal_line_counts(tmp_path):
+    (tmp_path / "train.ko").write_text("표\n셀\n\n행\n")
+    (tmp_path / "train.en").write_text("table\ncell\n\nrow\n")
+    reader = ParallelCorpus(path=str(tmp_path / "train"), val_path=str(tmp_path / "train"),
+                            test_path=str(tmp_path / "train"))
+    train = reader.read("train")
+    assert train.pairs == [("표", "table"), ("셀", "cell"), ("행", "row")] and dict(train.rejected) == {"blank line": 1}
+    assert reader.files() == [str(tmp_path / f"train.{lang}") for lang in ("ko", "en")] * 3
+    (tmp_path / "train.en").write_text("table\ncell\n")
+    with pytest.raises(DataError, match=r"train\.en ends at line 2 and .*train\.ko goes on"):
+        reader.read("train")
+    with pytest.raises(DataError, match=r"no such file.*aligned text files are named by prefix"):
+        ParallelCorpus(path=str(tmp_path / "dev")).files()
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".tsv.gz", ".tsv.zst", ".parquet"])
+def test_every_advertised_table_format_reads_the_same_rows(tmp_path, suffix):
+    import pandas as pd
+    import pyarrow as pa
+
+    frame = pd.DataFrame({"ko": ["표", "셀", "NA"], "en": ["table", "cell", "null"], "split": ["train"] * 3})
+    path = tmp_path / f"c{suffix}"
+    if suffix == ".parquet":
+        frame.to_parquet(path)
+    else:
+        text = frame.to_csv(sep="\t", index=False).encode()
+        codec = {".tsv": None, ".tsv.gz": "gzip", ".tsv.zst": "zstd"}[suffix]
+        with pa.output_stream(str(path), compression=codec) as out:
+            out.write(text)
+    assert ParallelCorpus(path=str(path)).read("train").pairs == [("표", "table"), ("셀", "cell"), ("NA", "null")]
+
+
+def test_globs_and_lists_read_every_file_and_name_what_is_wrong(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.tsv").write_text(f"ko\ten\tsplit\n{name}\t{name}{name}\ttrain\n")
+    reader = ParallelCorpus(path=str(tmp_path / "*.tsv"))
+    assert reader.read("train").pairs == [("a", "aa"), ("b", "bb")]
+    assert ParallelCorpus(path=[str(tmp_path / "b.tsv"), str(tmp_path / "a.tsv")]).read("train").pairs[0] == ("b", "bb")
+    with pytest.raises(DataError, match=r"`data\.path=.*\*\.csv` matches no file"):
+        ParallelCorpus(path=str(tmp_path / "*.csv")).files()
+    (tmp_path / "c.tsv").write_text("ko\tenglish\tsplit\nc\tcc\ttrain\n")
+    with pytest.raises(DataError, match=r"c\.tsv: missing column\(s\) \['en'\]"):
+        reader.read("train")
+
+
+def test_corpora_carry_their_weights_and_are_checked(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.tsv").write_text(f"ko\ten\tsplit\n{name}\t{name}{name}\ttrain\n")
+    reader = ParallelCorpus(corpora=[{"path": str(tmp_path / "a.tsv"), "weight": 3},
+                                     {"path": str(tmp_path / "b.tsv")}])
+    assert reader.corpus_weights == (3.0, 1.0)
+    assert [(rows.corpus, rows.pairs) for rows in reader.stream(("train",))] == [(0, [("a", "aa")]),
+                                                                                  (1, [("b", "bb")])]
+    with pytest.raises(ConfigError, match=r"`data\.corpora\[0\]\.weight` must be a positive number"):
+        ParallelCorpus(corpora=[{"path": "a.tsv", "weight": 0}])
+    with pytest.raises(ConfigError, match=r"`data\.corpora\[0\]` takes `path` \(required\) and `weight`"):
+        ParallelCorpus(corpora=[{"file": "a.tsv"}])
+    with pytest.raises(ConfigError, match="not both"):
+        ParallelCorpus(path="a.tsv", corpora=[{"path": "b.tsv"}])

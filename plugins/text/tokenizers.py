@@ -69,6 +69,10 @@ class BPETokenizer(_TextTokenizer):
     def encode(self, item: str) -> Tensor:
         return torch.tensor(self._tok.encode(self.normalize(item)).ids, dtype=torch.long)
 
+    def encode_batch(self, items: list[str]) -> list[Tensor]:
+        encodings = self._tok.encode_batch_fast([self.normalize(item) for item in items])
+        return [torch.tensor(e.ids, dtype=torch.long) for e in encodings]
+
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(self._content(ids), skip_special_tokens=False).replace("<unk>", "⁇")
 
@@ -117,6 +121,9 @@ class SentencePieceTokenizer(_TextTokenizer):
 
     def encode(self, item: str) -> Tensor:
         return torch.tensor(self._sp.encode(self.normalize(item)), dtype=torch.long)
+
+    def encode_batch(self, items: list[str]) -> list[Tensor]:
+        return [torch.tensor(ids, dtype=torch.long) for ids in self._sp.encode([self.normalize(i) for i in items])]
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(self._content(ids))
