@@ -67,6 +67,9 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
 
 # The data module resumes mid-epoch itself (`Seq2SeqDataModule.state_dict`); Lightning cannot see that.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+# With `InterruptCheckpoint`, Lightning turns a fresh `fit(ckpt_path=None)` into "last", finds none and says so twice.
+warnings.filterwarnings("ignore", message=r"`\.fit\(ckpt_path=None\)` was called without a model")
+warnings.filterwarnings("ignore", message=r'\.fit\(ckpt_path="last"\) is set, but there is no last checkpoint')
 
 
 def newest_checkpoint(run_dir: Path) -> Path:

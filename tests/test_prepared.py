@@ -191,3 +191,19 @@ def test_a_dataloader_with_worker_processes_reads_the_shards(tmp_path):
         dm.setup()
         batches.append([(b.src.tolist(), b.tgt_out.tolist()) for b in dm.train_dataloader()])
     assert batches[0] == batches[1] and len(batches[0]) > 3
+
+
+def test_train_maps_what_prepare_wrote_and_refuses_a_dataset_prepared_from_other_options(tmp_path):
+    from seq2seq import prepare, train
+
+    common = ["experiment=reverse", "model=tiny", "data.n_train=200", "data.n_val=16", "data.n_test=16",
+              "trainer.max_steps=3", f"prepared={tmp_path / 'shared'}"]
+    prepared = prepare(compose([*common, "workers=1"], command="prepare"))
+    train(compose(common), tmp_path / "run")
+    assert not (tmp_path / "run" / "prepared").exists()  # nothing prepared again
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["seq2seq"]["data"] == {"fingerprint": prepared.fingerprint, "path": str(tmp_path / "shared"),
+                                       "tokenizers": prepared.meta["tokenizers_digest"]}
+    assert ckpt["hyper_parameters"]["tokenizers"] == prepared.tokenizers
+    with pytest.raises(DataError, match=r"does not match this config: `data\.n_train`: 200 -> 300\. Prepare it again"):
+        train(compose([*common, "data.n_train=300"]), tmp_path / "other")
