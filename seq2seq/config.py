@@ -175,7 +175,8 @@ SCHEMAS: dict[str, type] = {"train": TrainConfig, "prepare": PrepareConfig, "eva
 TRAINING = ("train", "prepare")  # the commands that compose a whole training config
 INFERENCE_GROUPS = {"evaluate": ("trainer",), "predict": (), "translate": ()}
 ELSEWHERE = {"workers": "prepare", "shard_size": "prepare", "beam": "translate", "length_penalty": "translate",
-             "n_best": "translate", "attention": "translate", "ckpt": "evaluate, predict and translate", "input": "predict and translate"}
+             "n_best": "translate", "attention": "translate", "ckpt": "evaluate, predict and translate",
+             "input": "predict and translate"}
 
 
 def _groups() -> dict[str, list[str]]:
@@ -234,7 +235,8 @@ def _check_key(schema_root: type, key: str, command: str, value: Any) -> bool:
             return True
         if depth == 0 and part in ELSEWHERE and part not in typing.get_type_hints(schema):
             raise ConfigError(f"`{part}` is an option of `seq2seq {ELSEWHERE[part]}`, not of `seq2seq {command}`"
-                              + ("; validation decoding follows `decode.*`" if command == "train" else ""))
+                              + ("; validation decoding follows `decode.*`"
+                                 if command in TRAINING and ELSEWHERE[part] == "translate" else ""))
         schema = field_type(schema, part, ".".join(parts[:depth]))
     if isinstance(value, dict) and type(None) in typing.get_args(schema):
         # OmegaConf cannot merge a block into a node that composed to null.

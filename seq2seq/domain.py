@@ -46,8 +46,9 @@ class Encoder(ABC):
     def encode(self, item: Any) -> Tensor:
         """(L,) token ids or (L, F) feature values of one raw item, without BOS/EOS."""
 
-    def encode_batch(self, items: list[Any]) -> list[Tensor]:
-        """`encode` of each item; override with the tokenizer library's batch call where it has one."""
+    def encode_batch(self, items: list[Any]) -> list[Tensor] | list[list[int]]:
+        """What `encode` gives for each item (or, for token ids, plain lists of them); override with the tokenizer
+        library's batch call where it has one. Preparing a dataset encodes through this."""
         return [self.encode(item) for item in items]
 
     @abstractmethod

@@ -121,14 +121,20 @@ def _ids_type(tok: Encoder) -> pa.DataType:
     return pa.uint16() if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else pa.int32()
 
 
-def _column(items: list[Tensor], kind: pa.DataType) -> tuple[pa.Array, np.ndarray]:
-    """Encoded items -> one Arrow list column (values flattened) and the items' lengths in positions."""
-    lengths = np.fromiter((len(t) for t in items), dtype=np.int32, count=len(items))
-    sizes = np.fromiter((t.numel() for t in items), dtype=np.int64, count=len(items))
-    offsets = np.zeros(len(items) + 1, dtype=np.int32)
-    np.cumsum(sizes, out=offsets[1:])
-    values = np.concatenate([t.reshape(-1).numpy() for t in items]) if items else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(kind.to_pandas_dtype()))), lengths
+def _column(items: list[Any], kind: pa.DataType) -> tuple[pa.Array, np.ndarray]:
+    """Encoded items (tensors or arrays, or lists of ids) -> one Arrow list column (values flattened) and the
+    items' lengths in positions."""
+    dtype = kind.to_pandas_dtype()
+    lengths = np.fromiter(map(len, items), dtype=np.int32, count=len(items))
+    offsets = np.zeros(len(items) + 1, dtype=np.int64)
+    if items and isinstance(items[0], list):
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.fromiter(itertools.chain.from_iterable(items), dtype=dtype, count=int(offsets[-1]))
+    else:
+        arrays = [np.asarray(item).reshape(len(item), -1) for item in items]
+        np.cumsum([a.size for a in arrays], out=offsets[1:])
+        values = np.concatenate([a.reshape(-1) for a in arrays]).astype(dtype) if arrays else np.zeros(0, dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values)), lengths
 
 
 @dataclass

@@ -37,7 +37,8 @@ def test_two_ranks_share_one_run_dir_and_stay_in_step_on_uneven_token_batches(tm
     _cli("train", *REVERSE, *DDP, "data.n_train=509", "loader.max_tokens=300", "trainer.max_epochs=2",
          f"hydra.run.dir={run}", f"prepared={shared}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "shared"]
-    assert not (run / "prepared").exists() and json.loads((run / "data_report.json").read_text())["train"]["kept"] == 509
+    assert not (run / "prepared").exists()
+    assert json.loads((run / "data_report.json").read_text())["train"]["kept"] == 509
     assert sorted(p.name for p in run.glob("*.yaml")) == ["config.yaml"]
     assert {"val/exact_match", "test/exact_match"} <= set(json.loads((run / "metrics.json").read_text()))
     assert not list(run.glob("**/.hydra"))  # config.yaml is the one record of the config, written by rank 0

@@ -69,9 +69,8 @@ class BPETokenizer(_TextTokenizer):
     def encode(self, item: str) -> Tensor:
         return torch.tensor(self._tok.encode(self.normalize(item)).ids, dtype=torch.long)
 
-    def encode_batch(self, items: list[str]) -> list[Tensor]:
-        encodings = self._tok.encode_batch_fast([self.normalize(item) for item in items])
-        return [torch.tensor(e.ids, dtype=torch.long) for e in encodings]
+    def encode_batch(self, items: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch_fast([self.normalize(item) for item in items])]
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(self._content(ids), skip_special_tokens=False).replace("<unk>", "⁇")
@@ -122,8 +121,8 @@ class SentencePieceTokenizer(_TextTokenizer):
     def encode(self, item: str) -> Tensor:
         return torch.tensor(self._sp.encode(self.normalize(item)), dtype=torch.long)
 
-    def encode_batch(self, items: list[str]) -> list[Tensor]:
-        return [torch.tensor(ids, dtype=torch.long) for ids in self._sp.encode([self.normalize(i) for i in items])]
+    def encode_batch(self, items: list[str]) -> list[list[int]]:
+        return self._sp.encode([self.normalize(item) for item in items])
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(self._content(ids))
