@@ -7,7 +7,8 @@ are realistic (about twice the shipped median). Steps, each a fresh `seq2seq` pr
     prepare    `seq2seq prepare` throughput in pairs/s, with 1 and 2 workers (1M), and 2 workers (10M)
     start      `seq2seq train` to its first step (the whole process with one step and no evaluation), on a
                prepared dataset and prepared on the fly
-    memory     peak resident set (ru_maxrss) of `seq2seq train` for 200 steps of the small preset, 1M vs 10M
+    memory     peak resident set (ru_maxrss) of `seq2seq train` for --train-steps steps of the small preset, 1M
+               vs 10M
     throughput training tokens/s of the same model on the same token-budget batches, read from the prepared
                shards vs from in-memory lists of tensors, interleaved in one process (medians)
 
@@ -92,12 +93,12 @@ def start_step(python: str, root: Path, results: dict, tag: str) -> None:
         print(case, results[f"start 1m {case} ({tag})"], flush=True)
 
 
-def memory_step(python: str, root: Path, results: dict, tag: str) -> None:
+def memory_step(python: str, root: Path, results: dict, tag: str, steps: int) -> None:
     for name in ("1m", "10m") if tag == "ours" else ("1m",):
         extra = [f"prepared={root / 'prepared' / f'{name}-w2'}"] if tag == "ours" else []
         options = COMMON if tag == "ours" else COMMON[:2]
         wall, rss, _ = run(python, ["train", *options, f"data.path={root / 'corpora' / f'{name}.tsv'}", *extra,
-                                    *NO_EVAL, "trainer.max_steps=200",
+                                    *NO_EVAL, f"trainer.max_steps={steps}",
                                     f"hydra.run.dir={root / 'runs' / f'memory-{tag}-{name}'}"], root)
         results[f"memory {name} ({tag})"] = {"peak MiB": rss, "s": round(wall, 1)}
         print(name, results[f"memory {name} ({tag})"], flush=True)
@@ -155,6 +156,8 @@ def main() -> None:
     parser.add_argument("--steps", default="corpus,prepare,start,memory,throughput")
     parser.add_argument("--python", default=sys.executable, help="the installation to measure")
     parser.add_argument("--tag", default="ours", help="label of the installation in the results")
+    parser.add_argument("--train-steps", type=int, default=200, help="training steps of the memory runs")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the throughput step")
     args = parser.parse_args()
     steps, root, results = args.steps.split(","), args.root.resolve(), {}
     if "corpus" in steps:
@@ -166,9 +169,9 @@ def main() -> None:
     if "start" in steps:
         start_step(args.python, root, results, args.tag)
     if "memory" in steps:
-        memory_step(args.python, root, results, args.tag)
+        memory_step(args.python, root, results, args.tag, args.train_steps)
     if "throughput" in steps:
-        throughput_step(root, results)
+        throughput_step(root, results, args.rounds)
     out = root / f"results-{args.tag}.json"
     previous = json.loads(out.read_text()) if out.is_file() else {}
     out.write_text(json.dumps({**previous, **results}, indent=1) + "\n")

@@ -121,6 +121,7 @@ class TrainingBatches(Sampler[list[int]]):
         self.seed, self.shuffle, self.num_replicas, self.rank = seed, shuffle, num_replicas, rank
         self.epoch, self.skip = 0, (0, 0)  # skip: (epoch, batches to leave out at its start)
         self._drawn: tuple[int, list[np.ndarray]] | None = None
+        self._index = np.int32 if len(self.lengths) < 2**31 else np.int64  # 4 bytes an example where they fit
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -136,7 +137,7 @@ class TrainingBatches(Sampler[list[int]]):
     def _examples(self, rng: np.random.Generator) -> np.ndarray:
         n = len(self.lengths)
         if not self.corpora or len(self.corpora) == 1:
-            return rng.permutation(n) if self.shuffle else np.arange(n)
+            return (rng.permutation(n) if self.shuffle else np.arange(n)).astype(self._index)
         weights = np.array([w for _, _, w in self.corpora])
         share = n * weights / weights.sum()
         counts = np.floor(share).astype(np.int64)
@@ -148,10 +149,11 @@ class TrainingBatches(Sampler[list[int]]):
                 continue
             laps = [rng.permutation(size) for _ in range(-(-count // size))]
             drawn.append(start + np.concatenate(laps)[:count])
-        return rng.permutation(np.concatenate(drawn))
+        return rng.permutation(np.concatenate(drawn)).astype(self._index)
 
     def _by_tokens(self, examples: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
         order = examples[np.argsort(self.lengths[examples], kind="stable")]  # `examples` is shuffled: random ties
+        del examples
         sorted_lengths = self.lengths[order]
         values, firsts = np.unique(sorted_lengths, return_index=True)
         sizes, filled = [], 0  # greedy: add while (longest so far) × (count + 1) <= max_tokens
@@ -174,10 +176,10 @@ class TrainingBatches(Sampler[list[int]]):
         """This rank's batches of the current epoch (index arrays)."""
         if self._drawn is None or self._drawn[0] != self.epoch:
             rng = np.random.default_rng([self.seed, self.epoch])
-            examples = self._examples(rng)
             if self.max_tokens is not None:
-                batches = self._by_tokens(examples, rng)
+                batches = self._by_tokens(self._examples(rng), rng)
             else:
+                examples = self._examples(rng)
                 batches = [examples[i : i + self.batch_size] for i in range(0, len(examples), self.batch_size)]
             batches += batches[: -len(batches) % self.num_replicas]
             self._drawn = (self.epoch, batches[self.rank :: self.num_replicas])
@@ -237,13 +239,14 @@ class Seq2SeqDataModule(L.LightningDataModule):
                 continue
             split, report = self.prepared.dataset(name), self.prepared.report(name)
             src_len, tgt_len = split.lengths()
-            long_src, long_tgt = src_len > self.max_src, tgt_len + 1 > self.max_tgt
-            long_tgt &= ~long_src
+            long_src = src_len > self.max_src
+            long_tgt = (tgt_len + 1 > self.max_tgt) & ~long_src
             rejected = Counter(report["rejected"])
             rejected.update({f"source longer than {self.max_src}": int(long_src.sum()),
                              f"target longer than {self.max_tgt - 1}": int(long_tgt.sum())})
             rejected = +rejected  # drop zero counts
-            keep = np.flatnonzero(~(long_src | long_tgt))
+            keep = np.flatnonzero(~(long_src | long_tgt)).astype(np.int32 if len(split) < 2**31 else np.int64)
+            del long_src, long_tgt
             examples: Dataset = split if len(keep) == len(split) else Subset(split, keep)
             if not len(keep):
                 raise DataError(f"the {name} split has no examples: {report['rows_read']} read, rejected by reason "
@@ -253,7 +256,9 @@ class Seq2SeqDataModule(L.LightningDataModule):
                 self.corpora = [(int(np.searchsorted(keep, a)), int(np.searchsorted(keep, b)), w)
                                 for (a, b), w in zip(split.corpus_ranges, weights, strict=True)]
             self.examples[name] = examples
-            self.sizes[name] = np.maximum(src_len[keep], tgt_len[keep] + 1)
+            np.add(tgt_len, 1, out=tgt_len)
+            self.sizes[name] = np.maximum(src_len, tgt_len, out=src_len)[keep]
+            del src_len, tgt_len
             self.report[name] = {"rows_read": report["rows_read"], "kept": len(keep), "rejected": dict(rejected),
                                  "files": report["files"]}
             assert len(keep) + sum(rejected.values()) == report["rows_read"], f"{name}: counts do not add up"
