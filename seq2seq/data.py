@@ -137,7 +137,10 @@ class TrainingBatches(Sampler[list[int]]):
     def _examples(self, rng: np.random.Generator) -> np.ndarray:
         n = len(self.lengths)
         if not self.corpora or len(self.corpora) == 1:
-            return (rng.permutation(n) if self.shuffle else np.arange(n)).astype(self._index)
+            examples = np.arange(n, dtype=self._index)
+            if self.shuffle:
+                rng.shuffle(examples)
+            return examples
         weights = np.array([w for _, _, w in self.corpora])
         share = n * weights / weights.sum()
         counts = np.floor(share).astype(np.int64)

@@ -379,68 +379,107 @@ class Prepared:
 
 
 def _map(path: Path) -> mmap.mmap:
-    """A read-only map of a shard, for reading in random order: without read-ahead, each example read brings in
-    the pages it lies on, not the next hundred kilobytes, and the resident set stays small on any corpus."""
     with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    if hasattr(mmap, "MADV_RANDOM"):  # not on Windows
-        mapped.madvise(mmap.MADV_RANDOM)
-    return mapped
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+@dataclass(frozen=True)
+class _Column:
+    """Where one list column of one record batch lies in its shard: its offsets and values, by byte position."""
+
+    offsets: int
+    values: int
+    dtype: np.dtype
+    width: int  # values per position (numeric features), else 1
 
 
 class PreparedSplit(Dataset[tuple[Tensor, Tensor]]):
-    """One split's shards, memory-mapped: item i is (src, tgt) as the encoders gave them. Corpus c holds items
-    `corpus_ranges[c]`. It pickles without its maps (DataLoader workers map the files themselves)."""
+    """One split's shards: item i is (src, tgt) as the encoders gave them; corpus c holds items `corpus_ranges[c]`.
+
+    Opening maps each shard once to find its columns and copy out its lengths index, then unmaps it; an item is
+    read with positioned reads of exactly its bytes (`os.pread`). Memory-mapped item access would bring in the
+    pages around each one it touches (64 KiB with Linux's fault-around), and all of those count in the resident
+    set: over a large corpus read in random order it would grow with the corpus and the steps. It pickles without
+    its open files (DataLoader workers open their own).
+    """
 
     def __init__(self, root: Path, files: list[str], corpus_sizes: list[int]) -> None:
         self.root, self.files = root, files
         bounds = np.cumsum([0, *corpus_sizes])
         self.corpus_ranges = [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
-        self._batches: list[pa.RecordBatch] | None = None
+        self._index: tuple[list[int], np.ndarray, list[tuple[_Column, _Column]]] | None = None
+        self._fds: list[int] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_batches": None}
+        return {**self.__dict__, "_fds": None}
 
-    def _open(self) -> list[pa.RecordBatch]:
-        if self._batches is None:
-            batches = []
-            for name in self.files:
-                try:
-                    reader = pa.ipc.open_file(pa.py_buffer(_map(self.root / name)))
-                    batches += [reader.get_batch(i) for i in range(reader.num_record_batches)]
-                except (OSError, pa.ArrowInvalid) as err:
-                    raise DataError(f"{self.root / name}: unreadable shard ({err}); prepare the dataset again "
-                                    "(`seq2seq prepare ...`)") from None
-            self._batches = batches
-            self._starts = np.cumsum([0] + [b.num_rows for b in batches])
-            self._columns = [tuple(self._lists(b, side) for side in ("src", "tgt")) for b in batches]
-        return self._batches
+    def __del__(self) -> None:
+        for fd in self._fds or []:
+            os.close(fd)
 
-    @staticmethod
-    def _lists(batch: pa.RecordBatch, side: str) -> tuple[np.ndarray, np.ndarray, int]:
-        column = batch.column(side)
-        lengths = batch.column(f"{side}_len").to_numpy()
-        width = int(len(column.values) // max(int(lengths.sum()), 1)) or 1
-        return column.offsets.to_numpy(), column.values.to_numpy(), width
+    def _batches(self) -> Iterator[tuple[int, pa.RecordBatch, int]]:
+        """(shard number, record batch, the map's address) of every record batch, each shard mapped in turn."""
+        for n, name in enumerate(self.files):
+            try:
+                mapped = _map(self.root / name)
+                base = pa.py_buffer(mapped)
+                reader = pa.ipc.open_file(base)
+                for i in range(reader.num_record_batches):
+                    yield n, reader.get_batch(i), base.address
+                del reader, base
+                mapped.close()
+            except (OSError, ValueError, pa.ArrowInvalid) as err:
+                raise DataError(f"{self.root / name}: unreadable shard ({err}); prepare the dataset again "
+                                "(`seq2seq prepare ...`)") from None
+
+    def _open(self) -> tuple[list[int], np.ndarray, list[tuple[_Column, _Column]]]:
+        if self._index is None:
+            shard_of, starts, columns = [], [0], []
+            for n, batch, base in self._batches():
+                shard_of.append(n)
+                starts.append(starts[-1] + batch.num_rows)
+                columns.append(tuple(_locate(batch, side, base) for side in ("src", "tgt")))
+                del batch  # the map closes only once nothing points into it
+            self._index = (shard_of, np.array(starts), columns)
+        if self._fds is None:
+            self._fds = [os.open(self.root / name, os.O_RDONLY) for name in self.files]
+        return self._index
+
+    def lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) source and target lengths (int32), read from the lengths index alone."""
+        src_len, tgt_len, at = np.zeros(len(self), np.int32), np.zeros(len(self), np.int32), 0
+        for _, batch, _ in self._batches():
+            src_len[at : at + batch.num_rows] = batch.column("src_len").to_numpy()
+            tgt_len[at : at + batch.num_rows] = batch.column("tgt_len").to_numpy()
+            at += batch.num_rows
+            del batch
+        return src_len, tgt_len
 
     def __len__(self) -> int:
         return self.corpus_ranges[-1][1] if self.corpus_ranges else 0
 
-    def lengths(self) -> tuple[np.ndarray, np.ndarray]:
-        """(N,) source and target lengths (int32), from the lengths index alone."""
-        batches = self._open()
-        if not batches:
-            return np.zeros(0, np.int32), np.zeros(0, np.int32)
-        return tuple(np.concatenate([b.column(c).to_numpy() for b in batches]) for c in ("src_len", "tgt_len"))
-
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        self._open()
-        b = int(np.searchsorted(self._starts, i, side="right")) - 1
-        j = i - int(self._starts[b])
+        shard_of, starts, columns = self._open()
+        b = int(np.searchsorted(starts, i, side="right")) - 1
+        j, fd = int(i - starts[b]), self._fds[shard_of[b]]  # type: ignore[index]
         out = []
-        for offsets, values, width in self._columns[b]:
-            part = values[offsets[j] : offsets[j + 1]]
-            kind = np.float32 if part.dtype.kind == "f" else np.int64
-            item = torch.from_numpy(part.astype(kind))
-            out.append(item.view(-1, width) if kind is np.float32 else item)
+        for column in columns[b]:
+            first, last = np.frombuffer(os.pread(fd, 8, column.offsets + 4 * j), np.int32).tolist()
+            size = column.dtype.itemsize
+            values = np.frombuffer(os.pread(fd, (last - first) * size, column.values + first * size), column.dtype)
+            if column.dtype.kind == "f":
+                out.append(torch.from_numpy(values.reshape(-1, column.width).copy()))
+            else:
+                out.append(torch.from_numpy(values.astype(np.int64)))
         return out[0], out[1]
+
+
+def _locate(batch: pa.RecordBatch, side: str, base: int) -> _Column:
+    """The byte positions, in the mapped file at `base`, of one list column's offsets and values."""
+    column = batch.column(side)
+    offsets, values = column.offsets, column.values
+    positions = int(batch.column(f"{side}_len").to_numpy().sum())
+    width = max(len(values) // positions, 1) if positions else 1
+    return _Column(offsets=offsets.buffers()[1].address - base + 4 * offsets.offset,
+                   values=values.buffers()[1].address - base + values.type.bit_width // 8 * values.offset,
+                   dtype=np.dtype(values.type.to_pandas_dtype()), width=width)
