@@ -124,8 +124,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PrepareConfig(TrainConfig):
-    """`seq2seq prepare`: read, fit the tokenizers and encode the data of a training config once, into memory-mapped
-    shards that `seq2seq train` (every process of it) maps; run it with the overrides training will have."""
+    """`seq2seq prepare`: read, fit the tokenizers and encode the data of a training config once, into Arrow shards
+    that every process of `seq2seq train` reads; run it with the overrides training will have."""
 
     workers: int = setting(1, "processes that encode (1: this one)", minimum=1)
     shard_size: int = setting(1_000_000, "examples per shard file", minimum=1)

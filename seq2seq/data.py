@@ -3,7 +3,7 @@
 Shapes: B batch, S source length, T target length, F numeric features.
 
 A domain's reader yields raw (source, target) pairs per split, its encoders turn them into ids or values
-(`domain.py`), and `prepared.py` stores them in memory-mapped shards; here the core checks lengths, adds BOS/EOS,
+(`domain.py`), and `prepared.py` stores them in Arrow shards; here the core checks lengths, adds BOS/EOS,
 pads and batches. Every example left out is counted by reason: kept + rejected = rows read, per split.
 """
 

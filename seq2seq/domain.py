@@ -16,7 +16,7 @@ A domain registers, in the registries of `registry.py`:
 
 Encoders are fitted on the training split (or a sample of it), and their `state_dict` (plain data) travels in the
 prepared dataset and the checkpoint: a reloaded encoder must encode exactly as the fitted one did. `seq2seq prepare`
-encodes the splits once, in batches (`encode_batch`), into memory-mapped shards (`seq2seq/prepared.py`).
+encodes the splits once, in batches (`encode_batch`), into Arrow shards (`seq2seq/prepared.py`).
 """
 
 from __future__ import annotations

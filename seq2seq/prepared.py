@@ -12,7 +12,7 @@ Preparing streams the reader's rows, fits the tokenizers on the training split (
 `tokenizer.fit_sample` pairs) unless their state is given, encodes runs of rows in worker processes through the
 encoders' batch call, and writes the shards into `<dir>.partial-<pid>`, renamed into place once complete: a failed or
 interrupted preparation leaves the previous dataset whole, and a partial one is never read (the next preparation
-removes it). Training maps the shards (`PreparedSplit`); nothing of a split is held in memory but its lengths.
+removes it). Training reads the shards (`PreparedSplit`): nothing of a split is held in memory but its lengths.
 """
 
 from __future__ import annotations
