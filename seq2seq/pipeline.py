@@ -111,7 +111,8 @@ def _datamodule(config: TrainConfig, module: Seq2SeqModule, prepared: Prepared, 
 def _remedy(dest: Path) -> str:
     """How to re-prepare `dest`: the command line of this run, as `seq2seq prepare`."""
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ["..."]
-    kept = [o for o in overrides if not o.lstrip("+").startswith(("trainer", "resume=", "prepared=", "hydra."))]
+    given = [o.lstrip("+") for o in overrides]  # as typed: the command line adds `++` inside plugin blocks
+    kept = [o for o in given if not o.startswith(("trainer", "resume=", "prepared=", "hydra."))]
     return (f"Prepare it again with `seq2seq prepare {' '.join(kept)} prepared={dest}`, or give the options it was "
             "prepared with")
 
