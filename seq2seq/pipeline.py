@@ -41,7 +41,7 @@ from seq2seq.data import Collate, Seq2SeqDataModule
 from seq2seq.domain import Reader
 from seq2seq.errors import ConfigError
 from seq2seq.module import Seq2SeqModule
-from seq2seq.prepared import Prepared, changes, inputs_of, obtain, prepare_dataset
+from seq2seq.prepared import Prepared, obtain, prepare_dataset
 from seq2seq.registry import DATASETS
 from seq2seq.schema import to_data
 from seq2seq.translate import Translator
@@ -124,13 +124,7 @@ def prepare(config: PrepareConfig) -> Prepared:
         raise ConfigError("say where the prepared dataset goes: `prepared=DIR` (with an `experiment=`, the default "
                           "is prepared/<experiment>)")
     reader: Reader = DATASETS.build(config.data, "data")
-    dest = Path(config.prepared)
-    if (dest / "meta.json").is_file():
-        found = Prepared(dest)
-        if not changes(found.meta["inputs"], inputs_of(config, reader)):
-            log.info("%s is prepared already (fingerprint %s): nothing to do", dest, found.fingerprint)
-            return found
-    return prepare_dataset(config, reader, dest, workers=config.workers, shard_size=config.shard_size)
+    return obtain(config, reader, Path(config.prepared), workers=config.workers, shard_size=config.shard_size)
 
 
 def _write_metrics(trainer: L.Trainer, path: Path, results: dict[str, Any]) -> None:

@@ -297,7 +297,8 @@ def _swap(partial: Path, dest: Path) -> None:
 
 
 def obtain(config: TrainConfig, reader: Reader, dest: Path, tokenizers: dict[str, Any] | None = None,
-           strict: bool = False, remedy: str = "") -> Prepared:
+           strict: bool = False, remedy: str = "", workers: int | None = None, shard_size: int = 1_000_000
+           ) -> Prepared:
     """The prepared dataset at `dest` for this config and tokenizers: the one there if it matches, else prepared
     there by global rank 0 while the other processes wait for it. With `strict`, one that does not match is an
     error (a dataset the user named is never replaced behind their back); otherwise it is prepared again."""
@@ -318,8 +319,8 @@ def obtain(config: TrainConfig, reader: Reader, dest: Path, tokenizers: dict[str
             waited += 1
         return Prepared(dest)
     if meta.is_file():
-        found = Prepared(dest)
         try:
+            found = Prepared(dest)  # a damaged one is an error, or prepared again
             found.check(inputs, tokenizers, remedy)
             log.info("using the prepared dataset %s (fingerprint %s)", dest, found.fingerprint)
             return found
@@ -327,7 +328,8 @@ def obtain(config: TrainConfig, reader: Reader, dest: Path, tokenizers: dict[str
             if strict:
                 raise
             log.info("preparing again: %s", err)
-    return prepare_dataset(config, reader, dest, tokenizers, workers=max(1, config.loader.num_workers))
+    workers = max(1, config.loader.num_workers) if workers is None else workers
+    return prepare_dataset(config, reader, dest, tokenizers, workers=workers, shard_size=shard_size)
 
 
 class Prepared:

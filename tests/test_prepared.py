@@ -101,6 +101,12 @@ def test_a_damaged_shard_is_detected_and_never_trained_on(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(DataError, match=r"train-0-00000\.arrow has \d+ bytes, not the \d+ written.*damaged"):
         Prepared(tmp_path / "p")
+    config = _config(tmp_path)
+    with pytest.raises(DataError, match=r"damaged"):
+        obtain(config, DATASETS.build(config.data, "data"), tmp_path / "p", strict=True)
+    again = obtain(config, DATASETS.build(config.data, "data"), tmp_path / "p")  # what `seq2seq prepare` does
+    assert Prepared(tmp_path / "p").fingerprint == again.fingerprint and len(again.dataset("train")) == 100
+    shard.write_bytes(shard.read_bytes()[:-100])
     shard.unlink()
     with pytest.raises(DataError, match=r"is missing"):
         Prepared(tmp_path / "p")
