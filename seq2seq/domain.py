@@ -91,6 +91,11 @@ class Tokenizer(Encoder):
     def decode(self, ids: list[int]) -> str:
         """Ids (specials allowed, and dropped) -> the text that metrics score and users read."""
 
+    def pieces(self, ids: list[int]) -> list[str]:
+        """The token string of each id, distinct for distinct ids (attention plots, exported vocabularies);
+        by default the ids in decimal."""
+        return [str(i) for i in ids]
+
     @property
     def pad_value(self) -> float:
         return float(self.pad_id)

@@ -1,8 +1,11 @@
 """Inference, in one home: `Translator` turns raw sources into outputs through the module's one `Decoder`.
 
-`Translator.from_checkpoint(path).translate([...])` needs nothing but the checkpoint. Every command (`evaluate`,
-`predict`, `translate`), the domains' hooks and the Python API decode through it; `with_decoding(beam=5)` changes
-the decoding settings the checkpoint was trained with.
+`Translator.from_checkpoint(path).translate([...])` needs nothing but the checkpoint, or an exported model's folder
+(`seq2seq export`). Every command (`evaluate`, `predict`, `translate`, `serve`), the domains' hooks and the Python
+API decode through it; `with_decoding(beam=5)` changes the decoding settings the checkpoint was trained with.
+
+A `Backend` runs the model: `Stepped` drives the core's searches over anything with `EncoderDecoder`'s decoding
+contract (the eager model, or the ONNX graphs of `seq2seq.export.onnx`); CTranslate2 runs its own searches.
 
 Shapes: N inputs, L decoded length, C labels.
 """
@@ -13,32 +16,88 @@ import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from seq2seq.data import Batch, Collate
-from seq2seq.decoding import Decoder, strip
+from seq2seq.decoding import Decoder, Hypotheses, strip
 from seq2seq.errors import ConfigError, DataError
-from seq2seq.model import EncoderDecoder
 from seq2seq.module import Seq2SeqModule
+
+
+class Backend(Protocol):
+    """What runs a model for a `Translator`: batches of token ids (or feature values) on `device` in, decoded ids
+    out. `name` says which engine (and precision) it is, for outputs' metadata."""
+
+    name: str
+    device: torch.device
+
+    def best(self, decoder: Decoder, src: Tensor, src_keep: Tensor) -> Tensor:
+        """The best output (B, L) of each source, EOS-padded."""
+
+    def n_best(self, decoder: Decoder, src: Tensor, src_keep: Tensor, n: int) -> Hypotheses: ...
+
+    def label_probabilities(self, decoder: Decoder, src: Tensor, src_keep: Tensor) -> Tensor: ...
+
+    def score(self, decoder: Decoder, src: Tensor, src_keep: Tensor, tgt: list[list[int]]) -> list[list[float]]:
+        """Log-probabilities of each target token and of the EOS after it, teacher-forced."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stepped:
+    """The core's searches over a model with `EncoderDecoder`'s decoding contract: `encode`, `start_decoding`,
+    `decode_step` (and the teacher-forced call for label probabilities)."""
+
+    model: Any
+    name: str = "eager"
+    device: torch.device = torch.device("cpu")
+
+    def best(self, decoder: Decoder, src: Tensor, src_keep: Tensor) -> Tensor:
+        return decoder(self.model, src, src_keep)
+
+    def n_best(self, decoder: Decoder, src: Tensor, src_keep: Tensor, n: int) -> Hypotheses:
+        return decoder.n_best(self.model, src, src_keep, n)
+
+    def label_probabilities(self, decoder: Decoder, src: Tensor, src_keep: Tensor) -> Tensor:
+        return decoder.label_probabilities(self.model, src, src_keep)
+
+    def score(self, decoder: Decoder, src: Tensor, src_keep: Tensor, tgt: list[list[int]]) -> list[list[float]]:
+        """Through the cached decoding steps, as the searches see them."""
+        T = 1 + max(len(t) for t in tgt)
+        gold = torch.tensor([t + [decoder.eos] * (T - len(t)) for t in tgt], device=src_keep.device)  # (B, T)
+        inputs = torch.cat([torch.full_like(gold[:, :1], decoder.bos), gold[:, :-1]], dim=1)
+        state = self.model.start_decoding(self.model.encode(src, src_keep), src_keep, T)
+        steps = [self.model.decode_step(inputs[:, k], state).float().log_softmax(-1) for k in range(T)]
+        picked = torch.stack(steps, 1).gather(-1, gold[..., None])[..., 0]  # (B, T)
+        return [row[: len(t) + 1] for row, t in zip(picked.tolist(), tgt, strict=True)]
 
 
 @dataclasses.dataclass(frozen=True)
 class Translator:
-    """Decodes raw sources with a module's model; `decoder` defaults to the module's (its `decode:` config)."""
+    """Decodes raw sources with a module's model; `decoder` defaults to the module's (its `decode:` config) and
+    `backend` to the module's eager model. An exported model's module holds its config and tokenizers, and no
+    weights (they live in the backend)."""
 
     module: Seq2SeqModule
     batch_size: int = 64
     decoder: Decoder = None  # type: ignore[assignment]
+    backend: Backend = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.decoder is None:
             object.__setattr__(self, "decoder", self.module.decoder)
+        if self.backend is None:
+            object.__setattr__(self, "backend", Stepped(self.module.model, "eager", self.module.device))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, batch_size: int | None = None) -> Translator:
+        """A checkpoint, or the folder of an exported model."""
+        from seq2seq.export import is_export, load
+
+        if is_export(path):
+            return load(path, batch_size)
         module = Seq2SeqModule.from_checkpoint(path)
         return cls(module, batch_size or module.config.loader.batch_size)
 
@@ -51,8 +110,8 @@ class Translator:
             raise ConfigError(f"unknown decoding setting: {err}") from None
         return dataclasses.replace(self, decoder=dataclasses.replace(self.decoder, spec=spec))
 
-    def batches(self, sources: list[Any]) -> Iterator[tuple[list[int], Batch]]:
-        """Encode raw sources and batch them by length: (input positions, batch) on the module's device."""
+    def encode(self, sources: list[Any]) -> list[Tensor]:
+        """The encoded sources; an empty one or one longer than the model's positions is a DataError naming it."""
         module = self.module
         encoded = [module.src_tok.encode(s) for s in sources]
         limit = module.model.spec.max_positions
@@ -60,18 +119,23 @@ class Translator:
         if bad:
             raise DataError(f"input(s) {bad[:10]} ({len(bad)} in all, numbered from 1) are empty or longer than "
                             f"the model's {limit} positions; shorten or split them")
-        collate = Collate.for_tokenizers(module.src_tok, module.tgt_tok)
+        return encoded
+
+    def batches(self, sources: list[Any]) -> Iterator[tuple[list[int], Batch]]:
+        """Encode raw sources and batch them by length: (input positions, batch) on the backend's device."""
+        encoded = self.encode(sources)
+        collate = Collate.for_tokenizers(self.module.src_tok, self.module.tgt_tok)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch together
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            yield idx, collate([(encoded[i], torch.empty(0, dtype=torch.long)) for i in idx]).to(module.device)
+            yield idx, collate([(encoded[i], torch.empty(0, dtype=torch.long)) for i in idx]).to(self.backend.device)
 
     def tokens(self, sources: list[Any]) -> list[list[int]]:
         """The decoded token ids of each source, cut at EOS, in input order."""
         out: list[list[int]] = [[] for _ in sources]
-        with self._inference() as model:
+        with self._inference():
             for idx, batch in self.batches(sources):
-                hyps = strip(self.decoder(model, batch.src, batch.src_keep), self.decoder.eos)
+                hyps = strip(self.backend.best(self.decoder, batch.src, batch.src_keep), self.decoder.eos)
                 for i, hyp in zip(idx, hyps, strict=True):
                     out[i] = hyp
         return out
@@ -84,9 +148,9 @@ class Translator:
         """`n` (score, output) pairs per source by beam search, best first; scores are length-penalized
         log-probabilities."""
         tok, out = self.module.tgt_tok, [[] for _ in sources]
-        with self._inference() as model:
+        with self._inference():
             for idx, batch in self.batches(sources):
-                found = self.decoder.n_best(model, batch.src, batch.src_keep, n)
+                found = self.backend.n_best(self.decoder, batch.src, batch.src_keep, n)
                 for row, i in enumerate(idx):
                     hyps = strip(found.tokens[row], tok.eos_id)  # (N, L) -> N lists
                     out[i] = [(float(found.scores[row, k]), tok.decode(hyps[k])) for k in range(n)]
@@ -94,21 +158,32 @@ class Translator:
 
     def label_probabilities(self, sources: list[Any]) -> Tensor:
         """Label domains: (N, L, C) probability of each label per decoded position, in input order."""
-        with self._inference() as model:
-            parts = [(idx, self.decoder.label_probabilities(model, batch.src, batch.src_keep).cpu())
+        with self._inference():
+            parts = [(idx, self.backend.label_probabilities(self.decoder, batch.src, batch.src_keep).cpu())
                      for idx, batch in self.batches(sources)]
         out = torch.empty(len(sources), *parts[0][1].shape[1:])
         for idx, probs in parts:
             out[idx] = probs
         return out
 
+    def scores(self, pairs: list[tuple[Any, Any]]) -> list[list[float]]:
+        """Teacher-forced log-probabilities of each target token and its EOS, for (source, target) pairs."""
+        out: list[list[float]] = [[] for _ in pairs]
+        targets = [self.module.tgt_tok.encode(t).tolist() for _, t in pairs]
+        with self._inference():
+            for idx, batch in self.batches([s for s, _ in pairs]):
+                found = self.backend.score(self.decoder, batch.src, batch.src_keep, [targets[i] for i in idx])
+                for i, row in zip(idx, found, strict=True):
+                    out[i] = row
+        return out
+
     @contextmanager
-    def _inference(self) -> Iterator[EncoderDecoder]:
+    def _inference(self) -> Iterator[None]:
         """The model in eval mode (dropout off) without gradients; the module's mode is restored afterwards."""
         module, was_training = self.module, self.module.training
         module.eval()
         try:
             with torch.no_grad():
-                yield module.model
+                yield
         finally:
             module.train(was_training)

@@ -49,6 +49,9 @@ class SymbolTokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         return " ".join(self.itos[i] for i in ids if i >= len(SPECIALS))
 
+    def pieces(self, ids: list[int]) -> list[str]:
+        return [self.itos[i] for i in ids]
+
     def state_dict(self) -> dict[str, Any]:
         return {"itos": list(self.itos)}
 

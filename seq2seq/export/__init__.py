@@ -1,0 +1,182 @@
+"""Exported models: `seq2seq export` writes a folder that decodes without the checkpoint, in CTranslate2 or ONNX.
+
+The folder is self-contained: the backend's files (`model.bin`, `config.json` and vocabularies for CTranslate2;
+`encoder.onnx` and `decoder_step.onnx`, plus `forward.onnx` for label domains, for ONNX), `module.pt` (the
+training config and the fitted tokenizers as plain data) and `seq2seq_export.json` (format, quantization, the source
+checkpoint and the parity report). `Translator.from_checkpoint(folder)` (and every command's `ckpt=folder`) loads it.
+
+Parity is checked when exporting, against the eager model, on the first `check_limit` sources of a split: greedy and
+beam-4 outputs token for token, and the teacher-forced log-probability of every reference token (within
+`LOGPROB_TOLERANCE`). A full-precision export that decodes any of them differently, or whose log-probabilities drift,
+is an error. A quantized export reports the agreement and the split's metrics (e.g. BLEU, chrF) for both models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seq2seq.domain import FeatureEncoder, Reader
+from seq2seq.errors import ConfigError
+from seq2seq.config import load_train_config
+from seq2seq.module import Seq2SeqModule
+from seq2seq.plugins import import_plugins
+from seq2seq.registry import DATASETS
+from seq2seq.translate import Stepped, Translator
+
+log = logging.getLogger(__name__)
+
+MANIFEST, MODULE = "seq2seq_export.json", "module.pt"
+FORMATS = ("ctranslate2", "onnx")
+QUANTIZATIONS = {"ctranslate2": ("none", "int8", "int8_float32", "bfloat16"), "onnx": ("none",)}
+LOGPROB_TOLERANCE = 1e-3  # largest |log p(eager) - log p(export)| of a reference token at full precision
+
+
+class ExportError(RuntimeError):
+    """An export that does not decode as the eager model does."""
+
+
+def is_export(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _module(path: Path) -> Seq2SeqModule:
+    """The exported model's config and tokenizers; its weights live in the backend, so the model is built on the
+    meta device (no memory, no initialisation)."""
+    saved = torch.load(path / MODULE, weights_only=True)
+    import_plugins(list(saved["config"].get("plugins", [])))
+    config = load_train_config(saved["config"])
+    with torch.device("meta"):
+        return Seq2SeqModule(config, saved["tokenizers"]).eval()
+
+
+def load(path: str | Path, batch_size: int | None = None, threads: int | None = None) -> Translator:
+    """A `Translator` over the exported model in `path`."""
+    path = Path(path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    module = _module(path)
+    spec = module.model.spec
+    if manifest["format"] == "onnx":
+        from seq2seq.export.onnx import OnnxModel
+
+        backend: Any = Stepped(OnnxModel(path, spec.n_decoder_layers, spec.n_heads, spec.d_model, threads), "onnx")
+    else:
+        from seq2seq.export.ctranslate2 import CTranslate2Model
+
+        backend = CTranslate2Model(path, module.src_tok, module.tgt_tok, f"ctranslate2 {manifest['quantization']}",
+                                   threads)
+    return Translator(module, batch_size or module.config.loader.batch_size, backend=backend)
+
+
+def _write(module: Seq2SeqModule, fmt: str, quantization: str, out: Path) -> list[str]:
+    model = module.model.eval()
+    if fmt == "ctranslate2":
+        from seq2seq.export.ctranslate2 import convert
+
+        convert(model, module.src_tok, module.tgt_tok, out, quantization)
+        return sorted(p.name for p in out.iterdir())
+    from seq2seq.export.onnx import export
+
+    src = module.src_tok
+    example = (torch.zeros(1, 1, src.n_features) if isinstance(src, FeatureEncoder)
+               else torch.zeros(1, 1, dtype=torch.long))
+    forward = module.tgt_tok.label_ids is not None or module.config.decode.one_shot
+    return export(model, example, out, forward)
+
+
+def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    return sum(x == y for x, y in zip(a, b, strict=True)) / max(1, len(a))
+
+
+def _metrics(module: Seq2SeqModule, outputs: list[list[int]], refs: list[list[int]]) -> dict[str, float]:
+    collection = module.metrics["test"].clone(prefix="")
+    collection.update(outputs, refs)
+    return {k: float(v) for k, v in collection.compute().items()}
+
+
+def parity(eager: Translator, exported: Translator, pairs: list[tuple[Any, Any]], quantized: bool) -> dict[str, Any]:
+    """How the export decodes `pairs`' sources against the eager model (see the module's docstring)."""
+    sources = [s for s, _ in pairs]
+    report: dict[str, Any] = {"examples": len(pairs)}
+    for name, changes in (("greedy", {"beam": 1, "sampling": False}), ("beam4", {"beam": 4, "sampling": False})):
+        if eager.decoder.spec.one_shot and name == "beam4":
+            continue
+        ours, theirs = (t.with_decoding(**changes).tokens(sources) for t in (eager, exported))
+        report[f"{name}_agreement"] = _agreement(ours, theirs)
+    if eager.module.tgt_tok.label_ids is None:
+        ours, theirs = eager.scores(pairs), exported.scores(pairs)
+        report["max_logprob_diff"] = max(abs(x - y) for a, b in zip(ours, theirs, strict=True)
+                                         for x, y in zip(a, b, strict=True))
+    if quantized and eager.module.metrics["test"]:
+        refs = [eager.module.tgt_tok.encode(t).tolist() for _, t in pairs]
+        report["metrics_eager"] = _metrics(eager.module, eager.tokens(sources), refs)
+        report["metrics_export"] = _metrics(eager.module, exported.tokens(sources), refs)
+    return report
+
+
+def _check(report: dict[str, Any], fmt: str) -> None:
+    problems = [f"{key} = {report[key]:.4f}" for key in ("greedy_agreement", "beam4_agreement")
+                if report.get(key, 1.0) < 1.0]
+    if report.get("max_logprob_diff", 0.0) > LOGPROB_TOLERANCE:
+        problems.append(f"max_logprob_diff = {report['max_logprob_diff']:.2e} > {LOGPROB_TOLERANCE}")
+    if problems:
+        raise ExportError(f"the {fmt} export does not decode as the eager model does: {', '.join(problems)} "
+                          f"on {report['examples']} examples")
+
+
+def export(ckpt: str | Path, fmt: str, output: str | Path, quantization: str = "none", check: str | None = "val",
+           check_limit: int = 200) -> dict[str, Any]:
+    """Export the checkpoint `ckpt` to the folder `output`; returns the manifest. `check` names the split whose
+    first `check_limit` pairs the parity check decodes (None: no check)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"`format` must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if quantization not in QUANTIZATIONS[fmt]:
+        raise ConfigError(f"`quantization` for {fmt} must be one of {', '.join(QUANTIZATIONS[fmt])}, "
+                          f"got {quantization!r}")
+    output = Path(output)
+    if output.exists() and not is_export(output) and (not output.is_dir() or any(output.iterdir())):
+        raise ConfigError(f"`output` {output} exists and is not an exported model; name a new folder")
+    eager = Translator.from_checkpoint(ckpt)
+    module = eager.module
+    staging = output.with_name(f"{output.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        files = _write(module, fmt, quantization, staging)
+        torch.save({"config": module.hparams["config"], "tokenizers": module.hparams["tokenizers"]},
+                   staging / MODULE)
+        manifest: dict[str, Any] = {
+            "format": fmt, "quantization": quantization, "files": [*files, MODULE], "checkpoint": str(ckpt),
+            "version": metadata.version("seq2seq"),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if check is not None:
+            reader: Reader = DATASETS.build(module.config.data, "data")
+            if check not in reader.splits:
+                raise ConfigError(f"`check` must name a split of the reader ({', '.join(reader.splits)}) or be null")
+            pairs = reader.read(check).pairs[:check_limit]
+            manifest["parity"] = {"split": check, **parity(eager, load(staging), pairs, quantization != "none")}
+            if quantization == "none":
+                _check(manifest["parity"], fmt)
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("exported %s to %s (%s): %s", ckpt, output, fmt, json.dumps(manifest.get("parity", {})))
+    return manifest
+
+
+def decoding_of(translator: Translator) -> dict[str, Any]:
+    """The decoding settings and backend of a translator, for outputs' metadata."""
+    return {"backend": translator.backend.name, **dataclasses.asdict(translator.decoder.spec)}
+
