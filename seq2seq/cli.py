@@ -1,4 +1,4 @@
-"""The command line: `seq2seq train | prepare | evaluate | predict | translate [key=value ...]`,
+"""The command line: `seq2seq train | prepare | evaluate | predict | translate | export | serve [key=value ...]`,
 `seq2seq <command> --help`, `seq2seq plugins`.
 
 Hydra composes `conf/<command>.yaml` with the overrides; `config.validate` turns it into the command's typed config;
@@ -30,7 +30,7 @@ from seq2seq.plugins import listing, searchpath_override
 
 COMMANDS: dict[str, Callable[..., Any]] = {
     "train": pipeline.train, "prepare": pipeline.prepare, "evaluate": pipeline.evaluate, "predict": pipeline.predict,
-    "translate": pipeline.translate,
+    "translate": pipeline.translate, "export": pipeline.export, "serve": pipeline.serve,
 }
 
 # Strategies whose launcher re-runs the command line once per extra process (Lightning's subprocess launcher).

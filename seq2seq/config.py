@@ -140,6 +140,11 @@ class InferenceConfig:
                                      minimum=1)
     beam: int | None = setting(None, "beam size (default: the checkpoint's decode.beam)", minimum=1)
     length_penalty: float | None = setting(None, "GNMT alpha (default: the checkpoint's decode.length_penalty)")
+    max_len_a: float | None = setting(None, "at most a · source length + b output tokens: a (default: the "
+                                            "checkpoint's decode.max_len_a)", minimum=0)
+    max_len_b: int | None = setting(None, "at most a · source length + b output tokens: b (default: the "
+                                          "checkpoint's decode.max_len_b)", minimum=0)
+    threads: int | None = setting(None, "CPU threads of an exported model's engine (default: torch's)", minimum=1)
 
 
 @dataclass(frozen=True)
@@ -170,13 +175,42 @@ class TranslateConfig(InferenceConfig):
     attention: str | None = setting(None, "also save cross-attention heatmaps of the first inputs to this PNG")
 
 
+@dataclass(frozen=True)
+class ExportConfig:
+    """`seq2seq export`: write a checkpoint as a self-contained CTranslate2 or ONNX model folder, checked against
+    the eager model (see `seq2seq.export`)."""
+
+    ckpt: str = setting(REQUIRED, "the checkpoint to export (required)")
+    format: str = setting(REQUIRED, "ctranslate2 or onnx (required)", choices=("ctranslate2", "onnx"))
+    output: str = setting(REQUIRED, "the folder to write (required); an earlier export there is replaced")
+    quantization: str = setting("none", "ctranslate2 weights: none, int8, int8_float32 or bfloat16",
+                                choices=("none", "int8", "int8_float32", "bfloat16"))
+    check: str | None = setting("val", "the split whose pairs the parity check decodes (null: no check)")
+    check_limit: int = setting(200, "pairs of that split the parity check decodes", minimum=1)
+
+
+@dataclass(frozen=True)
+class ServeConfig(InferenceConfig):
+    """`seq2seq serve`: an HTTP translation service (POST /translate, GET /health) over a checkpoint or an exported
+    model, batching concurrent requests."""
+
+    host: str = setting("127.0.0.1", "the address to listen on (0.0.0.0: every interface)")
+    port: int = setting(8080, "the port to listen on", minimum=0)
+    max_batch: int = setting(32, "most sources decoded together from concurrent requests", minimum=1)
+    max_wait_ms: float = setting(5.0, "how long a request waits for others to share its batch", minimum=0)
+    max_inputs: int = setting(64, "most sources in one request", minimum=1)
+    max_chars: int = setting(2000, "longest source, in characters", minimum=1)
+    max_body: int = setting(1_000_000, "largest request body, in bytes", minimum=1)
+
+
 SCHEMAS: dict[str, type] = {"train": TrainConfig, "prepare": PrepareConfig, "evaluate": EvaluateConfig,
-                            "predict": PredictConfig, "translate": TranslateConfig}
+                            "predict": PredictConfig, "translate": TranslateConfig, "export": ExportConfig,
+                            "serve": ServeConfig}
 TRAINING = ("train", "prepare")  # the commands that compose a whole training config
-INFERENCE_GROUPS = {"evaluate": ("trainer",), "predict": (), "translate": ()}
+INFERENCE_GROUPS = {"evaluate": ("trainer",), "predict": (), "translate": (), "export": (), "serve": ()}
 ELSEWHERE = {"workers": "prepare", "shard_size": "prepare", "beam": "translate", "length_penalty": "translate",
-             "n_best": "translate", "attention": "translate", "ckpt": "evaluate, predict and translate",
-             "input": "predict and translate"}
+             "n_best": "translate", "attention": "translate", "ckpt": "evaluate, predict, translate, export and serve",
+             "input": "predict and translate", "format": "export", "quantization": "export", "port": "serve"}
 
 
 def _groups() -> dict[str, list[str]]:

@@ -1,4 +1,5 @@
-"""What each command does, top to bottom, on a validated config: `train`, `evaluate`, `predict`, `translate`.
+"""What each command does, top to bottom, on a validated config: `train`, `prepare`, `evaluate`, `predict`,
+`translate`, `export`, `serve`.
 
 Training: reader -> prepared dataset (found, or prepared with encoders fitted, or loaded when resuming) -> module ->
 data module -> fit -> best checkpoint -> evaluation of the held-out splits -> the domain's report -> metrics.json.
@@ -30,9 +31,11 @@ from omegaconf import OmegaConf
 from seq2seq.checkpoints import AtomicCheckpointIO, InterruptCheckpoint, refuse_reuse, resume_point
 from seq2seq.config import (
     EvaluateConfig,
+    ExportConfig,
     InferenceConfig,
     PredictConfig,
     PrepareConfig,
+    ServeConfig,
     TrainConfig,
     TrainerSpec,
     TranslateConfig,
@@ -40,6 +43,8 @@ from seq2seq.config import (
 from seq2seq.data import Collate, Seq2SeqDataModule
 from seq2seq.domain import Reader
 from seq2seq.errors import ConfigError
+from seq2seq.export import decoding_of, is_export
+from seq2seq.export import export as export_model
 from seq2seq.module import Seq2SeqModule
 from seq2seq.prepared import Prepared, obtain, prepare_dataset
 from seq2seq.registry import DATASETS
@@ -198,23 +203,30 @@ def _best_checkpoint(config: TrainConfig, trainer: L.Trainer, module: Seq2SeqMod
 
 
 def _translator(config: InferenceConfig) -> Translator:
-    translator = Translator.from_checkpoint(config.ckpt, config.batch_size)
-    return translator.with_decoding(beam=config.beam, length_penalty=config.length_penalty)
+    translator = Translator.from_checkpoint(config.ckpt, config.batch_size, config.threads)
+    return translator.with_decoding(beam=config.beam, length_penalty=config.length_penalty,
+                                    max_len_a=config.max_len_a, max_len_b=config.max_len_b)
 
 
 @contextmanager
-def _output(path: str | None) -> Iterator[TextIO]:
-    """A text file to write, or standard output."""
+def _output(path: str | None, translator: Translator, ckpt: str) -> Iterator[TextIO]:
+    """A text file to write (with `<file>.json` beside it: the model, backend and decoding settings), or standard
+    output."""
     if path is None:
         yield sys.stdout
         return
     with open(path, "w", encoding="utf-8", newline="") as f:
         yield f
+    meta = {"checkpoint": ckpt, **decoding_of(translator)}
+    Path(f"{path}.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Re-score a checkpoint on the val and test splits of its data, or of the data its reader reads with
     `config.data` options over the checkpoint's; metrics go to standard output (and `output`/metrics.json)."""
+    if is_export(config.ckpt):
+        raise ConfigError(f"`seq2seq evaluate` scores checkpoints; {config.ckpt} is an exported model, whose "
+                          "agreement with its checkpoint is in its seq2seq_export.json (or `translate` with it)")
     translator = _translator(config)
     module = translator.module
     module.decoder = translator.decoder
@@ -250,7 +262,7 @@ def predict(config: PredictConfig) -> None:
     translator = _translator(config)
     reader: Reader = DATASETS.build(translator.module.config.data, "data")
     sources = reader.read_inputs(config.input)
-    with _output(config.output) as out:
+    with _output(config.output, translator, config.ckpt) as out:
         n = reader.write_predictions(translator, sources, out)
     log.info("wrote predictions for %d inputs to %s", n, config.output or "standard output")
 
@@ -265,7 +277,25 @@ def translate(config: TranslateConfig) -> None:
     else:
         found = translator.n_best(lines, config.n_best)
         text = "".join(f"{i}\t{score:.4f}\t{out}\n" for i, best in enumerate(found, 1) for score, out in best)
-    with _output(config.output) as out:
+    with _output(config.output, translator, config.ckpt) as out:
         out.write(text)
     if config.attention:
+        if translator.backend.name != "eager":
+            raise ConfigError("attention maps come from the eager model: give `ckpt=` a checkpoint, not an export")
         reader.plot_attention(translator, lines[:4], Path(config.attention))
+
+
+def export(config: ExportConfig) -> None:
+    """Write `config.ckpt` as an exported model folder, checked for parity; the manifest goes to standard output."""
+    manifest = export_model(config.ckpt, config.format, config.output, config.quantization, config.check,
+                            config.check_limit)
+    sys.stdout.write(json.dumps(manifest, indent=2) + "\n")
+
+
+def serve(config: ServeConfig) -> None:
+    """Serve `config.ckpt` (a checkpoint or an export) over HTTP until interrupted."""
+    from seq2seq.serve import Limits, run
+
+    limits = Limits(config.max_batch, config.max_wait_ms / 1000, config.max_inputs, config.max_chars,
+                    config.max_body)
+    run(_translator(config), limits, config.host, config.port)

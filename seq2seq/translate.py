@@ -92,12 +92,13 @@ class Translator:
             object.__setattr__(self, "backend", Stepped(self.module.model, "eager", self.module.device))
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, batch_size: int | None = None) -> Translator:
-        """A checkpoint, or the folder of an exported model."""
+    def from_checkpoint(cls, path: str | Path, batch_size: int | None = None, threads: int | None = None
+                        ) -> Translator:
+        """A checkpoint, or the folder of an exported model (whose engine runs `threads` CPU threads)."""
         from seq2seq.export import is_export, load
 
         if is_export(path):
-            return load(path, batch_size)
+            return load(path, batch_size, threads)
         module = Seq2SeqModule.from_checkpoint(path)
         return cls(module, batch_size or module.config.loader.batch_size)
 

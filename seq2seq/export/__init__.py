@@ -4,11 +4,13 @@ The folder is self-contained: the backend's files (`model.bin`, `config.json` an
 `encoder.onnx` and `decoder_step.onnx`, plus `forward.onnx` for label domains, for ONNX), `module.pt` (the
 training config and the fitted tokenizers as plain data) and `seq2seq_export.json` (format, quantization, the source
 checkpoint and the parity report). `Translator.from_checkpoint(folder)` (and every command's `ckpt=folder`) loads it.
+Dependencies: the `deploy` extra (ctranslate2, onnx, onnxscript, onnxruntime).
 
 Parity is checked when exporting, against the eager model, on the first `check_limit` sources of a split: greedy and
 beam-4 outputs token for token, and the teacher-forced log-probability of every reference token (within
 `LOGPROB_TOLERANCE`). A full-precision export that decodes any of them differently, or whose log-probabilities drift,
-is an error. A quantized export reports the agreement and the split's metrics (e.g. BLEU, chrF) for both models.
+is an error. A quantized export reports the agreement, and the metrics (e.g. BLEU, chrF) of both models on the first
+`check_limit` pairs of the test split, decoded as the checkpoint's `decode:` says.
 """
 
 from __future__ import annotations
@@ -97,13 +99,15 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def _metrics(module: Seq2SeqModule, outputs: list[list[int]], refs: list[list[int]]) -> dict[str, float]:
-    collection = module.metrics["test"].clone(prefix="")
+    collection = module.metrics["test"].clone()
     collection.update(outputs, refs)
-    return {k: float(v) for k, v in collection.compute().items()}
+    return {k.removeprefix("test/"): float(v) for k, v in collection.compute().items()}
 
 
-def parity(eager: Translator, exported: Translator, pairs: list[tuple[Any, Any]], quantized: bool) -> dict[str, Any]:
-    """How the export decodes `pairs`' sources against the eager model (see the module's docstring)."""
+def parity(eager: Translator, exported: Translator, pairs: list[tuple[Any, Any]],
+           scored: list[tuple[Any, Any]] | None = None) -> dict[str, Any]:
+    """How the export decodes `pairs`' sources against the eager model (see the module's docstring), and the
+    metrics of both on `scored`."""
     sources = [s for s, _ in pairs]
     report: dict[str, Any] = {"examples": len(pairs)}
     for name, changes in (("greedy", {"beam": 1, "sampling": False}), ("beam4", {"beam": 4, "sampling": False})):
@@ -115,10 +119,11 @@ def parity(eager: Translator, exported: Translator, pairs: list[tuple[Any, Any]]
         ours, theirs = eager.scores(pairs), exported.scores(pairs)
         report["max_logprob_diff"] = max(abs(x - y) for a, b in zip(ours, theirs, strict=True)
                                          for x, y in zip(a, b, strict=True))
-    if quantized and eager.module.metrics["test"]:
-        refs = [eager.module.tgt_tok.encode(t).tolist() for _, t in pairs]
-        report["metrics_eager"] = _metrics(eager.module, eager.tokens(sources), refs)
-        report["metrics_export"] = _metrics(eager.module, exported.tokens(sources), refs)
+    if scored and eager.module.metrics["test"]:
+        refs = [eager.module.tgt_tok.encode(t).tolist() for _, t in scored]
+        report["scored"] = len(scored)
+        for name, translator in (("eager", eager), ("export", exported)):
+            report[f"metrics_{name}"] = _metrics(eager.module, translator.tokens([s for s, _ in scored]), refs)
     return report
 
 
@@ -163,7 +168,10 @@ def export(ckpt: str | Path, fmt: str, output: str | Path, quantization: str = "
             if check not in reader.splits:
                 raise ConfigError(f"`check` must name a split of the reader ({', '.join(reader.splits)}) or be null")
             pairs = reader.read(check).pairs[:check_limit]
-            manifest["parity"] = {"split": check, **parity(eager, load(staging), pairs, quantization != "none")}
+            scored = None
+            if quantization != "none" and "test" in reader.splits:
+                scored = reader.read("test").pairs[:check_limit]
+            manifest["parity"] = {"split": check, **parity(eager, load(staging), pairs, scored)}
             if quantization == "none":
                 _check(manifest["parity"], fmt)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

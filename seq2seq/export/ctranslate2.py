@@ -48,7 +48,9 @@ def _refuse(model: EncoderDecoder, src_tok: object) -> None:
 
 
 def _array(t: Tensor) -> np.ndarray:
-    return t.detach().float().cpu().numpy()
+    # A copy each time: tied weights reach the spec as equal arrays, which it aliases itself. Handing it one array
+    # object twice breaks its int8 quantization (log-probabilities off by thousands).
+    return t.detach().float().cpu().numpy().copy()
 
 
 def _linear(spec: object, weight: Tensor, bias: Tensor | None) -> None:

@@ -1,0 +1,222 @@
+"""`seq2seq serve`: an HTTP translation service on FastAPI and uvicorn, batching concurrent requests.
+
+    POST /translate  {"text": ["...", ...] or "...", "beam": 5, "n_best": 1}
+                  -> {"translations": ["...", ...], "backend": "ctranslate2 int8"}
+                     (n_best > 1: a list of {"text", "score"} per source, best first)
+    GET  /health  -> {"status": "ok", "backend": ..., "queued": sources waiting}
+
+FastAPI with uvicorn rather than LitServe: the service is one model in one process, and what it needs beyond HTTP is
+a batching queue, which is a few lines of asyncio here; LitServe's worker processes and request loop would sit
+between the two with nothing to add on a CPU. Requests wait up to `max_wait` for others to share a batch of at most
+`max_batch` sources (requests with other decoding settings share a wait, not a batch); one thread decodes. A bad
+request (malformed JSON, a wrong type, an empty or over-long source, too many sources, too big a body) gets a 4xx
+with a message saying what is wrong and where, and touches no one else's. On SIGINT or SIGTERM uvicorn stops taking
+connections, lets the requests in flight finish (they are answered), then stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from seq2seq.errors import DataError
+from seq2seq.translate import Translator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch: int = 32
+    max_wait: float = 0.005  # seconds
+    max_inputs: int = 64
+    max_chars: int = 2000
+    max_body: int = 1_000_000  # bytes
+
+
+@dataclass
+class _Job:
+    sources: list[str]
+    beam: int | None
+    n_best: int
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Batcher:
+    """Collects queued jobs into batches and decodes them on one worker thread."""
+
+    def __init__(self, translator: Translator, limits: Limits) -> None:
+        self.translator, self.limits = translator, limits
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self.queued = 0
+        self._by_beam: dict[int | None, Translator] = {None: translator}
+
+    async def submit(self, sources: list[str], beam: int | None, n_best: int) -> list[Any]:
+        job = _Job(sources, beam, n_best)
+        self.queued += len(sources)
+        await self.queue.put(job)
+        return await job.done
+
+    async def _gather(self) -> list[_Job]:
+        jobs = [await self.queue.get()]
+        size, loop = len(jobs[0].sources), asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.max_wait
+        while size < self.limits.max_batch and (left := deadline - loop.time()) > 0:
+            try:
+                job = await asyncio.wait_for(self.queue.get(), left)
+            except TimeoutError:
+                break
+            jobs.append(job)
+            size += len(job.sources)
+        return jobs
+
+    def _decode(self, beam: int | None, n_best: int, sources: list[str]) -> list[Any]:
+        if beam not in self._by_beam:
+            self._by_beam[beam] = self.translator.with_decoding(beam=beam)
+        translator = self._by_beam[beam]
+        if n_best == 1:
+            return translator.translate(sources)
+        return [[{"text": text, "score": score} for score, text in found]
+                for found in translator.n_best(sources, n_best)]
+
+    async def run(self) -> None:
+        while True:
+            jobs = await self._gather()
+            key = lambda job: (job.beam or 0, job.n_best)  # noqa: E731
+            for (_, n_best), group in itertools.groupby(sorted(jobs, key=key), key=key):
+                group = list(group)
+                sources = [s for job in group for s in job.sources]
+                try:
+                    outputs = await asyncio.to_thread(self._decode, group[0].beam, n_best, sources)
+                except Exception as err:  # noqa: BLE001 - answered as a 500 to these requests; the service goes on
+                    log.exception("decoding a batch of %d sources failed", len(sources))
+                    for job in group:
+                        job.done.set_exception(err)
+                else:
+                    at = 0
+                    for job in group:
+                        job.done.set_result(outputs[at : at + len(job.sources)])
+                        at += len(job.sources)
+                finally:
+                    self.queued -= len(sources)
+
+
+def _problems(data: Any, limits: Limits) -> tuple[int, str] | None:
+    """(status, message) for a request body that cannot be served, else None."""
+    if not isinstance(data, dict):
+        return 422, 'the body must be a JSON object, e.g. {"text": ["..."]}'
+    unknown = sorted(set(data) - {"text", "beam", "n_best"})
+    if unknown:
+        return 422, f"unknown field(s) {unknown}; the fields are text, beam, n_best"
+    text = data.get("text")
+    if text is None:
+        return 422, 'missing "text": a string or a list of strings'
+    texts = [text] if isinstance(text, str) else text
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        return 422, '"text" must be a string or a list of strings'
+    if not texts:
+        return 422, '"text" is empty'
+    if len(texts) > limits.max_inputs:
+        return 413, f'"text" has {len(texts)} sources; at most {limits.max_inputs} per request'
+    for i, t in enumerate(texts):
+        if not t.strip():
+            return 422, f'"text"[{i}] is empty'
+        if len(t) > limits.max_chars:
+            return 413, f'"text"[{i}] has {len(t)} characters; at most {limits.max_chars}'
+    for name, top in (("beam", 64), ("n_best", 16)):
+        value = data.get(name)
+        if value is not None and (type(value) is not int or not 1 <= value <= top):
+            return 422, f'"{name}" must be an integer from 1 to {top}, got {value!r}'
+    return None
+
+
+def create_app(translator: Translator, limits: Limits = Limits()) -> FastAPI:  # noqa: B008 - frozen defaults
+    """The FastAPI application serving `translator`."""
+    batcher = Batcher(translator, limits)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(batcher.run())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="seq2seq", lifespan=lifespan)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "backend": translator.backend.name, "queued": batcher.queued}
+
+    @app.post("/translate")
+    async def translate(request: Request) -> JSONResponse:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limits.max_body:
+            return error(413, f"the body has {declared} bytes; at most {limits.max_body}")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limits.max_body:
+                return error(413, f"the body has more than {limits.max_body} bytes")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return error(400, f"the body is not JSON: {err}")
+        if (problem := _problems(data, limits)) is not None:
+            return error(*problem)
+        texts = [data["text"]] if isinstance(data["text"], str) else data["text"]
+        try:
+            translator.encode(texts)  # too many tokens for the model: this request's error alone
+        except DataError as err:
+            return error(422, str(err))
+        try:
+            outputs = await batcher.submit(texts, data.get("beam"), data.get("n_best") or 1)
+        except Exception as err:  # noqa: BLE001 - the batch's failure, logged by the batcher
+            return error(500, f"decoding failed: {type(err).__name__}: {err}")
+        return JSONResponse({"translations": outputs, "backend": translator.backend.name})
+
+    return app
+
+
+def _server(translator: Translator, limits: Limits, host: str, port: int) -> uvicorn.Server:
+    config = uvicorn.Config(create_app(translator, limits), host=host, port=port, log_level="info",
+                            timeout_graceful_shutdown=60, access_log=False)
+    return uvicorn.Server(config)
+
+
+def run(translator: Translator, limits: Limits, host: str, port: int) -> None:
+    """Serve until SIGINT or SIGTERM; requests in flight are answered before it stops."""
+    log.info("serving %s on http://%s:%d (POST /translate, GET /health)", translator.backend.name, host, port)
+    _server(translator, limits, host, port).run()
+
+
+@contextlib.contextmanager
+def background(translator: Translator, limits: Limits = Limits(), host: str = "127.0.0.1"  # noqa: B008
+               ) -> Iterator[tuple[Any, str]]:
+    """A server on a free port in a thread, for tests and load tests: (server, base URL). Leaving the block shuts
+    it down as a signal would (in-flight requests are answered first)."""
+    server = _server(translator, limits, host, 0)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        threading.Event().wait(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield server, f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join()
