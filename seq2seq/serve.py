@@ -99,7 +99,7 @@ class Batcher:
                 sources = [s for job in group for s in job.sources]
                 try:
                     outputs = await asyncio.to_thread(self._decode, group[0].beam, n_best, sources)
-                except Exception as err:  # noqa: BLE001 - answered as a 500 to these requests; the service goes on
+                except Exception as err:
                     log.exception("decoding a batch of %d sources failed", len(sources))
                     for job in group:
                         job.done.set_exception(err)
@@ -112,13 +112,7 @@ class Batcher:
                     self.queued -= len(sources)
 
 
-def _problems(data: Any, limits: Limits) -> tuple[int, str] | None:
-    """(status, message) for a request body that cannot be served, else None."""
-    if not isinstance(data, dict):
-        return 422, 'the body must be a JSON object, e.g. {"text": ["..."]}'
-    unknown = sorted(set(data) - {"text", "beam", "n_best"})
-    if unknown:
-        return 422, f"unknown field(s) {unknown}; the fields are text, beam, n_best"
+def _text_problem(data: dict, limits: Limits) -> tuple[int, str] | None:
     text = data.get("text")
     if text is None:
         return 422, 'missing "text": a string or a list of strings'
@@ -134,14 +128,37 @@ def _problems(data: Any, limits: Limits) -> tuple[int, str] | None:
             return 422, f'"text"[{i}] is empty'
         if len(t) > limits.max_chars:
             return 413, f'"text"[{i}] has {len(t)} characters; at most {limits.max_chars}'
+    return None
+
+
+def _problem(data: Any, limits: Limits) -> tuple[int, str] | None:
+    """(status, message) for a request body that cannot be served, else None."""
+    if not isinstance(data, dict):
+        return 422, 'the body must be a JSON object, e.g. {"text": ["..."]}'
+    unknown = sorted(set(data) - {"text", "beam", "n_best"})
+    if unknown:
+        return 422, f"unknown field(s) {unknown}; the fields are text, beam, n_best"
     for name, top in (("beam", 64), ("n_best", 16)):
         value = data.get(name)
         if value is not None and (type(value) is not int or not 1 <= value <= top):
             return 422, f'"{name}" must be an integer from 1 to {top}, got {value!r}'
-    return None
+    return _text_problem(data, limits)
 
 
-def create_app(translator: Translator, limits: Limits = Limits()) -> FastAPI:  # noqa: B008 - frozen defaults
+async def _body(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None when it is over `limit` bytes (read no further than that)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return body
+
+
+def create_app(translator: Translator, limits: Limits = Limits()) -> FastAPI:
     """The FastAPI application serving `translator`."""
     batcher = Batcher(translator, limits)
 
@@ -162,19 +179,14 @@ def create_app(translator: Translator, limits: Limits = Limits()) -> FastAPI:  #
 
     @app.post("/translate")
     async def translate(request: Request) -> JSONResponse:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limits.max_body:
-            return error(413, f"the body has {declared} bytes; at most {limits.max_body}")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_body:
-                return error(413, f"the body has more than {limits.max_body} bytes")
+        body = await _body(request, limits.max_body)
+        if body is None:
+            return error(413, f"the body is over {limits.max_body} bytes")
         try:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             return error(400, f"the body is not JSON: {err}")
-        if (problem := _problems(data, limits)) is not None:
+        if (problem := _problem(data, limits)) is not None:
             return error(*problem)
         texts = [data["text"]] if isinstance(data["text"], str) else data["text"]
         try:
@@ -183,7 +195,7 @@ def create_app(translator: Translator, limits: Limits = Limits()) -> FastAPI:  #
             return error(422, str(err))
         try:
             outputs = await batcher.submit(texts, data.get("beam"), data.get("n_best") or 1)
-        except Exception as err:  # noqa: BLE001 - the batch's failure, logged by the batcher
+        except Exception as err:
             return error(500, f"decoding failed: {type(err).__name__}: {err}")
         return JSONResponse({"translations": outputs, "backend": translator.backend.name})
 
@@ -203,10 +215,10 @@ def run(translator: Translator, limits: Limits, host: str, port: int) -> None:
 
 
 @contextlib.contextmanager
-def background(translator: Translator, limits: Limits = Limits(), host: str = "127.0.0.1"  # noqa: B008
+def background(translator: Translator, limits: Limits = Limits(), host: str = "127.0.0.1"
                ) -> Iterator[tuple[Any, str]]:
-    """A server on a free port in a thread, for tests and load tests: (server, base URL). Leaving the block shuts
-    it down as a signal would (in-flight requests are answered first)."""
+    """A server on a free port in a thread, for tests: (server, base URL). Leaving the block shuts it down as a
+    signal would (in-flight requests are answered first)."""
     server = _server(translator, limits, host, 0)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -10,6 +10,7 @@ with (`experiment=...` plus size overrides), each check a plain function that ra
         testing.check_tokenizers(overrides)
         testing.check_contracts(overrides)
         testing.check_checkpoint(overrides, tmp_path)
+        testing.check_export(overrides, tmp_path)
         testing.check_must_learn(overrides, tmp_path, n_examples=16)
 
 Shapes: B batch, S source length, T target length, V output vocabulary.
@@ -198,6 +199,28 @@ def check_checkpoint(overrides: list[str], tmp_path: Path) -> None:
         assert torch.equal(p, state[name]), f"{name} differs after the round trip"
     expected = Translator(module).translate(sources)
     assert json.loads(out[1].read_text()) == expected, "predictions differ after the round trip"
+
+
+def check_export(overrides: list[str], tmp_path: Path, n_pairs: int = 8) -> None:
+    """After five training steps, the model exports to ONNX, and to CTranslate2 when its source is token ids, and
+    each export decodes the training pairs' sources as the eager model does (greedy and beam-4, token for token;
+    reference log-probabilities or label probabilities within the export's tolerances). A CTranslate2 refusal of a
+    feature-value source is expected, and checked to be a ConfigError."""
+    from seq2seq.errors import ConfigError
+    from seq2seq.export import export
+
+    module, pairs = build(overrides, n_pairs)
+    _fit(module, pairs, 5, tmp_path).save_checkpoint(tmp_path / "kit.ckpt")
+    formats = ["onnx"] + (["ctranslate2"] if isinstance(module.src_tok, Tokenizer) else [])
+    for fmt in formats:
+        report = export(tmp_path / "kit.ckpt", fmt, tmp_path / fmt, check="train", check_limit=n_pairs)["parity"]
+        assert report["greedy_agreement"] == 1.0, f"{fmt}: greedy outputs differ from the eager model's: {report}"
+    if "ctranslate2" not in formats:
+        try:
+            export(tmp_path / "kit.ckpt", "ctranslate2", tmp_path / "ctranslate2", check=None)
+        except ConfigError:
+            return
+        raise AssertionError("CTranslate2 export of a feature-value source was not refused")
 
 
 def check_must_learn(overrides: list[str], tmp_path: Path, n_examples: int = 16, steps: int = 300,

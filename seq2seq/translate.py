@@ -52,7 +52,7 @@ class Stepped:
 
     model: Any
     name: str = "eager"
-    device: torch.device = torch.device("cpu")
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
 
     def best(self, decoder: Decoder, src: Tensor, src_keep: Tensor) -> Tensor:
         return decoder(self.model, src, src_keep)

@@ -37,6 +37,16 @@ def test_checkpoint_round_trip(overrides, tmp_path):
     testing.check_checkpoint(overrides, tmp_path)
 
 
+# ONNX export costs seconds a graph: the quick loop exports one domain.
+EXPORTS = [pytest.param(DOMAINS[name], id=name, marks=() if name == "synthetic" else pytest.mark.slow)
+           for name in DOMAINS]
+
+
+@pytest.mark.parametrize("overrides", EXPORTS)
+def test_export(overrides, tmp_path):
+    testing.check_export(overrides, tmp_path)
+
+
 @pytest.mark.slow
 def test_must_learn(overrides, tmp_path):
     testing.check_must_learn(overrides, tmp_path, n_examples=8)

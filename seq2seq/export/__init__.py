@@ -6,16 +6,18 @@ training config and the fitted tokenizers as plain data) and `seq2seq_export.jso
 checkpoint and the parity report). `Translator.from_checkpoint(folder)` (and every command's `ckpt=folder`) loads it.
 Dependencies: the `deploy` extra (ctranslate2, onnx, onnxscript, onnxruntime).
 
-Parity is checked when exporting, against the eager model, on the first `check_limit` sources of a split: greedy and
+Parity is checked when exporting, against the eager model, on the first `check_limit` pairs of a split: greedy and
 beam-4 outputs token for token, and the teacher-forced log-probability of every reference token (within
-`LOGPROB_TOLERANCE`). A full-precision export that decodes any of them differently, or whose log-probabilities drift,
-is an error. A quantized export reports the agreement, and the metrics (e.g. BLEU, chrF) of both models on the first
-`check_limit` pairs of the test split, decoded as the checkpoint's `decode:` says.
+`LOGPROB_TOLERANCE`) or, in label domains, the probability of every label (within `PROBABILITY_TOLERANCE`). A
+full-precision export that decodes any of them differently, or whose probabilities drift, is an error. A quantized
+export reports the agreement, and the metrics (e.g. BLEU, chrF) of both models on the first `check_limit` pairs of
+the test split, decoded as the checkpoint's `decode:` says.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -26,9 +28,9 @@ from typing import Any
 
 import torch
 
+from seq2seq.config import load_train_config
 from seq2seq.domain import FeatureEncoder, Reader
 from seq2seq.errors import ConfigError
-from seq2seq.config import load_train_config
 from seq2seq.module import Seq2SeqModule
 from seq2seq.plugins import import_plugins
 from seq2seq.registry import DATASETS
@@ -40,6 +42,7 @@ MANIFEST, MODULE = "seq2seq_export.json", "module.pt"
 FORMATS = ("ctranslate2", "onnx")
 QUANTIZATIONS = {"ctranslate2": ("none", "int8", "int8_float32", "bfloat16"), "onnx": ("none",)}
 LOGPROB_TOLERANCE = 1e-3  # largest |log p(eager) - log p(export)| of a reference token at full precision
+PROBABILITY_TOLERANCE = 1e-4  # largest |p(eager) - p(export)| of a label (label domains) at full precision
 
 
 class ExportError(RuntimeError):
@@ -119,6 +122,9 @@ def parity(eager: Translator, exported: Translator, pairs: list[tuple[Any, Any]]
         ours, theirs = eager.scores(pairs), exported.scores(pairs)
         report["max_logprob_diff"] = max(abs(x - y) for a, b in zip(ours, theirs, strict=True)
                                          for x, y in zip(a, b, strict=True))
+    else:
+        diff = eager.label_probabilities(sources) - exported.label_probabilities(sources)
+        report["max_probability_diff"] = float(diff.abs().max())
     if scored and eager.module.metrics["test"]:
         refs = [eager.module.tgt_tok.encode(t).tolist() for _, t in scored]
         report["scored"] = len(scored)
@@ -127,11 +133,20 @@ def parity(eager: Translator, exported: Translator, pairs: list[tuple[Any, Any]]
     return report
 
 
+def _fitting(module: Seq2SeqModule, pairs: list[tuple[Any, Any]], limit: int) -> list[tuple[Any, Any]]:
+    """The first `limit` pairs whose source and target (with EOS) fit the model's positions, as training keeps."""
+    most = module.model.spec.max_positions
+    fitting = ((s, t) for s, t in pairs
+               if len(module.src_tok.encode(s)) <= most and len(module.tgt_tok.encode(t)) < most)
+    return list(itertools.islice(fitting, limit))
+
+
 def _check(report: dict[str, Any], fmt: str) -> None:
     problems = [f"{key} = {report[key]:.4f}" for key in ("greedy_agreement", "beam4_agreement")
                 if report.get(key, 1.0) < 1.0]
-    if report.get("max_logprob_diff", 0.0) > LOGPROB_TOLERANCE:
-        problems.append(f"max_logprob_diff = {report['max_logprob_diff']:.2e} > {LOGPROB_TOLERANCE}")
+    for key, tolerance in (("max_logprob_diff", LOGPROB_TOLERANCE), ("max_probability_diff", PROBABILITY_TOLERANCE)):
+        if report.get(key, 0.0) > tolerance:
+            problems.append(f"{key} = {report[key]:.2e} > {tolerance}")
     if problems:
         raise ExportError(f"the {fmt} export does not decode as the eager model does: {', '.join(problems)} "
                           f"on {report['examples']} examples")
@@ -167,10 +182,10 @@ def export(ckpt: str | Path, fmt: str, output: str | Path, quantization: str = "
             reader: Reader = DATASETS.build(module.config.data, "data")
             if check not in reader.splits:
                 raise ConfigError(f"`check` must name a split of the reader ({', '.join(reader.splits)}) or be null")
-            pairs = reader.read(check).pairs[:check_limit]
+            pairs = _fitting(module, reader.read(check).pairs, check_limit)
             scored = None
             if quantization != "none" and "test" in reader.splits:
-                scored = reader.read("test").pairs[:check_limit]
+                scored = _fitting(module, reader.read("test").pairs, check_limit)
             manifest["parity"] = {"split": check, **parity(eager, load(staging), pairs, scored)}
             if quantization == "none":
                 _check(manifest["parity"], fmt)

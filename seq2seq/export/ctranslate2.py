@@ -144,7 +144,8 @@ class CTranslate2Model:
         allowed = decoder.allowed(torch.device("cpu"))
         options = {
             "beam_size": beam, "max_decoding_length": max_length(src_keep, spec.max_len_a, spec.max_len_b),
-            "max_input_length": 0, "min_decoding_length": 0, "length_penalty": 1.0 if spec.length_normalization == "average" else 0.0,
+            "max_input_length": 0, "min_decoding_length": 0,  # CTranslate2's defaults: 1024 and 1; ours: no limits
+            "length_penalty": 1.0 if spec.length_normalization == "average" else 0.0,
             "no_repeat_ngram_size": spec.no_repeat_ngram, "return_scores": True,
             "suppress_sequences": [[self.tgt_vocab[i]] for i in (~allowed).nonzero()[:, 0].tolist()],
         }

@@ -1,0 +1,142 @@
+"""The translation server, through a real HTTP client against a server listening on 127.0.0.1."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from seq2seq import Translator
+from seq2seq.serve import Batcher, Limits, background
+from seq2seq.testing import _fit, build
+
+SOURCES = ["1 2 3", "4 5 6 7", "8 9", "3 1 4 1 5", "2 7 1 8 2 8", "9 9 9"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    module, pairs = build(["experiment=reverse", "model.d_model=32", "model.d_ff=64"], 64)
+    _fit(module, pairs, 30, root).save_checkpoint(root / "model.ckpt")
+    return root / "model.ckpt", Translator(module)
+
+
+def test_translations_come_back_as_the_translator_gives_them(trained):
+    _, translator = trained
+    with background(translator) as (_, url), httpx.Client(base_url=url) as client:
+        health = client.get("/health").json()
+        assert health == {"status": "ok", "backend": "eager", "queued": 0}
+        reply = client.post("/translate", json={"text": SOURCES})
+        assert reply.status_code == 200
+        assert reply.json() == {"translations": translator.translate(SOURCES), "backend": "eager"}
+        assert client.post("/translate", json={"text": SOURCES[0]}).json()["translations"] == \
+            translator.translate(SOURCES[:1])
+        best = client.post("/translate", json={"text": SOURCES[:2], "beam": 4, "n_best": 3}).json()["translations"]
+        expected = translator.with_decoding(beam=4).n_best(SOURCES[:2], 3)
+        assert [[h["text"] for h in hyps] for hyps in best] == [[t for _, t in hyps] for hyps in expected]
+        assert [h["score"] for hyps in best for h in hyps] == pytest.approx([s for hyps in expected for s, _ in hyps])
+
+
+BAD = [
+    ({"text": []}, 422, '"text" is empty'),
+    ({"text": ["1 2", " "]}, 422, '"text"[1] is empty'),
+    ({"text": 3}, 422, '"text" must be a string or a list of strings'),
+    ({"text": ["1", 2]}, 422, '"text" must be a string or a list of strings'),
+    ({"txt": "1 2"}, 422, "unknown field(s) ['txt']"),
+    ({"beam": 2}, 422, 'missing "text"'),
+    ({"text": "1 2", "beam": 0}, 422, '"beam" must be an integer from 1 to 64, got 0'),
+    ({"text": "1 2", "n_best": "2"}, 422, '"n_best" must be an integer'),
+    ({"text": ["1"] * 9}, 413, '"text" has 9 sources; at most 8 per request'),
+    ({"text": "1 " * 40}, 413, '"text"[0] has 80 characters; at most 60'),
+    ({"text": "1 x 2"}, 422, "symbol 'x' in '1 x 2' is not in the vocabulary"),
+    ({"text": " ".join(["1"] * 29)}, 422, "longer than the model's 28 positions"),
+    ([1, 2], 422, "the body must be a JSON object"),
+]
+
+
+def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving():
+    module, _ = build(["experiment=reverse", "model.d_model=32", "model.d_ff=64", "model.max_positions=28"])
+    translator = Translator(module)
+    limits = Limits(max_inputs=8, max_chars=60, max_body=2000)
+    with background(translator, limits) as (_, url), httpx.Client(base_url=url) as client:
+        for body, status, message in BAD:
+            reply = client.post("/translate", json=body)
+            assert (reply.status_code, message in reply.json()["error"]) == (status, True), (body, reply.text)
+        reply = client.post("/translate", content=b'{"text": ["1 2"')
+        assert reply.status_code == 400 and "not JSON" in reply.json()["error"]
+        reply = client.post("/translate", content=b'{"text": "' + b"1 " * 1500 + b'"}')
+        assert reply.status_code == 413 and "over 2000 bytes" in reply.json()["error"]
+        assert client.post("/translate", json={"text": SOURCES[:2]}).json()["translations"] == \
+            translator.translate(SOURCES[:2])
+
+
+def test_concurrent_requests_are_batched_and_every_one_is_answered(trained, monkeypatch):
+    _, translator = trained
+    batches = []
+    decode = Batcher._decode
+
+    def counted(self, beam, n_best, sources):
+        batches.append(len(sources))
+        return decode(self, beam, n_best, sources)
+
+    monkeypatch.setattr(Batcher, "_decode", counted)
+    requests = [SOURCES[i % len(SOURCES)] for i in range(48)]
+
+    async def send_all(url):
+        async with httpx.AsyncClient(base_url=url) as client:
+            return await asyncio.gather(*[client.post("/translate", json={"text": [s]}) for s in requests])
+
+    with background(translator, Limits(max_batch=16, max_wait=0.05)) as (_, url):
+        replies = asyncio.run(send_all(url))
+    assert [r.json()["translations"][0] for r in replies] == translator.translate(requests)
+    assert sum(batches) == 48 and max(batches) <= 16 and len(batches) < 48  # shared batches, within the limit
+
+
+def test_shutdown_answers_the_requests_in_flight(trained, monkeypatch):
+    _, translator = trained
+    started = threading.Event()
+    decode = Batcher._decode
+
+    def slow(self, beam, n_best, sources):
+        started.set()
+        time.sleep(1.0)
+        return decode(self, beam, n_best, sources)
+
+    monkeypatch.setattr(Batcher, "_decode", slow)
+    replies = []
+    with background(translator) as (server, url):
+        sender = threading.Thread(target=lambda: replies.append(httpx.post(f"{url}/translate",
+                                                                            json={"text": SOURCES}, timeout=30)))
+        sender.start()
+        assert started.wait(10)
+        server.should_exit = True  # what uvicorn's SIGTERM handler does
+        sender.join()
+    assert replies[0].status_code == 200 and replies[0].json()["translations"] == translator.translate(SOURCES)
+
+
+@pytest.mark.slow
+def test_seq2seq_serve_runs_until_sigterm_and_shuts_down_cleanly(trained, tmp_path):
+    ckpt, translator = trained
+    port = 18000 + os.getpid() % 1000
+    server = subprocess.Popen([sys.executable, "-m", "seq2seq", "serve", f"ckpt={ckpt}", f"port={port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        reply = httpx.post(f"{url}/translate", json={"text": SOURCES})
+        assert reply.json()["translations"] == translator.translate(SOURCES)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, _ = server.communicate(timeout=60)
+    # uvicorn finishes its shutdown, then re-raises the signal it caught: the process ends as SIGTERM says
+    assert server.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in out, out[-2000:]
