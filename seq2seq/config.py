@@ -181,9 +181,9 @@ class ExportConfig:
     the eager model (see `seq2seq.export`)."""
 
     ckpt: str = setting(REQUIRED, "the checkpoint to export (required)")
-    format: str = setting(REQUIRED, "ctranslate2 or onnx (required)", choices=("ctranslate2", "onnx"))
+    format: str = setting(REQUIRED, "the engine (required)", choices=("ctranslate2", "onnx"))
     output: str = setting(REQUIRED, "the folder to write (required); an earlier export there is replaced")
-    quantization: str = setting("none", "ctranslate2 weights: none, int8, int8_float32 or bfloat16",
+    quantization: str = setting("none", "precision of the weights (ctranslate2; onnx: none)",
                                 choices=("none", "int8", "int8_float32", "bfloat16"))
     check: str | None = setting("val", "the split whose pairs the parity check decodes (null: no check)")
     check_limit: int = setting(200, "pairs of that split the parity check decodes", minimum=1)
