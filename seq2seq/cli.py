@@ -26,6 +26,7 @@ from seq2seq import pipeline
 from seq2seq.checkpoints import refuse_reuse
 from seq2seq.config import TrainConfig, help_text, prepare_overrides, validate
 from seq2seq.errors import ConfigError, DataError
+from seq2seq.export import ExportError
 from seq2seq.plugins import listing, searchpath_override
 
 COMMANDS: dict[str, Callable[..., Any]] = {
@@ -86,7 +87,7 @@ def _train_task(cfg: DictConfig) -> float | None:
         config = validate(cfg, "train")
         _check_multirun(config)
         pipeline.train(config, run_dir)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, ExportError) as err:
         if owned:
             _remove_failed_run(run_dir)
         _fail(err)
@@ -98,7 +99,7 @@ def _task(command: str, cfg: DictConfig) -> None:
     _restore_command(command)
     try:
         COMMANDS[command](validate(cfg, command))
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, ExportError) as err:
         _fail(err)
 
 

@@ -43,7 +43,7 @@ from seq2seq.config import (
 from seq2seq.data import Collate, Seq2SeqDataModule
 from seq2seq.domain import Reader
 from seq2seq.errors import ConfigError
-from seq2seq.export import decoding_of, is_export
+from seq2seq.export import decoding_of, is_export, require
 from seq2seq.export import export as export_model
 from seq2seq.module import Seq2SeqModule
 from seq2seq.prepared import Prepared, obtain, prepare_dataset
@@ -294,6 +294,7 @@ def export(config: ExportConfig) -> None:
 
 def serve(config: ServeConfig) -> None:
     """Serve `config.ckpt` (a checkpoint or an export) over HTTP until interrupted."""
+    require(("fastapi", "uvicorn"), "serve")
     from seq2seq.serve import Limits, run
 
     limits = Limits(config.max_batch, config.max_wait_ms / 1000, config.max_inputs, config.max_chars,

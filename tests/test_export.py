@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from seq2seq import ConfigError, Translator
-from seq2seq.export import ExportError, _check, export, is_export, load, parity
+from seq2seq import ConfigError, Translator, evaluate
+from seq2seq.config import EvaluateConfig
+from seq2seq.export import ExportError, _check, export, is_export, load, parity, require
 from seq2seq.export.ctranslate2 import convert
 from seq2seq.registry import DATASETS
 from seq2seq.testing import _fit, build
@@ -150,6 +151,10 @@ def test_export_options_are_checked(checkpoints, tmp_path):
     export(ckpt, "ctranslate2", tmp_path / "again", check=None)
     export(ckpt, "ctranslate2", tmp_path / "again", check=None)  # an earlier export is replaced
     assert is_export(tmp_path / "again")
+    with pytest.raises(ConfigError, match="scores checkpoints; .* is an exported model"):
+        evaluate(EvaluateConfig(ckpt=str(tmp_path / "again")))
+    with pytest.raises(ConfigError, match=r"no_such_engine not installed: pip install 'seq2seq\[deploy\]'"):
+        require(("no_such_engine",), "deploy")
 
 
 @pytest.mark.slow
