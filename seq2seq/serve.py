@@ -102,11 +102,13 @@ class Batcher:
                 except Exception as err:
                     log.exception("decoding a batch of %d sources failed", len(sources))
                     for job in group:
-                        job.done.set_exception(err)
+                        if not job.done.done():  # its request may have been cancelled meanwhile
+                            job.done.set_exception(err)
                 else:
                     at = 0
                     for job in group:
-                        job.done.set_result(outputs[at : at + len(job.sources)])
+                        if not job.done.done():
+                            job.done.set_result(outputs[at : at + len(job.sources)])
                         at += len(job.sources)
                 finally:
                     self.queued -= len(sources)

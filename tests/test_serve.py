@@ -119,6 +119,22 @@ def test_shutdown_answers_the_requests_in_flight(trained, monkeypatch):
     assert replies[0].status_code == 200 and replies[0].json()["translations"] == translator.translate(SOURCES)
 
 
+def test_a_cancelled_request_does_not_stop_the_batcher(trained):
+    _, translator = trained
+
+    async def scenario():
+        batcher = Batcher(translator, Limits(max_wait=0.05))
+        worker = asyncio.create_task(batcher.run())
+        gone = asyncio.create_task(batcher.submit(SOURCES[:1], None, 1))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # its client went away while it waited for a batch
+        answer = await asyncio.wait_for(batcher.submit(SOURCES[1:2], None, 1), 30)
+        worker.cancel()
+        return answer
+
+    assert asyncio.run(scenario()) == translator.translate(SOURCES[1:2])
+
+
 @pytest.mark.slow
 def test_seq2seq_serve_runs_until_sigterm_and_shuts_down_cleanly(trained, tmp_path):
     ckpt, translator = trained
