@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from seq2seq import Translator
-from seq2seq.export import export, load
+from seq2seq.export import export, load, metrics_of
 from seq2seq.registry import DATASETS
 
 BACKENDS = {"eager": None, "ct2 fp32": ("ctranslate2", "none"), "ct2 int8": ("ctranslate2", "int8"),
@@ -82,9 +82,7 @@ def main() -> None:
         rate = produced / statistics.median(ts)
         eager_key = (threads, "eager", beam)
         eager_rate = sum(len(o) for o in outputs[eager_key]) / statistics.median(times[eager_key])
-        collection = eager.module.metrics["test"].clone()
-        collection.update(outputs[(threads, name, beam)], refs)
-        scores = {k.removeprefix("test/"): float(v) for k, v in collection.compute().items()}
+        scores = metrics_of(eager.module, outputs[(threads, name, beam)], refs)
         search = "greedy" if beam == 1 else f"beam-{beam}"
         print(f"{threads:>7} {name:<10}{search:>8}{rate:>14.0f}{rate / eager_rate:>9.2f}x"
               f"{scores.get('bleu', float('nan')):>7.2f}{scores.get('chrf', float('nan')):>7.2f}")

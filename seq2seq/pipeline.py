@@ -43,8 +43,8 @@ from seq2seq.config import (
 from seq2seq.data import Collate, Seq2SeqDataModule
 from seq2seq.domain import Reader
 from seq2seq.errors import ConfigError
-from seq2seq.export import decoding_of, is_export, require
 from seq2seq.export import export as export_model
+from seq2seq.export import is_export, require
 from seq2seq.module import Seq2SeqModule
 from seq2seq.prepared import Prepared, obtain, prepare_dataset
 from seq2seq.registry import DATASETS
@@ -217,7 +217,7 @@ def _output(path: str | None, translator: Translator, ckpt: str) -> Iterator[Tex
         return
     with open(path, "w", encoding="utf-8", newline="") as f:
         yield f
-    meta = {"checkpoint": ckpt, **decoding_of(translator)}
+    meta = {"checkpoint": ckpt, **translator.settings()}
     Path(f"{path}.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 

@@ -111,6 +111,10 @@ class Translator:
             raise ConfigError(f"unknown decoding setting: {err}") from None
         return dataclasses.replace(self, decoder=dataclasses.replace(self.decoder, spec=spec))
 
+    def settings(self) -> dict[str, Any]:
+        """The backend and every decoding setting, for outputs' metadata."""
+        return {"backend": self.backend.name, **dataclasses.asdict(self.decoder.spec)}
+
     def encode(self, sources: list[Any]) -> list[Tensor]:
         """The encoded sources; an empty one or one longer than the model's positions is a DataError naming it."""
         module = self.module

@@ -19,7 +19,6 @@ the test split, decoded as the checkpoint's `decode:` says.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import itertools
 import json
@@ -114,7 +113,8 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in zip(a, b, strict=True)) / max(1, len(a))
 
 
-def _metrics(module: Seq2SeqModule, outputs: list[list[int]], refs: list[list[int]]) -> dict[str, float]:
+def metrics_of(module: Seq2SeqModule, outputs: list[list[int]], refs: list[list[int]]) -> dict[str, float]:
+    """The module's configured metrics (e.g. BLEU, chrF) of decoded token ids against reference ids."""
     collection = module.metrics["test"].clone()
     collection.update(outputs, refs)
     return {k.removeprefix("test/"): float(v) for k, v in collection.compute().items()}
@@ -155,7 +155,7 @@ def parity(eager: Translator, exported: Translator, pairs: list[tuple[Any, Any]]
         refs = [eager.module.tgt_tok.encode(t).tolist() for _, t in scored]
         report["scored"] = len(scored)
         for name, translator in (("eager", eager), ("export", exported)):
-            report[f"metrics_{name}"] = _metrics(eager.module, translator.tokens([s for s, _ in scored]), refs)
+            report[f"metrics_{name}"] = metrics_of(eager.module, translator.tokens([s for s, _ in scored]), refs)
     return report
 
 
@@ -227,9 +227,4 @@ def export(ckpt: str | Path, fmt: str, output: str | Path, quantization: str = "
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s to %s (%s): %s", ckpt, output, fmt, json.dumps(manifest.get("parity", {})))
     return manifest
-
-
-def decoding_of(translator: Translator) -> dict[str, Any]:
-    """The decoding settings and backend of a translator, for outputs' metadata."""
-    return {"backend": translator.backend.name, **dataclasses.asdict(translator.decoder.spec)}
 
