@@ -153,6 +153,11 @@ class EncoderDecoder(nn.Module):
         final_norm = nn.LayerNorm if spec.norm_first else (lambda d: nn.Identity())
         self.encoder_norm, self.decoder_norm = final_norm(spec.d_model), final_norm(spec.d_model)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (and where inputs must be)."""
+        return next(self.parameters()).device
+
     def encode(self, src: Tensor, src_keep: Tensor) -> Tensor:
         """src (B, S) ids or (B, S, F) values; src_keep (B, S) -> memory (B, S, D)."""
         x = self.drop(self.src_pos(self.src_embed(src)))  # (B, S, D)

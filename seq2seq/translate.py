@@ -47,12 +47,15 @@ class Backend(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Stepped:
-    """The core's searches over a model with `EncoderDecoder`'s decoding contract: `encode`, `start_decoding`,
-    `decode_step` (and the teacher-forced call for label probabilities)."""
+    """The core's searches over a model with `EncoderDecoder`'s decoding contract: `device`, `encode`,
+    `start_decoding`, `decode_step` (and the teacher-forced call for label probabilities)."""
 
     model: Any
     name: str = "eager"
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device  # where the model is now: it may have moved since
 
     def best(self, decoder: Decoder, src: Tensor, src_keep: Tensor) -> Tensor:
         return decoder(self.model, src, src_keep)
@@ -89,7 +92,7 @@ class Translator:
         if self.decoder is None:
             object.__setattr__(self, "decoder", self.module.decoder)
         if self.backend is None:
-            object.__setattr__(self, "backend", Stepped(self.module.model, "eager", self.module.device))
+            object.__setattr__(self, "backend", Stepped(self.module.model))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, batch_size: int | None = None, threads: int | None = None

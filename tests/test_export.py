@@ -187,3 +187,11 @@ def test_parity_reports_are_recorded_in_the_manifest(checkpoints, tmp_path):
     assert manifest["format"] == "ctranslate2" and manifest["checkpoint"] == str(ckpt)
     assert manifest["parity"]["split"] == "val" and manifest["parity"]["examples"] == 10
     assert torch.load(tmp_path / "ct2" / "module.pt", weights_only=True)["config"]["model"]["d_model"] == 32
+
+
+def test_the_eager_backend_follows_the_model_where_it_moves():
+    module, pairs = build(["experiment=reverse", *TINY])
+    translator = Translator(module)  # built before the move, as the training report's translator is
+    module.to("meta")
+    _, batch = next(translator.batches([s for s, _ in pairs]))
+    assert translator.backend.device.type == batch.src.device.type == "meta"

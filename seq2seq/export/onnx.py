@@ -154,6 +154,8 @@ class OnnxState:
 class OnnxModel:
     """The exported graphs behind `EncoderDecoder`'s decoding contract, run on the CPU by ONNX Runtime."""
 
+    device = torch.device("cpu")
+
     def __init__(self, path: Path, n_layers: int, n_heads: int, d_model: int, threads: int | None = None) -> None:
         import onnxruntime as ort
 
