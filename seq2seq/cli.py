@@ -1,5 +1,5 @@
-"""The command line: `seq2seq train | prepare | evaluate | predict | translate | export | serve [key=value ...]`,
-`seq2seq <command> --help`, `seq2seq plugins`.
+"""The command line: `seq2seq train | prepare | backtest | evaluate | predict | translate | export | serve
+[key=value ...]`, `seq2seq <command> --help`, `seq2seq plugins`.
 
 Hydra composes `conf/<command>.yaml` with the overrides; `config.validate` turns it into the command's typed config;
 `pipeline` does the work. A mistake in the config or the data exits with status 2 and one message saying what to
@@ -30,7 +30,7 @@ from seq2seq.export import ExportError
 from seq2seq.plugins import listing, searchpath_override
 
 COMMANDS: dict[str, Callable[..., Any]] = {
-    "train": pipeline.train, "prepare": pipeline.prepare, "evaluate": pipeline.evaluate, "predict": pipeline.predict,
+    "train": pipeline.train, "prepare": pipeline.prepare, "backtest": pipeline.backtest, "evaluate": pipeline.evaluate, "predict": pipeline.predict,
     "translate": pipeline.translate, "export": pipeline.export, "serve": pipeline.serve,
 }
 
@@ -98,7 +98,11 @@ def _train_task(cfg: DictConfig) -> float | None:
 def _task(command: str, cfg: DictConfig) -> None:
     _restore_command(command)
     try:
-        COMMANDS[command](validate(cfg, command))
+        config = validate(cfg, command)
+        if command == "backtest":  # writes a run directory, as `train` does
+            pipeline.backtest(config, Path(HydraConfig.get().runtime.output_dir))
+        else:
+            COMMANDS[command](config)
     except (ConfigError, DataError, ExportError) as err:
         _fail(err)
 

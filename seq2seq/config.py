@@ -132,6 +132,19 @@ class PrepareConfig(TrainConfig):
 
 
 @dataclass(frozen=True)
+class BacktestConfig(TrainConfig):
+    """`seq2seq backtest`: rolling-origin evaluation of a training config whose reader splits by year. The years
+    from `data.test_from` to the data's last year are cut into `folds` consecutive test blocks; fold k trains on the
+    years before its block less `val_years` of validation, and is tested on its block, all in one process. Writes
+    fold-<k>/ run directories, backtest.json (per fold and pooled) and the domain's pooled plots."""
+
+    folds: int = setting(5, "test blocks, each after the years its model trains and validates on", minimum=1)
+    block_years: int | None = setting(None, "years per test block (default: the test years shared out)", minimum=1)
+    val_years: int | None = setting(None, "validation years before each block (default: data.test_from - "
+                                    "data.val_from)", minimum=1)
+
+
+@dataclass(frozen=True)
 class InferenceConfig:
     """What every command that loads a checkpoint takes."""
 
@@ -203,12 +216,12 @@ class ServeConfig(InferenceConfig):
     max_body: int = setting(1_000_000, "largest request body, in bytes", minimum=1)
 
 
-SCHEMAS: dict[str, type] = {"train": TrainConfig, "prepare": PrepareConfig, "evaluate": EvaluateConfig,
+SCHEMAS: dict[str, type] = {"train": TrainConfig, "prepare": PrepareConfig, "backtest": BacktestConfig, "evaluate": EvaluateConfig,
                             "predict": PredictConfig, "translate": TranslateConfig, "export": ExportConfig,
                             "serve": ServeConfig}
-TRAINING = ("train", "prepare")  # the commands that compose a whole training config
+TRAINING = ("train", "prepare", "backtest")  # the commands that compose a whole training config
 INFERENCE_GROUPS = {"evaluate": ("trainer",), "predict": (), "translate": (), "export": (), "serve": ()}
-ELSEWHERE = {"workers": "prepare", "shard_size": "prepare", "beam": "translate", "length_penalty": "translate",
+ELSEWHERE = {"folds": "backtest", "block_years": "backtest", "val_years": "backtest", "workers": "prepare", "shard_size": "prepare", "beam": "translate", "length_penalty": "translate",
              "n_best": "translate", "attention": "translate", "ckpt": "evaluate, predict, translate, export and serve",
              "input": "predict and translate", "format": "export", "quantization": "export", "port": "serve"}
 

@@ -4,7 +4,7 @@ Shapes: B batch, S source length, T target length, F numeric features.
 
 A domain's reader yields raw (source, target) pairs per split, its encoders turn them into ids or values
 (`domain.py`), and `prepared.py` stores them in Arrow shards; here the core checks lengths, adds BOS/EOS,
-pads and batches. Every example left out is counted by reason: kept + rejected = rows read, per split.
+pads and batches. Every example left out is counted by reason: kept + rejected = examples read, per split.
 """
 
 from __future__ import annotations
@@ -213,7 +213,8 @@ def shard(n: int, batch_size: int, num_replicas: int = 1, rank: int = 0) -> list
 class Seq2SeqDataModule(L.LightningDataModule):
     """Batches the splits of a prepared dataset. Examples longer than the limits are left out here, from the
     lengths index (so a new `model.max_positions` needs no new preparation), and counted with the rejections of
-    preparation in `report_path` (data_report.json): kept + rejected = rows read, per split and file."""
+    preparation in `report_path` (data_report.json): kept + rejected = examples read, per split and file
+    (and the file lines they came from)."""
 
     def __init__(
         self,
@@ -252,7 +253,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
             del long_src, long_tgt
             examples: Dataset = split if len(keep) == len(split) else Subset(split, keep)
             if not len(keep):
-                raise DataError(f"the {name} split has no examples: {report['rows_read']} read, rejected by reason "
+                raise DataError(f"the {name} split has no examples: {report['examples_read']} read, rejected by reason "
                                 f"{dict(rejected) or '(none)'}. Check the data file and its `data.*` options, or "
                                 "raise `loader.max_src_len` / `loader.max_tgt_len`")
             if name == "train":  # the corpora's ranges among the kept examples
@@ -262,12 +263,13 @@ class Seq2SeqDataModule(L.LightningDataModule):
             np.add(tgt_len, 1, out=tgt_len)
             self.sizes[name] = np.maximum(src_len, tgt_len, out=src_len)[keep]
             del src_len, tgt_len
-            self.report[name] = {"rows_read": report["rows_read"], "kept": len(keep), "rejected": dict(rejected),
+            self.report[name] = {"lines_read": report["lines_read"], "examples_read": report["examples_read"],
+                                 "kept": len(keep), "rejected": dict(rejected),
                                  "files": report["files"]}
-            assert len(keep) + sum(rejected.values()) == report["rows_read"], f"{name}: counts do not add up"
+            assert len(keep) + sum(rejected.values()) == report["examples_read"], f"{name}: counts do not add up"
             if rejected:
-                log.warning("%s split: rejected %d of %d rows: %s", name, report["rows_read"] - len(keep),
-                            report["rows_read"], dict(rejected))
+                log.warning("%s split: rejected %d of %d examples: %s", name, report["examples_read"] - len(keep),
+                            report["examples_read"], dict(rejected))
         if self.report_path is not None and (self.trainer is None or self.trainer.is_global_zero):
             self.report_path.write_text(json.dumps(self.report, indent=2) + "\n")
 

@@ -4,9 +4,10 @@ A domain registers, in the registries of `registry.py`:
 
 - a **reader** (`DATASETS`): a `Reader` subclass. It names its splits and the files it reads, streams the raw
   (source, target) pairs of the splits asked for in runs of rows (`Rows`: the kept pairs and the rejected rows by
-  reason, with the file and corpus they came from), and reads raw sources for inference (`read_inputs`). Three hooks
-  have defaults here: `report` (domain scores, baselines and plots after training or evaluation; none by default),
-  `write_predictions` (one decoded line per source by default) and `plot_attention` (refused by default).
+  reason, with the file and corpus they came from), and reads raw sources for inference (`read_inputs`). Hooks
+  with defaults here: `report` (domain scores, baselines and plots after training or evaluation; none by default),
+  `write_predictions` (one decoded line per source by default), `plot_attention` (refused by default), and for
+  readers that split by year, `year_span` and `backtest_report` (what `seq2seq backtest` needs).
 - a **source encoder** (`TOKENIZERS`): a `Tokenizer` (raw item -> token ids (S,)) or a `FeatureEncoder` (raw item
   -> feature values (S, F)). The source embedding is built with what the encoder declares in `embedding_context`.
 - a **target tokenizer** (`TOKENIZERS`): a `Tokenizer`. When its outputs are a closed label set it declares
@@ -37,7 +38,15 @@ if TYPE_CHECKING:
 
 
 class Encoder(ABC):
-    """Turns raw items into tensors; fitted on the training split, saved inside checkpoints."""
+    """Turns raw items into tensors; fitted on the training split, saved inside checkpoints.
+
+    A source encoder whose items carry known-future covariates (the calendar of each forecast day) declares
+    `future_steps` H > 0 once fitted: the last H rows of every encoded source are then those covariates for output
+    steps 1..H, with the source's width (0 where nothing is known ahead), and the core feeds them to the decoder's
+    inputs at those steps instead of the encoder (`model.py`).
+    """
+
+    future_steps: int = 0
 
     @abstractmethod
     def fit(self, items: list[Any]) -> None: ...
@@ -121,26 +130,32 @@ class FeatureEncoder(Encoder):
 
 @dataclass
 class Rows:
-    """A run of rows a reader read for one split from one file: the kept raw pairs, and the rejected rows by reason.
-    `corpus` indexes the reader's `corpus_weights`."""
+    """A run of examples a reader read for one split from one file: the kept raw pairs, and the rejected ones by
+    reason. `corpus` indexes the reader's `corpus_weights`. `lines` counts the file rows they were cut from when
+    that differs from the examples (a series' windows overlap); by default one row per example."""
 
     split: str
     pairs: list[tuple[Any, Any]]
     rejected: Counter[str] = field(default_factory=Counter)
     file: str = ""
     corpus: int = 0
+    lines: int | None = None
 
     @property
-    def rows_read(self) -> int:
+    def examples_read(self) -> int:
         return len(self.pairs) + sum(self.rejected.values())
+
+    @property
+    def lines_read(self) -> int:
+        return self.examples_read if self.lines is None else self.lines
 
 
 @dataclass
 class Split:
-    """One whole split in memory: the kept raw pairs, how many rows were read, and the rejections by reason."""
+    """One whole split in memory: the kept raw pairs, how many examples were read, and the rejections by reason."""
 
     pairs: list[tuple[Any, Any]]
-    rows_read: int
+    examples_read: int
     rejected: Counter[str] = field(default_factory=Counter)
 
 
@@ -180,6 +195,16 @@ class Reader(ABC):
     def report(self, translator: Translator, run_dir: Path) -> dict[str, float]:
         """Domain scores, baselines and plots (under `run_dir`) after training or evaluation, reading what they need
         (`read`); merged into metrics.json."""
+        return {}
+
+    def year_span(self) -> tuple[int, int] | None:
+        """The first and last year of the data, for a reader that splits by year through `val_from`, `test_from`
+        and `test_to` (exclusive) options: what `seq2seq backtest` cuts into folds. None: it does not."""
+        return None
+
+    def backtest_report(self, fold_dirs: list[Path], run_dir: Path) -> dict[str, float]:
+        """Scores pooled over the test blocks of a backtest's folds (each a finished training run directory), and
+        plots under `run_dir`; none by default."""
         return {}
 
     def write_predictions(self, translator: Translator, sources: list[Any], out: TextIO) -> int:

@@ -2,6 +2,11 @@
 
 Shapes: B batch, S source length, T target length, D model width, V output vocabulary.
 Domains plug in the source embedding (ids or values -> (B, S, D)), the target embedding and the output head.
+
+Known-future covariates (`future_steps` H > 0, declared by the source encoder): the last H rows of every source
+are the covariates of output steps 1..H (the calendar of each forecast day, say). They bypass the encoder: a linear
+map takes them to D, they take those rows' place in the memory (which cross-attention never attends), and the
+decoder adds row k to its input at position k, the one that predicts output k + 1.
 """
 
 from __future__ import annotations
@@ -122,6 +127,7 @@ class DecoderState:
     self_caches: list[KVCache]
     memory_kvs: list[tuple[Tensor, Tensor]]  # per layer, (B, H, S, Dh) each
     position: int = 0
+    future: Tensor | None = None  # (B · beam, future_steps, D) known-future covariates, added at their positions
 
     def reorder(self, index: Tensor) -> None:
         """Beam search: hypothesis row i continues row index[i] (B · beam,), a row of the same source."""
@@ -139,9 +145,11 @@ class DecoderState:
 class EncoderDecoder(nn.Module):
     """embed -> add positions -> encoder layers -> (norm); embed -> add positions -> decoder layers -> head."""
 
-    def __init__(self, spec: ModelSpec, src_embed: nn.Module, tgt_embed: nn.Module, head: nn.Module) -> None:
+    def __init__(self, spec: ModelSpec, src_embed: nn.Module, tgt_embed: nn.Module, head: nn.Module,
+                 future_steps: int = 0, n_features: int = 0) -> None:
         super().__init__()
-        self.spec = spec
+        self.spec, self.future_steps = spec, future_steps
+        self.future_embed = Linear(n_features, spec.d_model) if future_steps else None
         self.src_embed, self.tgt_embed, self.head = src_embed, tgt_embed, head
         positions = POSITIONS[spec.positions]
         self.src_pos = positions(spec.d_model, spec.max_positions)
@@ -158,18 +166,53 @@ class EncoderDecoder(nn.Module):
         """Where the weights are (and where inputs must be)."""
         return next(self.parameters()).device
 
+    def _future_rows(self, src_keep: Tensor) -> Tensor:
+        """(B, H) indices of each source's known-future rows: its last `future_steps` real positions."""
+        first = src_keep.sum(1, keepdim=True) - self.future_steps  # (B, 1)
+        if bool((first < 1).any()):
+            raise ValueError(f"every source needs at least one position before its {self.future_steps} "
+                             "known-future rows")
+        return first + torch.arange(self.future_steps, device=src_keep.device)  # (B, H)
+
+    def memory_keep(self, src_keep: Tensor) -> Tensor:
+        """(B, S) the memory positions cross-attention reads: the real source positions, less known-future rows."""
+        if not self.future_steps:
+            return src_keep
+        first = self._future_rows(src_keep)[:, :1]  # (B, 1)
+        return torch.arange(src_keep.shape[1], device=src_keep.device)[None] < first
+
+    def _future(self, memory: Tensor, src_keep: Tensor) -> Tensor | None:
+        """(B, H, D) the known-future covariates' vectors, from their rows of the memory."""
+        if not self.future_steps:
+            return None
+        rows = self._future_rows(src_keep)[..., None].expand(-1, -1, memory.shape[-1])  # (B, H, D)
+        return memory.gather(1, rows)
+
+    def _embed_target(self, tokens: Tensor, future: Tensor | None, offset: int = 0) -> Tensor:
+        """tokens (B, T) from position `offset` -> decoder inputs (B, T, D), known-future covariates added."""
+        y = self.tgt_embed(tokens)  # (B, T, D)
+        if future is not None and offset < future.shape[1]:
+            ahead = future[:, offset : offset + y.shape[1]]  # (B, <=T, D)
+            y = torch.cat([y[:, : ahead.shape[1]] + ahead, y[:, ahead.shape[1] :]], dim=1)
+        return self.drop(self.tgt_pos(y, offset=offset))
+
     def encode(self, src: Tensor, src_keep: Tensor) -> Tensor:
         """src (B, S) ids or (B, S, F) values; src_keep (B, S) -> memory (B, S, D)."""
         x = self.drop(self.src_pos(self.src_embed(src)))  # (B, S, D)
-        keep = padding_keep(src_keep)  # (B, 1, 1, S)
+        past = self.memory_keep(src_keep)  # (B, S)
+        keep = padding_keep(past)  # (B, 1, 1, S)
         for layer in self.encoder:
             x = layer(x, keep)
-        return self.encoder_norm(x)
+        x = self.encoder_norm(x)
+        if self.future_embed is not None:  # known-future rows: their own linear map, not the encoder
+            x = torch.where((src_keep & ~past)[..., None], self.future_embed(src), x)
+        return x
 
     def decode(self, tgt_in: Tensor, memory: Tensor, src_keep: Tensor, tgt_keep: Tensor) -> Tensor:
         """Teacher-forced decoder: tgt_in (B, T), memory (B, S, D) -> hidden states (B, T, D), before the head."""
-        y = self.drop(self.tgt_pos(self.tgt_embed(tgt_in)))  # (B, T, D)
-        self_keep, memory_keep = causal_keep(tgt_keep), padding_keep(src_keep)  # (B, 1, T, T), (B, 1, 1, S)
+        y = self._embed_target(tgt_in, self._future(memory, src_keep))  # (B, T, D)
+        self_keep = causal_keep(tgt_keep)  # (B, 1, T, T)
+        memory_keep = padding_keep(self.memory_keep(src_keep))  # (B, 1, 1, S)
         for layer in self.decoder:
             y = layer(y, memory, self_keep, memory_keep)
         return self.decoder_norm(y)
@@ -197,15 +240,17 @@ class EncoderDecoder(nn.Module):
     def start_decoding(self, memory: Tensor, src_keep: Tensor, max_len: int, beam: int = 1) -> DecoderState:
         """Caches for up to `max_len` decoding steps of `beam` hypotheses per source over memory (B, S, D)."""
         rows = memory.shape[0] * beam
+        future = self._future(memory, src_keep)
         return DecoderState(
-            memory_keep=padding_keep(src_keep),
+            memory_keep=padding_keep(self.memory_keep(src_keep)),
             self_caches=[layer.self_attn.empty_cache(rows, max_len, memory) for layer in self.decoder],
             memory_kvs=[layer.cross_attn.memory_keys_values(memory) for layer in self.decoder],
+            future=None if future is None else future.repeat_interleave(beam, dim=0),
         )
 
     def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
         """Feed the newest tokens (B,) and return next-token logits (B, V); advances `state`."""
-        y = self.drop(self.tgt_pos(self.tgt_embed(tokens[:, None]), offset=state.position))  # (B, 1, D)
+        y = self._embed_target(tokens[:, None], state.future, offset=state.position)  # (B, 1, D)
         for layer, self_cache, memory_kv in zip(self.decoder, state.self_caches, state.memory_kvs, strict=True):
             y = layer.step(y, self_cache, memory_kv, state.memory_keep)
         state.position += 1

@@ -93,7 +93,9 @@ def build_model(config: TrainConfig, src_tok: Encoder, tgt_tok: Tokenizer) -> En
                               f"config builds a {type(tgt_embed).__name__} and a {type(head).__name__}; set "
                               "`model.tie_output=false` for these components")
         head.tie(tgt_embed.weight)
-    return EncoderDecoder(spec, src_embed, tgt_embed, head)
+    context = src_tok.embedding_context()
+    return EncoderDecoder(spec, src_embed, tgt_embed, head, future_steps=src_tok.future_steps,
+                          n_features=context.get("n_features", 0))
 
 
 def component_modules(config: TrainConfig) -> list[str]:
@@ -105,16 +107,41 @@ def component_modules(config: TrainConfig) -> list[str]:
     return sorted(m for m in modules if m.split(".")[0] != "seq2seq")  # the core imports its own
 
 
-def sequence_loss(model: EncoderDecoder, batch: Batch, label_smoothing: float = 0.0) -> Tensor:
-    """Teacher-forced cross-entropy per real target token.
+def token_weights(tokenizer: Tokenizer, weights: dict[str, float]) -> Tensor | None:
+    """(V,) loss weights from `optim.token_weights` (pieces -> weight; others 1), or None when there are none."""
+    if not weights:
+        return None
+    pieces = tokenizer.pieces(list(range(tokenizer.vocab_size)))
+    unknown = sorted(set(map(str, weights)) - set(pieces))
+    if unknown:
+        shown = pieces if len(pieces) <= 20 else [*pieces[:20], "..."]
+        raise ConfigError(f"`optim.token_weights` names {unknown}, which are not target tokens; they are {shown}")
+    by_piece = {str(k): float(w) for k, w in weights.items()}
+    return torch.tensor([by_piece.get(p, 1.0) for p in pieces])
+
+
+def sequence_loss(model: EncoderDecoder, batch: Batch, label_smoothing: float = 0.0, weight: Tensor | None = None,
+                  focal_gamma: float = 0.0) -> Tensor:
+    """Teacher-forced loss per real target token: cross-entropy, or with `weight` (V,) the weighted mean
+    Σ w_y · loss / Σ w_y, and with `focal_gamma` γ > 0 the focal loss -(1 - p_y)^γ · log p_y (Lin et al. 2017).
 
     Only real target positions go through the output head and the softmax: padding would be scored and then
     ignored, and with a large vocabulary the head is the largest matmul of the step.
     """
     keep = batch.tgt_keep  # (B, T)
     hidden = model.decode(batch.tgt_in, model.encode(batch.src, batch.src_keep), batch.src_keep, keep)  # (B, T, D)
-    logits = model.head(hidden[keep])  # (N, V), N real target tokens
-    return F.cross_entropy(logits.float(), batch.tgt_out[keep], label_smoothing=label_smoothing)
+    logits = model.head(hidden[keep]).float()  # (N, V), N real target tokens
+    target = batch.tgt_out[keep]  # (N,)
+    if weight is not None:
+        weight = weight.to(logits.device)
+    if not focal_gamma:
+        return F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing)
+    log_p = logits.log_softmax(-1).gather(1, target[:, None])[:, 0]  # (N,)
+    loss = -((1 - log_p.exp()) ** focal_gamma) * log_p
+    if weight is None:
+        return loss.mean()
+    w = weight[target]
+    return (w * loss).sum() / w.sum()
 
 
 def _rng_snapshot() -> tuple[Any, ...]:
@@ -149,6 +176,8 @@ class Seq2SeqModule(L.LightningModule):
         self.src_tok, self.tgt_tok = load_tokenizers(config, tokenizers)
         self.model = build_model(config, self.src_tok, self.tgt_tok)
         self.decoder = Decoder.for_tokenizer(config.decode, self.tgt_tok)
+        weights = token_weights(self.tgt_tok, config.optim.token_weights)
+        self.register_buffer("token_weight", weights, persistent=False)
         self._rng_to_restore: dict[str, Any] | None = None
         self.prepared: dict[str, str] = {}  # the prepared dataset it trains on: fingerprint, tokenizers' digest, path
         self.validated_at = -1  # the training step of the last validation
@@ -168,7 +197,8 @@ class Seq2SeqModule(L.LightningModule):
         if self.config.decode.one_shot:  # trained as it decodes: every position sees BOS
             batch = Batch(batch.src, batch.src_keep, torch.full_like(batch.tgt_in, self.tgt_tok.bos_id),
                           batch.tgt_out)
-        return sequence_loss(self.model, batch, self.config.optim.label_smoothing)
+        optim = self.config.optim
+        return sequence_loss(self.model, batch, optim.label_smoothing, self.token_weight, optim.focal_gamma)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss = self.loss(batch)

@@ -1,11 +1,12 @@
-"""What each command does, top to bottom, on a validated config: `train`, `prepare`, `evaluate`, `predict`,
-`translate`, `export`, `serve`.
+"""What each command does, top to bottom, on a validated config: `train`, `prepare`, `backtest`, `evaluate`,
+`predict`, `translate`, `export`, `serve`.
 
 Training: reader -> prepared dataset (found, or prepared with encoders fitted, or loaded when resuming) -> module ->
 data module -> fit -> best checkpoint -> evaluation of the held-out splits -> the domain's report -> metrics.json.
 Everything a run writes goes under its run directory: config.yaml, prepared/ (unless `prepared=` names a dataset),
 checkpoints/, logs/, metrics.json, data_report.json, plots/. `prepare` writes the prepared dataset alone. The other
-commands need nothing but a checkpoint and write only what they are asked to.
+commands need nothing but a checkpoint and write only what they are asked to. `backtest` runs `train` once per
+fold, into fold-<k>/ under its own run directory.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from omegaconf import OmegaConf
 
 from seq2seq.checkpoints import AtomicCheckpointIO, InterruptCheckpoint, refuse_reuse, resume_point
 from seq2seq.config import (
+    BacktestConfig,
     EvaluateConfig,
     ExportConfig,
     InferenceConfig,
@@ -171,6 +173,56 @@ def train(config: TrainConfig, run_dir: Path) -> Seq2SeqModule:
         results.update(reader.report(Translator(module, config.loader.batch_size), run_dir))
     _write_metrics(trainer, run_dir / "metrics.json", {**results, "best_checkpoint": best})
     return module
+
+
+def fold_years(span: tuple[int, int], data: dict[str, Any], folds: int, block_years: int | None,
+               val_years: int | None) -> list[dict[str, int]]:
+    """The `data.val_from`, `test_from`, `test_to` of each fold of a rolling-origin backtest: consecutive test
+    blocks that end with the data's last year, each after `val_years` of validation and the training years."""
+    first, last = span
+    if "test_from" not in data or "val_from" not in data:
+        raise ConfigError("`seq2seq backtest` needs `data.val_from` and `data.test_from`")
+    val_years = val_years or data["test_from"] - data["val_from"]
+    block = block_years or (last - data["test_from"] + 1) // folds
+    if val_years < 1 or block < 1:
+        raise ConfigError(f"{folds} folds of the years {data['test_from']}-{last} leave {block} test year(s) each "
+                          f"and {val_years} validation year(s): lower `folds`, or set `block_years` / `val_years`")
+    cuts = [last + 1 - (folds - k) * block for k in range(folds)]
+    if cuts[0] - val_years <= first:
+        raise ConfigError(f"the first fold would test from {cuts[0]} and validate from {cuts[0] - val_years}, "
+                          f"leaving no training years after {first}: lower `folds` or `block_years`")
+    return [{"val_from": cut - val_years, "test_from": cut, "test_to": cut + block} for cut in cuts]
+
+
+def backtest(config: BacktestConfig, run_dir: Path) -> dict[str, Any]:
+    """Train and test one model per fold (`fold_years`), in this process; write backtest.json with every fold's
+    scores and the reader's pooled report."""
+    reader: Reader = DATASETS.build(config.data, "data")
+    span = reader.year_span()
+    if span is None:
+        raise ConfigError(f"the `{config.data.get('name')}` reader does not split by year, so it cannot be "
+                          "backtested")
+    if config.prepared or config.resume:
+        raise ConfigError("`seq2seq backtest` prepares each fold's data in its own run; drop `prepared=` and "
+                          "`resume=`")
+    refuse_reuse(run_dir)
+    plans = fold_years(span, config.data, config.folds, config.block_years, config.val_years)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(to_data(config)), run_dir / "config.yaml")
+    base = TrainConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)})
+    folds, fold_dirs = [], []
+    for k, plan in enumerate(plans, 1):
+        log.info("backtest fold %d/%d: train < %d, validate %d-%d, test %d-%d", k, len(plans), plan["val_from"],
+                 plan["val_from"], plan["test_from"] - 1, plan["test_from"], plan["test_to"] - 1)
+        fold_dir = run_dir / f"fold-{k}"
+        train(dataclasses.replace(base, data={**config.data, **plan}), fold_dir)
+        metrics = json.loads((fold_dir / "metrics.json").read_text())
+        folds.append({"fold": k, **plan, "metrics": metrics})
+        fold_dirs.append(fold_dir)
+    results = {"folds": folds, "pooled": reader.backtest_report(fold_dirs, run_dir)}
+    (run_dir / "backtest.json").write_text(json.dumps(results, indent=2) + "\n")
+    log.info("backtest: %s", json.dumps(results["pooled"]))
+    return results
 
 
 def _scores(runs: list[dict[str, float]]) -> dict[str, float]:

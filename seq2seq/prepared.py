@@ -4,7 +4,7 @@ A prepared dataset is a directory:
 
     meta.json                    what it was prepared from (`inputs`: data and tokenizer options, the data files'
                                  sizes and times) and its fingerprint, the fitted tokenizers' state, and per split:
-                                 its shards by corpus, and the rows read, kept and rejected by reason, per file
+                                 its shards by corpus, and the file lines and examples read, kept and rejected by reason, per file
     <split>-<corpus>-<n>.arrow   Arrow IPC files with columns src, tgt (ids, or F values per position, flattened)
                                  and src_len, tgt_len: the lengths index that token-budget batching reads alone
 
@@ -51,7 +51,7 @@ from seq2seq.schema import to_data
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bumped when the layout changes: an older dataset is then re-prepared, never misread
+FORMAT = 2  # bumped when the layout changes: an older dataset is then re-prepared, never misread
 META = "meta.json"
 
 
@@ -146,7 +146,8 @@ class Encoded:
     corpus: int
     file: str
     batch: pa.RecordBatch | None
-    rows_read: int
+    examples_read: int
+    lines_read: int
     rejected: Counter[str]
 
 
@@ -176,7 +177,7 @@ def _encode(rows: Rows) -> Encoded:
         src, src_len = _column([srcs[i] for i in kept], _ids_type(src_tok))
         tgt, tgt_len = _column([tgts[i] for i in kept], _ids_type(tgt_tok))
         batch = pa.record_batch({"src": src, "tgt": tgt, "src_len": src_len, "tgt_len": tgt_len})
-    return Encoded(rows.split, rows.corpus, rows.file, batch, rows.rows_read, rejected)
+    return Encoded(rows.split, rows.corpus, rows.file, batch, rows.examples_read, rows.lines_read, rejected)
 
 
 def _encoded(stream: Iterable[Rows], config: TrainConfig, tokenizers: dict[str, Any], workers: int
@@ -235,9 +236,11 @@ def _counts(encoded: Encoded, report: dict[str, Any]) -> None:
     kept = 0 if encoded.batch is None else encoded.batch.num_rows
     entries = [report]
     if encoded.file:  # rows a reader generated come from no file
-        entries.append(report["files"].setdefault(encoded.file, {"rows_read": 0, "kept": 0, "rejected": {}}))
+        entries.append(report["files"].setdefault(encoded.file, {"lines_read": 0, "examples_read": 0, "kept": 0,
+                                                                     "rejected": {}}))
     for entry in entries:
-        entry["rows_read"] += encoded.rows_read
+        entry["lines_read"] += encoded.lines_read
+        entry["examples_read"] += encoded.examples_read
         entry["kept"] += kept
         for reason, n in encoded.rejected.items():
             entry["rejected"][reason] = entry["rejected"].get(reason, 0) + n
@@ -263,7 +266,8 @@ def prepare_dataset(config: TrainConfig, reader: Reader, dest: Path, tokenizers:
             log.info("fitting the tokenizers on %d training pairs", len(sample))
             tokenizers = fit_tokenizers(config, sample)
             del sample
-        report = {s: {"rows_read": 0, "kept": 0, "rejected": {}, "files": {}} for s in splits}
+        report = {s: {"lines_read": 0, "examples_read": 0, "kept": 0, "rejected": {}, "files": {}}
+                  for s in splits}
         shards = _Shards(partial, shard_size)
         for encoded in _encoded(reader.stream(splits), config, tokenizers, workers):
             _counts(encoded, report[encoded.split])
@@ -271,7 +275,7 @@ def prepare_dataset(config: TrainConfig, reader: Reader, dest: Path, tokenizers:
                 shards.write((encoded.split, encoded.corpus), encoded.batch)
         written = shards.close()
         for split, entry in report.items():
-            assert entry["kept"] + sum(entry["rejected"].values()) == entry["rows_read"], f"{split}: counts"
+            assert entry["kept"] + sum(entry["rejected"].values()) == entry["examples_read"], f"{split}: counts"
             entry["shards"] = {str(c): written.get((split, c), []) for c in range(len(reader.corpus_weights))}
         meta = {"format": FORMAT, "fingerprint": digest(inputs), "inputs": inputs, "tokenizers": tokenizers,
                 "tokenizers_digest": digest(tokenizers), "corpus_weights": list(reader.corpus_weights),
@@ -362,7 +366,7 @@ class Prepared:
 
     def report(self, split: str) -> dict[str, Any]:
         entry = self.meta["splits"][split]
-        return {k: entry[k] for k in ("rows_read", "kept", "rejected", "files")}
+        return {k: entry[k] for k in ("lines_read", "examples_read", "kept", "rejected", "files")}
 
     def dataset(self, split: str) -> PreparedSplit:
         entry = self.meta["splits"][split]

@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from seq2seq.errors import ConfigError
 from seq2seq.schema import check, setting
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -30,9 +31,18 @@ class OptimSpec:
     schedule: str = setting("noam", "learning-rate schedule", choices=SCHEDULES)
     warmup_steps: int = setting(4000, "steps of linear warm-up", minimum=1)
     label_smoothing: float = setting(0.1, "label smoothing of the training loss", minimum=0)
+    token_weights: dict[str, float] = setting({}, "loss weight of target tokens by their piece, e.g. {'1': 8.0} "
+                                              "for a rare positive label (others weigh 1)")
+    focal_gamma: float = setting(0.0, "focal loss: scale each token's loss by (1 - p)^gamma; 0 = cross-entropy",
+                                 minimum=0)
 
     def __post_init__(self) -> None:
         check(self)
+        bad = {k: w for k, w in self.token_weights.items() if not isinstance(w, (int, float)) or w <= 0}
+        if bad:
+            raise ConfigError(f"`optim.token_weights` must map token pieces to positive numbers; got {bad}")
+        if self.focal_gamma and self.label_smoothing:
+            raise ConfigError("`optim.focal_gamma` and `optim.label_smoothing` do not combine; set one to 0")
 
 
 @dataclass

@@ -69,7 +69,7 @@ def test_a_prepared_dataset_is_reused_and_prepared_again_when_an_input_changes(t
     with pytest.raises(DataError, match=r"corpus\.tsv changed \(\d+ -> \d+ bytes.*Prepare it again with"):
         obtain(config, reader, tmp_path / "p", strict=True, remedy="Prepare it again with ...")
     changed = obtain(config, reader, tmp_path / "p")  # the run's own cache is simply prepared again
-    assert changed.fingerprint != first.fingerprint and changed.report("train")["rows_read"] == 101
+    assert changed.fingerprint != first.fingerprint and changed.report("train")["examples_read"] == 101
     other = compose([*TEXT, f"data.path={corpus}", "data.max_chars=50"])
     with pytest.raises(DataError, match=r"`data\.max_chars`: 1000 -> 50"):
         obtain(other, DATASETS.build(other.data, "data"), tmp_path / "p", strict=True)
@@ -148,8 +148,8 @@ def test_rows_rejected_when_preparing_are_counted_per_split_and_file(tmp_path):
     path.write_text("ko\ten\tsplit\n표\tTable\ttrain\n\t\ttrain\n빈\t\ttrain\n셀\tcell\tval\n행\trow\ttest\n")
     config = compose([*TEXT, f"data.path={path}"])
     prepared = _prepare(config, tmp_path / "p")
-    assert prepared.report("train") == {"rows_read": 3, "kept": 1, "rejected": {"blank line": 1, "empty target": 1},
-                                        "files": {str(path): {"rows_read": 3, "kept": 1,
+    assert prepared.report("train") == {"examples_read": 3, "kept": 1, "rejected": {"blank line": 1, "empty target": 1},
+                                        "files": {str(path): {"examples_read": 3, "kept": 1,
                                                               "rejected": {"blank line": 1, "empty target": 1}}}}
 
 

@@ -12,7 +12,7 @@ from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 from seq2seq import Translator, compose, train
 from seq2seq.errors import DataError
 from seq2seq.module import Seq2SeqModule, fit_tokenizers
-from seq2seq_plugins.series import DailyWindows, LabelTokenizer, Standardizer
+from seq2seq_plugins.series import SeriesWindows, LabelTokenizer, Standardizer
 from seq2seq_plugins.series.report import scores
 
 
@@ -31,11 +31,11 @@ def test_windowing_counts_gaps_split_boundaries_and_missing_labels(tmp_path):
     frame = _frame(40)  # 2000-01-01 .. 2000-02-09
     frame = frame.drop(index=[20]).reset_index(drop=True)  # a gap on 2000-01-21
     frame.loc[30, "y"] = np.nan  # a missing label
-    reader = DailyWindows(path=_csv(tmp_path / "d.csv", frame), features=["x"], label="y", window=5, horizon=2,
+    reader = SeriesWindows(path=_csv(tmp_path / "d.csv", frame), features=["x"], label="y", window=5, horizon=2,
                           calendar=False, val_from=2001, test_from=2002)
     train = reader.read("train")
     # 39 rows -> 33 windows of 7 days; 6 straddle the gap (they start on rows 14-19), 2 hold the missing label.
-    assert train.rows_read == 33
+    assert train.examples_read == 33
     assert dict(train.rejected) == {"straddles a gap in the dates": 6, "missing label": 2}
     assert len(train.pairs) == 33 - 8
     assert all(len(w.values) == 5 and len(t) == 2 for w, t in train.pairs)
@@ -43,12 +43,14 @@ def test_windowing_counts_gaps_split_boundaries_and_missing_labels(tmp_path):
 
 def test_a_window_crossing_a_split_boundary_is_rejected_once(tmp_path):
     path = _csv(tmp_path / "d.csv", _frame(20, start="2000-12-20"))
-    reader = DailyWindows(path=path, features=["x"], label="y", window=3, horizon=1, calendar=False,
+    reader = SeriesWindows(path=path, features=["x"], label="y", window=3, horizon=1, calendar=False,
                           val_from=2001, test_from=2002)
-    train, val, test = (reader.read(s) for s in ("train", "val", "test"))
+    train, val = (reader.read(s) for s in ("train", "val"))
     assert train.rejected == {"crosses a split boundary": 3}
-    assert train.rows_read + val.rows_read + test.rows_read == 20 - 4 + 1
+    assert train.examples_read + val.examples_read == 20 - 4 + 1
     assert all(w.end.year == 2001 for w, _ in val.pairs)
+    with pytest.raises(DataError, match=r"no test window of 3 \+ 1 consecutive `D` steps .*no rows in those years"):
+        reader.read("test")
 
 
 def test_the_error_nan_policy_names_the_csv_lines(tmp_path):
@@ -56,12 +58,12 @@ def test_the_error_nan_policy_names_the_csv_lines(tmp_path):
     frame["x"] = frame["x"].astype(object)
     frame.loc[[4, 9], "x"] = ""
     path = _csv(tmp_path / "d.csv", frame)
-    with pytest.raises(DataError, match=r"2 row\(s\) with a missing reading, line\(s\) \[6, 11\]"):
-        DailyWindows(path=path, features=["x"], label="y", window=5, horizon=1).read("train")
+    with pytest.raises(DataError, match=r"2 row\(s\) with a missing reading, on lines 6, 11;"):
+        SeriesWindows(path=path, features=["x"], label="y", window=5, horizon=1).read("train")
     frame.loc[4, "x"] = "warm"
     _csv(tmp_path / "d.csv", frame)
-    with pytest.raises(DataError, match=r"`x` is not a finite number on line\(s\) \[6\]"):
-        DailyWindows(path=path, features=["x"], label="y", window=5, horizon=1).read("train")
+    with pytest.raises(DataError, match=r"`x` is not a finite number on line 6$"):
+        SeriesWindows(path=path, features=["x"], label="y", window=5, horizon=1).read("train")
 
 
 @pytest.mark.parametrize("method", ["ffill", "interpolate"])
@@ -69,7 +71,7 @@ def test_imputation_fills_short_runs_only_and_rejects_what_remains(method, tmp_p
     frame = _frame(30)
     frame.loc[3:4, "x"] = np.nan  # a run of 2 missing days: filled with impute_limit 2
     frame.loc[10:14, "x"] = np.nan  # a run of 5: left missing, and its windows rejected
-    reader = DailyWindows(path=_csv(tmp_path / "d.csv", frame), features=["x"], label="y", window=5, horizon=1,
+    reader = SeriesWindows(path=_csv(tmp_path / "d.csv", frame), features=["x"], label="y", window=5, horizon=1,
                           nan_policy="impute", impute_method=method, impute_limit=2, calendar=False)
     filled = reader.frame()["x"]
     assert filled[3:5].notna().all() and filled[10:15].isna().all()
@@ -80,13 +82,13 @@ def test_imputation_fills_short_runs_only_and_rejects_what_remains(method, tmp_p
     split = reader.read("train")
     assert split.rejected["missing reading after imputation"] == 5 + 4  # windows touching rows 10-14
     assert all(not np.isnan(w.values).any() for w, _ in split.pairs)
-    assert split.rows_read == len(split.pairs) + sum(split.rejected.values())
+    assert split.examples_read == len(split.pairs) + sum(split.rejected.values())
 
 
 def test_the_scaler_sees_only_training_rows(tmp_path):
     frame = _frame(90, start="2000-11-01")
     frame.loc[frame["date"].dt.year >= 2001, "x"] = 1000.0  # validation years hold huge values
-    reader = DailyWindows(path=_csv(tmp_path / "d.csv", frame), features=["x"], label="y", window=5, horizon=1,
+    reader = SeriesWindows(path=_csv(tmp_path / "d.csv", frame), features=["x"], label="y", window=5, horizon=1,
                           calendar=False, val_from=2001, test_from=2002)
     scaler = Standardizer()
     scaler.fit([w for w, _ in reader.read("train").pairs])
@@ -98,7 +100,7 @@ def test_the_scaler_sees_only_training_rows(tmp_path):
 def test_masking_missing_readings_adds_indicators_and_no_nan_reaches_a_tensor(tmp_path):
     frame = _frame(20)
     frame.loc[3, "x"] = np.nan
-    reader = DailyWindows(path=_csv(tmp_path / "d.csv", frame), features=["x"], label="y", window=5, horizon=1,
+    reader = SeriesWindows(path=_csv(tmp_path / "d.csv", frame), features=["x"], label="y", window=5, horizon=1,
                           nan_policy="mask", calendar=False)
     pairs = reader.read("train").pairs
     with pytest.raises(DataError, match="mask_missing"):
@@ -122,7 +124,7 @@ def test_label_tokenizer_round_trips_and_names_its_label_ids():
 def storm_data():
     """The storm experiment's fitted encoders and 64 validation windows, read once for every decoding mode."""
     config = compose(["experiment=storm_onset"])
-    reader = DailyWindows(**{k: v for k, v in config.data.items() if k != "name"})
+    reader = SeriesWindows(**{k: v for k, v in config.data.items() if k != "name"})
     return fit_tokenizers(config, reader.read("train").pairs[:500]), [w for w, _ in reader.read("val").pairs[:64]]
 
 
@@ -147,7 +149,11 @@ def test_scores_equal_the_reference_formulas():
     assert got["auroc"] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
     assert got["ap"] == pytest.approx(average_precision_score(y, p), abs=1e-6)
     assert got["brier"] == pytest.approx(np.mean((p - y) ** 2), abs=1e-6)
-    assert got["f1"] == pytest.approx(f1_score(y, p > 0.5), abs=1e-6)
+    hit = p >= 0.5
+    tp, fp, fn = (hit & (y == 1)).sum(), (hit & (y == 0)).sum(), (~hit & (y == 1)).sum()
+    assert got["csi"] == pytest.approx(tp / (tp + fp + fn)) and got["pod"] == pytest.approx(tp / (tp + fn))
+    assert got["far"] == pytest.approx(fp / (tp + fp))
+    assert got["csi"] == pytest.approx(f1_score(y, hit) / (2 - f1_score(y, hit)))  # F1 = 2 CSI / (1 + CSI)
 
 
 def _learnable_series(path: Path, days: int = 3000) -> str:
@@ -171,7 +177,7 @@ def test_both_decoding_modes_learn_labels_that_depend_on_the_inputs(one_shot, tm
                       "loader.batch_size=32", "optim.warmup_steps=100", "optim.lr=2e-3", "model.dropout=0.0",
                       "monitor.patience=null", "trainer.enable_progress_bar=false"])
     module = train(config, tmp_path / "run")
-    test = DailyWindows(**{k: v for k, v in config.data.items() if k != "name"}).read("test")
+    test = SeriesWindows(**{k: v for k, v in config.data.items() if k != "name"}).read("test")
     decoded = np.array([[int(v) for v in s.split()] for s in Translator(module).translate([w for w, _ in test.pairs])])
     accuracy = (decoded == np.array([t for _, t in test.pairs])).mean()
     assert accuracy >= 0.95, f"label accuracy {accuracy:.3f}"
@@ -182,7 +188,7 @@ def test_predict_writes_probabilities_and_labels_for_every_complete_window(tmp_p
     config = compose(["experiment=storm_onset", "trainer.max_epochs=1", "trainer.limit_train_batches=5",
                       "trainer.enable_progress_bar=false"])
     train(config, tmp_path / "run")
-    recent = pd.read_csv(DailyWindows().path).query("date >= '2020-10-01'")[["date", "tmin", "tmax"]]
+    recent = pd.read_csv(SeriesWindows().path).query("date >= '2020-10-01'")[["date", "tmin", "tmax"]]
     recent.to_csv(tmp_path / "recent.csv", index=False)
     result = subprocess.run(
         [sys.executable, "-c", "from seq2seq.cli import main; main()", "predict",
@@ -193,7 +199,7 @@ def test_predict_writes_probabilities_and_labels_for_every_complete_window(tmp_p
     rows = list(csv.DictReader((tmp_path / "forecast.csv").read_text().splitlines()))
     windows = len(recent) - 30 + 1
     assert len(rows) == windows * 7
-    assert rows[0]["window_end"] == "2020-10-30" and rows[0]["lead_day"] == "1" and rows[0]["date"] == "2020-10-31"
+    assert rows[0]["window_end"] == "2020-10-30" and rows[0]["lead_step"] == "1" and rows[0]["date"] == "2020-10-31"
     assert all(0.0 <= float(r["probability"]) <= 1.0 and r["label"] in ("0", "1") for r in rows)
 
     lines = (tmp_path / "recent.csv").read_text().splitlines()
@@ -203,4 +209,4 @@ def test_predict_writes_probabilities_and_labels_for_every_complete_window(tmp_p
         [sys.executable, "-c", "from seq2seq.cli import main; main()", "predict",
          f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"input={tmp_path / 'bad.csv'}",
          f"hydra.run.dir={tmp_path / 'predict2'}"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "`tmin` is not a finite number on line(s) [6]" in bad.stderr
+    assert bad.returncode == 2 and "`tmin` is not a finite number on line 6" in bad.stderr

@@ -18,7 +18,7 @@ def test_splits_are_deterministic_and_distinct():
 ])
 def test_targets_follow_the_task(task, check):
     split = SyntheticTask(task=task, n_train=200, min_len=1, max_len=6).read("train")
-    assert split.rows_read == 200
+    assert split.examples_read == 200
     for src, tgt in split.pairs:
         assert check(src.split(), tgt.split())
     assert len({len(src.split()) for src, _ in split.pairs}) == 6, "lengths vary, so batches need padding"

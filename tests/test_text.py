@@ -66,14 +66,14 @@ def test_reader_keeps_na_text_and_counts_every_rejection(tmp_path):
     assert dict(split.rejected) == {"empty source": 1, "blank line": 1, "empty target": 1,
                                     "length ratio above 5.0": 1, "undecodable text": 1,
                                     "longer than 100 characters": 1}
-    assert split.rows_read == len(split.pairs) + sum(split.rejected.values()) == 8
+    assert split.examples_read == len(split.pairs) + sum(split.rejected.values()) == 8
 
 
 def test_a_blank_line_in_a_file_with_a_split_column_is_kept_and_counted(tmp_path):
     reader = ParallelCorpus(path=_write(tmp_path / "c.tsv", [b"a\tb\ttrain", b"", b"c\td\tval", b"e\tf\ttest"]))
     train = reader.read("train")
-    assert train.pairs == [("a", "b")] and dict(train.rejected) == {"blank line": 1} and train.rows_read == 2
-    assert [reader.read(s).rows_read for s in ("val", "test")] == [1, 1]
+    assert train.pairs == [("a", "b")] and dict(train.rejected) == {"blank line": 1} and train.examples_read == 2
+    assert [reader.read(s).examples_read for s in ("val", "test")] == [1, 1]
 
 
 @pytest.mark.parametrize(("content", "message"), [

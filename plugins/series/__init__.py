@@ -1,22 +1,32 @@
-"""Numeric series -> labels: a window of daily readings -> one label per day of the horizon that follows.
+"""Numeric series -> labels: a window of W steps of readings -> one label per step of the horizon that follows.
 
-Contract. A raw source is a `Window`: W consecutive days of F features (readings, plus day-of-year sin/cos when
-`calendar` is on), the day it ends, and the labels observed over those days (baselines use them; the model does
-not). A raw target is the list of the next H labels. The `standardize` tokenizer scales sources with statistics of
-the training windows only; the `labels` tokenizer maps label values to ids and names them (`label_ids`), so the core
-decodes nothing but labels; the `linear` embedding maps F values to d_model. The embedded data set is NOAA daily
-temperatures at Clemson, SC, and Atlantic storm onsets (`data/README.md`); `build_data.py` rebuilds it.
+Contract. A raw source is a `Window`: W consecutive steps (of `data.freq`: hourly, daily, weekly, monthly, ...) of F
+features, the step it ends on, the labels observed over those steps (baselines use them; the model does not), the
+forecast dates, and, with `future_calendar`, the known-future covariates of each forecast step (its calendar). A
+raw target is the list of the next H labels. The `standardize` encoder scales sources with statistics of the
+training windows only and appends the known-future rows (the core feeds them to the decoder, step by step); the
+`labels` tokenizer maps label values to ids and names them (`label_ids`), so the core decodes nothing but labels;
+the `linear` embedding maps F values to d_model.
 
-Rows are read as text and checked: a bad date, number or label is an error naming its CSV line. Missing readings
-follow `nan_policy`: `error` (default; names the lines), `impute` (`impute_method` ffill or linear interpolation,
-across at most `impute_limit` consecutive missing days), or
-`mask` (kept; the tokenizer then needs `mask_missing: true`, which zeroes them and adds indicator features).
-Windows are rejected, and counted, when they straddle a gap in the dates, cross a split boundary, or (after
-imputation) still miss a reading or a label. Splits are by year, so no window sees the future of another split.
+Data: a wide CSV, one row per step: a date column, then any number of numeric columns. `features` picks the
+inputs: readings of several stations, and observed covariates known at forecast time (the count of active
+tropical systems, say), are all just features. Embedded sets (`data/README.md`): `typhoons_ryukyu` (Ryukyu Islands
+temperatures + JTWC Western North Pacific best track) and `clemson_storms` (Clemson, SC + Atlantic storms).
+
+Rows are read as text and checked, every problem at once: a bad date, number or label, a repeated date or a date off
+the `freq` grid is an error naming its CSV lines. Missing readings follow `nan_policy`: `error` (default; names the
+lines), `impute` (`impute_method` ffill or linear interpolation, across at most `impute_limit` consecutive missing
+steps), or `mask` (kept; the encoder then needs `mask_missing: true`, which zeroes them and adds indicator
+features). The report scores the model against climatology, persistence and logistic regression
+(`report.py`); `calibration` (none, temperature, isotonic) adds the model's probabilities calibrated on the
+validation windows. Windows are rejected, and counted, when they straddle a gap in the dates, cross a split boundary, or
+(after imputation) still miss a reading or a label. Splits are by year, so no window sees the future of another
+split.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -35,24 +45,33 @@ from seq2seq.registry import DATASETS, EMBEDDINGS, TOKENIZERS
 if TYPE_CHECKING:
     from seq2seq.translate import Translator
 
-EMBEDDED = Path(__file__).parent / "data" / "clemson_storms.csv"
+DATA_DIR = Path(__file__).parent / "data"
+EMBEDDED = ("typhoons_ryukyu", "clemson_storms")  # CSVs in DATA_DIR
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 NAN_POLICIES = ("error", "impute", "mask")
 IMPUTE_METHODS = ("ffill", "interpolate")
+SHOWN = 10  # line numbers shown per problem
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class Window:
-    """One input window: values (W, F) float32, its last date, and the labels observed on its days (W,)."""
+    """One input window: values (W, F) float32, its last date, the labels observed on its steps (W,), the
+    forecast dates (H,), and the known-future covariates of those steps on the same F columns (NaN where unknown),
+    or None."""
 
     values: np.ndarray
     end: pd.Timestamp
     past_labels: np.ndarray
+    ahead: pd.DatetimeIndex
+    future: np.ndarray | None = None
 
 
 @TOKENIZERS.register("standardize")
 class Standardizer(FeatureEncoder):
-    """Scales each feature to zero mean, unit variance, with statistics fitted on training windows."""
+    """Scales each feature to zero mean, unit variance, with statistics fitted on training windows; appends a
+    window's known-future rows (scaled alike, 0 where unknown) and declares them as `future_steps`."""
 
     def __init__(self, mask_missing: bool = False) -> None:
         self.mask_missing = mask_missing
@@ -66,23 +85,38 @@ class Standardizer(FeatureEncoder):
     def fit(self, items: list[Window]) -> None:
         values = np.concatenate([w.values for w in items])  # (rows, F)
         std = np.nanstd(values, axis=0)
-        self.load_state_dict({"mean": np.nanmean(values, axis=0).tolist(), "std": np.where(std > 0, std, 1).tolist()})
+        future = items[0].future
+        self.load_state_dict({"mean": np.nanmean(values, axis=0).tolist(), "std": np.where(std > 0, std, 1).tolist(),
+                              "future_steps": 0 if future is None else len(future)})
+
+    def _scaled(self, values: np.ndarray) -> np.ndarray:
+        return (values - np.asarray(self.mean)) / np.asarray(self.std)
 
     def encode(self, item: Window) -> Tensor:
-        x = (item.values - np.asarray(self.mean)) / np.asarray(self.std)  # (W, F)
+        x = self._scaled(item.values)  # (W, F)
         missing = np.isnan(x)
         if missing.any() and not self.mask_missing:
-            raise DataError(f"window ending {item.end.date()} has missing readings; set `tokenizer.src.mask_missing"
+            raise DataError(f"window ending {item.end} has missing readings; set `tokenizer.src.mask_missing"
                             "=true` to mask them, or choose another `data.nan_policy`")
         if self.mask_missing:
             x = np.concatenate([np.where(missing, 0.0, x), missing], axis=1)  # (W, 2F): values, indicators
+        if self.future_steps:
+            if item.future is None or len(item.future) != self.future_steps:
+                raise DataError(f"window ending {item.end}: the encoder was fitted with {self.future_steps} "
+                                "known-future steps; read windows with the same `data.horizon` and "
+                                "`data.future_calendar`")
+            ahead = np.nan_to_num(self._scaled(item.future), nan=0.0)  # (H, F)
+            if self.mask_missing:
+                ahead = np.concatenate([ahead, np.zeros_like(ahead)], axis=1)
+            x = np.concatenate([x, ahead])  # (W + H, F')
         return torch.as_tensor(x, dtype=torch.float32)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mean": list(self.mean), "std": list(self.std)}
+        return {"mean": list(self.mean), "std": list(self.std), "future_steps": self.future_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mean, self.std = list(state["mean"]), list(state["std"])
+        self.future_steps = int(state.get("future_steps", 0))
 
 
 @TOKENIZERS.register("labels")
@@ -130,119 +164,212 @@ class ValueEmbedding(nn.Module):
         return self.proj(x)
 
 
-def _bad_lines(mask: pd.Series) -> list[int]:
-    return (mask[mask].index + 2).tolist()[:10]  # CSV line numbers: header is line 1
+def numbered(numbers: Collection[int]) -> str:
+    """'lines 6, 11' (the first few of them, and how many more)."""
+    numbers = list(numbers)
+    shown = ", ".join(map(str, numbers[:SHOWN]))
+    more = f" and {len(numbers) - SHOWN} more" if len(numbers) > SHOWN else ""
+    return f"line{'s' if len(numbers) > 1 else ''} {shown}{more}"
 
 
-def read_daily_csv(path: str | Path, date_column: str, columns: list[str]) -> pd.DataFrame:
-    """Read a daily CSV as text, then parse and check it; errors name the file, the column and CSV lines."""
-    raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False)
-    missing = [c for c in [date_column, *columns] if c not in raw.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; found {list(raw.columns)}")
-    frame = pd.DataFrame({"date": pd.to_datetime(raw[date_column].str.strip(), errors="coerce", format="%Y-%m-%d")})
+def lines(mask: pd.Series | np.ndarray) -> str:
+    """The CSV lines (header = line 1) of the rows, in file order, where `mask` is True."""
+    return numbered((np.flatnonzero(np.asarray(mask)) + 2).tolist())
+
+
+def offset_of(freq: str) -> pd.DateOffset:
+    try:
+        return pd.tseries.frequencies.to_offset(freq)
+    except ValueError as e:
+        raise ConfigError(f"`data.freq` {freq!r} is not a pandas offset alias (h, D, W, MS, ...): {e}") from None
+
+
+def calendar_names(sub_daily: bool) -> tuple[str, ...]:
+    return ("doy_sin", "doy_cos", "hod_sin", "hod_cos") if sub_daily else ("doy_sin", "doy_cos")
+
+
+def calendar(dates: pd.DatetimeIndex, sub_daily: bool) -> dict[str, np.ndarray]:
+    """Day of year (and, for sub-daily series, hour of day) as sine/cosine pairs."""
+    angle = 2 * np.pi * dates.day_of_year.to_numpy() / 365.25
+    out = {"doy_sin": np.sin(angle), "doy_cos": np.cos(angle)}
+    if sub_daily:
+        hour = 2 * np.pi * (dates.hour.to_numpy() + dates.minute.to_numpy() / 60) / 24
+        out |= {"hod_sin": np.sin(hour), "hod_cos": np.cos(hour)}
+    return out
+
+
+def read_series_csv(path: str | Path, date_column: str, columns: list[str], freq: str = "D",
+                    optional: Collection[str] = ()) -> tuple[pd.DataFrame, np.ndarray]:
+    """Read a wide CSV as text, then parse and check all of it; one DataError lists every problem with its CSV
+    lines. Returns the frame, sorted by date, with a `step` column (the row's index on the `freq` grid) and the CSV
+    line of each row. `optional` columns may be absent (labels, for prediction)."""
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty; want a header line naming `{date_column}` and "
+                        f"{columns}, then one row per step") from None
+    if raw.empty:
+        raise DataError(f"{path}: a header and no rows; want one row per step")
+    problems = []
+    absent = [c for c in [date_column, *columns] if c not in raw.columns and c not in optional]
+    if absent:
+        problems.append(f"missing column(s) {absent}; the header has {list(raw.columns)}")
+    if date_column not in raw.columns:
+        raise DataError(f"{path}: " + "; ".join(problems))
+    frame = pd.DataFrame({"date": pd.to_datetime(raw[date_column].str.strip(), errors="coerce", format="ISO8601")})
     if frame["date"].isna().any():
-        raise DataError(f"{path}: unreadable `{date_column}` (want YYYY-MM-DD) on line(s) "
-                        f"{_bad_lines(frame['date'].isna())}")
-    for c in columns:
+        problems.append(f"unreadable `{date_column}` (want YYYY-MM-DD, or ISO 8601 with a time) on "
+                        f"{lines(frame['date'].isna())}")
+    for c in (c for c in columns if c in raw.columns):
         text = raw[c].str.strip()
         frame[c] = pd.to_numeric(text.replace("", np.nan), errors="coerce")
         bad = frame[c].isna() & (text != "") | np.isinf(frame[c])
         if bad.any():
-            raise DataError(f"{path}: column `{c}` is not a finite number on line(s) {_bad_lines(bad)}")
-    if frame["date"].duplicated().any():
-        raise DataError(f"{path}: repeated dates on line(s) {_bad_lines(frame['date'].duplicated())}")
-    return frame.sort_values("date").reset_index(drop=True)
+            problems.append(f"column `{c}` is not a finite number on {lines(bad)}")
+    repeated = frame["date"].duplicated(keep=False) & frame["date"].notna()
+    if repeated.any():
+        problems.append(f"repeated dates on {lines(repeated)}")
+    frame["line"] = np.arange(2, len(frame) + 2)
+    dated = frame.dropna(subset=["date"]).sort_values("date", kind="stable")
+    if len(dated):
+        grid = pd.date_range(dated["date"].iloc[0], dated["date"].iloc[-1], freq=offset_of(freq))
+        step = grid.get_indexer(dated["date"])
+        if (step < 0).any():
+            off = frame["line"].isin(dated["line"][step < 0])
+            problems.append(f"dates off the `data.freq={freq}` grid starting {grid[0]} on {lines(off)}; set "
+                            "`data.freq` to the series' frequency")
+        dated = dated.assign(step=step)
+    if problems:
+        raise DataError(f"{path}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    return dated.reset_index(drop=True), dated["line"].to_numpy()
 
 
-@DATASETS.register("daily_windows")
-class DailyWindows(Reader):
-    """Windows of `window` days -> labels of the next `horizon` days, split by year (`val_from`, `test_from`)."""
+@DATASETS.register("windows")
+class SeriesWindows(Reader):
+    """Windows of `window` steps of `freq` -> labels of the next `horizon` steps, split by year (`val_from`,
+    `test_from`, and `test_to`, exclusive, for rolling-origin backtests)."""
 
     def __init__(  # noqa: PLR0913 - flat options are the schema of the `data:` block
         self,
         path: str | None = None,
+        embedded: str = "clemson_storms",
         features: list[str] | None = None,
         label: str = "onset",
         date_column: str = "date",
+        freq: str = "D",
         window: int = 30,
         horizon: int = 7,
         stride: int = 1,
         calendar: bool = True,
+        future_calendar: bool = False,
         nan_policy: str = "error",
         impute_method: str = "ffill",
         impute_limit: int = 3,
         val_from: int = 2010,
         test_from: int = 2015,
+        test_to: int | None = None,
+        calibration: str = "none",
     ) -> None:
+        from seq2seq_plugins.series.report import CALIBRATIONS
+
+        if calibration not in CALIBRATIONS:
+            raise ConfigError(f"`data.calibration` must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
         if nan_policy not in NAN_POLICIES:
             raise ConfigError(f"`data.nan_policy` must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}")
         if impute_method not in IMPUTE_METHODS:
             raise ConfigError(f"`data.impute_method` must be one of {', '.join(IMPUTE_METHODS)}, got {impute_method!r}")
+        if embedded not in EMBEDDED:
+            raise ConfigError(f"`data.embedded` must be one of {', '.join(EMBEDDED)}, got {embedded!r}")
         if min(window, horizon, stride) < 1:
             raise ConfigError("`data.window`, `data.horizon` and `data.stride` must be positive")
-        if not val_from <= test_from:
-            raise ConfigError(f"need `data.val_from` ({val_from}) <= `data.test_from` ({test_from})")
-        self.path = path or str(EMBEDDED)
+        if not val_from <= test_from < (test_to if test_to is not None else test_from + 1):
+            raise ConfigError(f"need `data.val_from` ({val_from}) <= `data.test_from` ({test_from}) < "
+                              f"`data.test_to` ({test_to})")
+        if future_calendar and not calendar:
+            raise ConfigError("`data.future_calendar=true` feeds the calendar of forecast steps to the decoder and "
+                              "needs the calendar among the inputs: set `data.calendar=true`")
+        self.offset = offset_of(freq)
+        self.path = path or str(DATA_DIR / f"{embedded}.csv")
         self.features = features or ["tmin", "tmax"]
-        self.label, self.date_column = label, date_column
-        self.window, self.horizon, self.stride, self.calendar = window, horizon, stride, calendar
+        self.label, self.date_column, self.freq = label, date_column, freq
+        self.window, self.horizon, self.stride = window, horizon, stride
+        self.calendar, self.future_calendar = calendar, future_calendar
         self.nan_policy, self.impute_method, self.impute_limit = nan_policy, impute_method, impute_limit
-        self.bounds = {"train": (None, val_from), "val": (val_from, test_from), "test": (test_from, None)}
+        self.bounds = {"train": (None, val_from), "val": (val_from, test_from), "test": (test_from, test_to)}
+        self.calibration = calibration
+        probe = pd.date_range("2000-01-01", periods=2, freq=self.offset)
+        self.sub_daily = bool(probe[1] - probe[0] < pd.Timedelta(days=1))
         self._frame: pd.DataFrame | None = None
+
+    @property
+    def columns(self) -> list[str]:
+        return self.features + (list(calendar_names(self.sub_daily)) if self.calendar else [])
 
     def _prepare(self, frame: pd.DataFrame, path: str) -> pd.DataFrame:
         """Apply the NaN policy to the readings and add calendar features."""
         gaps = frame[self.features].isna().any(axis=1)
         if gaps.any() and self.nan_policy == "error":
-            raise DataError(f"{path}: {int(gaps.sum())} row(s) with a missing reading, line(s) {_bad_lines(gaps)}; "
-                            "set `data.nan_policy=impute` (forward-fill) or `mask`")
+            raise DataError(f"{path}: {int(gaps.sum())} row(s) with a missing reading, on "
+                            f"{numbered(sorted(frame['line'][gaps]))}; set "
+                            "`data.nan_policy=impute` (forward-fill) or `mask`")
         if self.nan_policy == "impute":
+            # A run is consecutive rows, on the grid too: nothing is carried across a gap in the dates.
+            run_id = (frame["step"].diff() != 1).cumsum()
             for c in self.features:
                 col = frame[c]
-                run = col.isna().groupby(col.notna().cumsum()).transform("sum")  # length of each missing run
-                filled = col.ffill() if self.impute_method == "ffill" else col.interpolate(limit_area="inside")
-                frame[c] = filled.where(col.notna() | (run <= self.impute_limit))  # longer runs stay missing
+                groups = col.groupby(run_id)
+                filled = groups.ffill() if self.impute_method == "ffill" else groups.transform(
+                    lambda s: s.interpolate(limit_area="inside"))
+                missing_run = col.isna().groupby([run_id, col.notna().cumsum()]).transform("sum")
+                frame[c] = filled.where(col.notna() | (missing_run <= self.impute_limit))  # longer runs stay
         if self.calendar:
-            angle = 2 * np.pi * frame["date"].dt.day_of_year.to_numpy() / 365.25
-            frame = frame.assign(doy_sin=np.sin(angle), doy_cos=np.cos(angle))
+            frame = frame.assign(**calendar(pd.DatetimeIndex(frame["date"]), self.sub_daily))
         return frame
-
-    @property
-    def columns(self) -> list[str]:
-        return self.features + (["doy_sin", "doy_cos"] if self.calendar else [])
 
     def frame(self) -> pd.DataFrame:
         if self._frame is None:
-            frame = read_daily_csv(self.path, self.date_column, [*self.features, self.label])
+            frame, _ = read_series_csv(self.path, self.date_column, [*self.features, self.label], self.freq)
             self._frame = self._prepare(frame, self.path)
         return self._frame
 
     def _windows(self, frame: pd.DataFrame, span: int, split: str | None) -> tuple[list[int], Counter[str]]:
-        """Start rows of complete windows of `span` days, and rejections, among windows starting in `split`'s years.
-
-        A window that starts in one split and ends in the next is rejected (and counted) by the split it starts in.
-        """
-        days = (frame["date"] - frame["date"].iloc[0]).dt.days.to_numpy()
-        years = frame["date"].dt.year.to_numpy()
-        starts, rejected = [], Counter()
+        """Start rows of complete windows of `span` steps, and rejections, among windows starting in `split`'s
+        years. A window that starts in one split and ends in the next is rejected (and counted) by the split it
+        starts in."""
+        steps, years = frame["step"].to_numpy(), frame["date"].dt.year.to_numpy()
         lo, hi = self.bounds[split] if split else (None, None)
+        starts, rejected = [], Counter()
         for i in range(0, len(frame) - span + 1, self.stride):
-            first, last = years[i], years[i + span - 1]
-            if (lo is not None and first < lo) or (hi is not None and first >= hi):
+            if (lo is not None and years[i] < lo) or (hi is not None and years[i] >= hi):
                 continue  # starts in another split
-            if days[i + span - 1] - days[i] != span - 1:
+            if steps[i + span - 1] - steps[i] != span - 1:
                 rejected["straddles a gap in the dates"] += 1
-            elif hi is not None and last >= hi:
+            elif hi is not None and years[i + span - 1] >= hi:
                 rejected["crosses a split boundary"] += 1
             else:
                 starts.append(i)
         return starts, rejected
 
-    def _window(self, frame: pd.DataFrame, i: int) -> Window:
-        rows = frame.iloc[i : i + self.window]
-        labels = rows[self.label].to_numpy() if self.label in rows else np.full(len(rows), np.nan)
-        return Window(rows[self.columns].to_numpy(np.float32), rows["date"].iloc[-1], labels)
+    def _arrays(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The frame's inputs (N, F), labels (N,) (NaN when absent) and each column's known-future mask (F,)."""
+        values = frame[self.columns].to_numpy(np.float32)
+        labels = frame[self.label].to_numpy(float) if self.label in frame else np.full(len(frame), np.nan)
+        known = np.array([self.future_calendar and c in calendar_names(self.sub_daily) for c in self.columns])
+        return values, labels, known
+
+    def _window(self, arrays: tuple[np.ndarray, np.ndarray, np.ndarray], i: int, end: pd.Timestamp,
+                ahead: pd.DatetimeIndex, rows_follow: bool = False) -> Window:
+        """The window of rows i.. ; `rows_follow`: the frame's next rows are the forecast steps (training)."""
+        values, labels, known = arrays
+        future = None
+        if known.any():  # the forecast steps' calendar
+            future = np.full((len(ahead), len(self.columns)), np.nan, dtype=np.float32)
+            if rows_follow:
+                future[:, known] = values[i + self.window : i + self.window + len(ahead)][:, known]
+            else:
+                cal = calendar(ahead, self.sub_daily)
+                future[:, known] = np.stack([cal[c] for c, k in zip(self.columns, known, strict=True) if k], 1)
+        return Window(values[i : i + self.window], end, labels[i : i + self.window], ahead, future)
 
     def files(self) -> list[str]:
         if not Path(self.path).is_file():
@@ -253,37 +380,77 @@ class DailyWindows(Reader):
         for split in (s for s in self.splits if s in splits):
             yield self._rows(split)
 
+    def _in_split(self, frame: pd.DataFrame, split: str) -> int:
+        lo, hi = self.bounds[split]
+        years = frame["date"].dt.year
+        return int(((years >= (lo or years.min())) & (years < (hi or years.max() + 1))).sum())
+
     def _rows(self, split: str) -> Rows:
         frame = self.frame()
         starts, rejected = self._windows(frame, self.window + self.horizon, split)
-        pairs = []
+        pairs, dates, arrays = [], pd.DatetimeIndex(frame["date"]), self._arrays(frame)
         for i in starts:
-            source = self._window(frame, i)
-            target = frame[self.label].iloc[i + self.window : i + self.window + self.horizon].to_numpy()
+            end = i + self.window
+            target = arrays[1][end : end + self.horizon]
+            source = self._window(arrays, i, dates[end - 1], dates[end : end + self.horizon], rows_follow=True)
             if np.isnan(target).any():
                 rejected["missing label"] += 1
             elif self.nan_policy != "mask" and np.isnan(source.values).any():
                 rejected["missing reading after imputation"] += 1
             else:
                 pairs.append((source, [int(v) for v in target]))
-        return Rows(split, pairs, rejected, self.path)
+        if not pairs:
+            raise DataError(f"{self.path}: no {split} window of {self.window} + {self.horizon} consecutive "
+                            f"`{self.freq}` steps in its years {self.bounds[split]}; rejected: "
+                            f"{dict(rejected) or 'none (no rows in those years)'}. Check `data.freq`, "
+                            "`data.window`, `data.horizon` and the split years")
+        return Rows(split, pairs, rejected, self.path, lines=self._in_split(frame, split))
 
     def read_inputs(self, path: str) -> list[Window]:
-        """Every complete window of a CSV with the feature columns (labels optional); gaps are skipped."""
-        frame = self._prepare(read_daily_csv(path, self.date_column, self.features), path)
-        starts, rejected = self._windows(frame, self.window, None)
-        windows = [self._window(frame, i) for i in starts]
-        incomplete = [w.end.date() for w in windows if np.isnan(w.values).any()]
-        if incomplete and self.nan_policy != "mask":
-            raise DataError(f"{path}: windows ending {incomplete[:5]} still miss readings after `nan_policy`")
+        """Every complete window of a CSV with the feature columns (labels optional). Problems of the file are one
+        DataError naming every line; windows left out (a gap in the dates, readings still missing after
+        `nan_policy`) are logged with their CSV lines."""
+        frame, _ = read_series_csv(path, self.date_column, self.features, self.freq)
+        frame = self._prepare(frame, path)
+        lines_of, steps = frame["line"].to_numpy(), frame["step"].to_numpy()
+        windows, skipped, arrays, dates = [], [], self._arrays(frame), pd.DatetimeIndex(frame["date"])
+        readings = frame[self.features].isna().to_numpy()  # (N, F) still missing
+        for i in range(0, len(frame) - self.window + 1, self.stride):
+            last = i + self.window - 1
+            where = f"window of lines {lines_of[i]}-{lines_of[last]}"
+            missing_rows = readings[i : last + 1].any(axis=1)
+            if steps[last] - steps[i] != self.window - 1:
+                skipped.append(f"{where}: a gap in the dates")
+            elif self.nan_policy != "mask" and missing_rows.any():
+                missing = lines_of[i : last + 1][missing_rows]
+                skipped.append(f"{where}: readings still missing on {numbered(missing.tolist())} after "
+                               "`data.nan_policy`")
+            else:
+                ahead = pd.date_range(dates[last], periods=self.horizon + 1, freq=self.offset)[1:]
+                windows.append(self._window(arrays, i, dates[last], ahead))
+        if skipped:
+            log.warning("%s: skipped %d of %d windows:\n  %s", path, len(skipped), len(skipped) + len(windows),
+                        "\n  ".join(skipped[:SHOWN] + ([f"... and {len(skipped) - SHOWN} more"]
+                                                       if len(skipped) > SHOWN else [])))
         if not windows:
-            raise DataError(f"{path}: no complete window of {self.window} consecutive days ({dict(rejected)})")
+            reason = "; ".join(skipped[:3]) if skipped else f"the file has {len(frame)} row(s)"
+            raise DataError(f"{path}: no complete window of {self.window} consecutive `{self.freq}` steps "
+                            f"({reason})")
         return windows
+
+    def year_span(self) -> tuple[int, int]:
+        years = self.frame()["date"].dt.year
+        return int(years.min()), int(years.max())
+
+    def backtest_report(self, fold_dirs: list[Path], run_dir: Path) -> dict[str, float]:
+        from seq2seq_plugins.series.report import pooled_report
+
+        return pooled_report(fold_dirs, run_dir)
 
     def report(self, translator: Translator, run_dir: Path) -> dict[str, float]:
         from seq2seq_plugins.series.report import report
 
-        return report(translator, {split: self.read(split) for split in self.splits}, run_dir)
+        return report(translator, {split: self.read(split) for split in self.splits}, run_dir, self.calibration)
 
     def write_predictions(self, translator: Translator, sources: list[Window], out: TextIO) -> int:
         from seq2seq_plugins.series.report import write_predictions

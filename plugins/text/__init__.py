@@ -316,7 +316,7 @@ class ParallelCorpus(Reader):
                         runs[split].rejected[reason] += 1
                     else:
                         runs[split].pairs.append((src.strip(), tgt.strip()))
-                yield from (rows for rows in runs.values() if rows.rows_read)
+                yield from (rows for rows in runs.values() if rows.examples_read)
 
     def report(self, translator: Translator, run_dir: Path) -> dict[str, float]:
         """Attention heatmaps for the first validation sentences (plots/attention.png); no extra scores."""

