@@ -30,8 +30,8 @@ from seq2seq.export import ExportError
 from seq2seq.plugins import listing, searchpath_override
 
 COMMANDS: dict[str, Callable[..., Any]] = {
-    "train": pipeline.train, "prepare": pipeline.prepare, "backtest": pipeline.backtest, "evaluate": pipeline.evaluate, "predict": pipeline.predict,
-    "translate": pipeline.translate, "export": pipeline.export, "serve": pipeline.serve,
+    "train": pipeline.train, "prepare": pipeline.prepare, "backtest": pipeline.backtest, "evaluate": pipeline.evaluate,
+    "predict": pipeline.predict, "translate": pipeline.translate, "export": pipeline.export, "serve": pipeline.serve,
 }
 
 # Strategies whose launcher re-runs the command line once per extra process (Lightning's subprocess launcher).

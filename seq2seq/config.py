@@ -216,12 +216,13 @@ class ServeConfig(InferenceConfig):
     max_body: int = setting(1_000_000, "largest request body, in bytes", minimum=1)
 
 
-SCHEMAS: dict[str, type] = {"train": TrainConfig, "prepare": PrepareConfig, "backtest": BacktestConfig, "evaluate": EvaluateConfig,
-                            "predict": PredictConfig, "translate": TranslateConfig, "export": ExportConfig,
-                            "serve": ServeConfig}
+SCHEMAS: dict[str, type] = {"train": TrainConfig, "prepare": PrepareConfig, "backtest": BacktestConfig,
+                            "evaluate": EvaluateConfig, "predict": PredictConfig, "translate": TranslateConfig,
+                            "export": ExportConfig, "serve": ServeConfig}
 TRAINING = ("train", "prepare", "backtest")  # the commands that compose a whole training config
 INFERENCE_GROUPS = {"evaluate": ("trainer",), "predict": (), "translate": (), "export": (), "serve": ()}
-ELSEWHERE = {"folds": "backtest", "block_years": "backtest", "val_years": "backtest", "workers": "prepare", "shard_size": "prepare", "beam": "translate", "length_penalty": "translate",
+ELSEWHERE = {"folds": "backtest", "block_years": "backtest", "val_years": "backtest", "workers": "prepare",
+             "shard_size": "prepare", "beam": "translate", "length_penalty": "translate",
              "n_best": "translate", "attention": "translate", "ckpt": "evaluate, predict, translate, export and serve",
              "input": "predict and translate", "format": "export", "quantization": "export", "port": "serve"}
 
@@ -245,7 +246,8 @@ def prepare_overrides(overrides: list[str] | tuple[str, ...], command: str = "tr
     A misspelt key fails here with the key that was meant, and an unknown group option with the options there are.
     A key inside a plugin block (`data.n_val=64`) becomes Hydra's add-or-override form (`++data.n_val=64`): a
     plugin's options are its constructor's keyword arguments, and those its YAML leaves at their defaults are still
-    settable; the registry checks them after composition. Additions, deletions and `hydra.*` keys pass unchanged.
+    settable; the registry checks them after composition. So does a mapping setting (`optim.token_weights={1: 8}`,
+    `optim.token_weights.1=8`). Additions, deletions and `hydra.*` keys pass unchanged.
     """
     parser = OverridesParser.create()
     schema_root, groups = SCHEMAS[command], _groups()
@@ -290,7 +292,7 @@ def _check_key(schema_root: type, key: str, command: str, value: Any) -> bool:
         raise ConfigError(f"`{key}` cannot be given as a block on the command line; choose a config group option "
                           "that defines it (e.g. `tokenizer=bpe_separate` for separate vocabularies), then override "
                           "its keys")
-    return False
+    return typing.get_origin(schema) is dict  # a mapping setting takes keys its default lacks
 
 
 def _component_problems(config: TrainConfig) -> list[str]:

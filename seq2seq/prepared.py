@@ -4,7 +4,8 @@ A prepared dataset is a directory:
 
     meta.json                    what it was prepared from (`inputs`: data and tokenizer options, the data files'
                                  sizes and times) and its fingerprint, the fitted tokenizers' state, and per split:
-                                 its shards by corpus, and the file lines and examples read, kept and rejected by reason, per file
+                                 its shards by corpus, and the file lines and examples read, kept and rejected by
+                                 reason, per file
     <split>-<corpus>-<n>.arrow   Arrow IPC files with columns src, tgt (ids, or F values per position, flattened)
                                  and src_len, tgt_len: the lengths index that token-budget batching reads alone
 

@@ -41,6 +41,8 @@ class OptimSpec:
         bad = {k: w for k, w in self.token_weights.items() if not isinstance(w, (int, float)) or w <= 0}
         if bad:
             raise ConfigError(f"`optim.token_weights` must map token pieces to positive numbers; got {bad}")
+        # Pieces are strings, whatever the command line parsed them as (`{1: 8}`)
+        object.__setattr__(self, "token_weights", {str(k): float(w) for k, w in self.token_weights.items()})
         if self.focal_gamma and self.label_smoothing:
             raise ConfigError("`optim.focal_gamma` and `optim.label_smoothing` do not combine; set one to 0")
 

@@ -148,9 +148,8 @@ def test_rows_rejected_when_preparing_are_counted_per_split_and_file(tmp_path):
     path.write_text("ko\ten\tsplit\n표\tTable\ttrain\n\t\ttrain\n빈\t\ttrain\n셀\tcell\tval\n행\trow\ttest\n")
     config = compose([*TEXT, f"data.path={path}"])
     prepared = _prepare(config, tmp_path / "p")
-    assert prepared.report("train") == {"examples_read": 3, "kept": 1, "rejected": {"blank line": 1, "empty target": 1},
-                                        "files": {str(path): {"examples_read": 3, "kept": 1,
-                                                              "rejected": {"blank line": 1, "empty target": 1}}}}
+    counts = {"lines_read": 3, "examples_read": 3, "kept": 1, "rejected": {"blank line": 1, "empty target": 1}}
+    assert prepared.report("train") == {**counts, "files": {str(path): counts}}
 
 
 def test_the_fingerprint_follows_the_data_files_and_options(tmp_path):

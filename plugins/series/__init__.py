@@ -145,6 +145,9 @@ class LabelTokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         return " ".join(str(self.classes[i - len(SPECIALS)]) for i in ids if i >= len(SPECIALS))
 
+    def pieces(self, ids: list[int]) -> list[str]:
+        return [SPECIALS[i] if i < len(SPECIALS) else str(self.classes[i - len(SPECIALS)]) for i in ids]
+
     def state_dict(self) -> dict[str, Any]:
         return {"classes": list(self.classes)}
 
@@ -210,26 +213,12 @@ def read_series_csv(path: str | Path, date_column: str, columns: list[str], freq
                         f"{columns}, then one row per step") from None
     if raw.empty:
         raise DataError(f"{path}: a header and no rows; want one row per step")
-    problems = []
     absent = [c for c in [date_column, *columns] if c not in raw.columns and c not in optional]
-    if absent:
-        problems.append(f"missing column(s) {absent}; the header has {list(raw.columns)}")
+    problems = [f"missing column(s) {absent}; the header has {list(raw.columns)}"] if absent else []
     if date_column not in raw.columns:
         raise DataError(f"{path}: " + "; ".join(problems))
-    frame = pd.DataFrame({"date": pd.to_datetime(raw[date_column].str.strip(), errors="coerce", format="ISO8601")})
-    if frame["date"].isna().any():
-        problems.append(f"unreadable `{date_column}` (want YYYY-MM-DD, or ISO 8601 with a time) on "
-                        f"{lines(frame['date'].isna())}")
-    for c in (c for c in columns if c in raw.columns):
-        text = raw[c].str.strip()
-        frame[c] = pd.to_numeric(text.replace("", np.nan), errors="coerce")
-        bad = frame[c].isna() & (text != "") | np.isinf(frame[c])
-        if bad.any():
-            problems.append(f"column `{c}` is not a finite number on {lines(bad)}")
-    repeated = frame["date"].duplicated(keep=False) & frame["date"].notna()
-    if repeated.any():
-        problems.append(f"repeated dates on {lines(repeated)}")
-    frame["line"] = np.arange(2, len(frame) + 2)
+    frame, found = _parse(raw, date_column, [c for c in columns if c in raw.columns])
+    problems += found
     dated = frame.dropna(subset=["date"]).sort_values("date", kind="stable")
     if len(dated):
         grid = pd.date_range(dated["date"].iloc[0], dated["date"].iloc[-1], freq=offset_of(freq))
@@ -242,6 +231,26 @@ def read_series_csv(path: str | Path, date_column: str, columns: list[str], freq
     if problems:
         raise DataError(f"{path}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
     return dated.reset_index(drop=True), dated["line"].to_numpy()
+
+
+def _parse(raw: pd.DataFrame, date_column: str, columns: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """The text columns parsed, with each row's CSV `line`, and the problems found, by line."""
+    problems = []
+    frame = pd.DataFrame({"date": pd.to_datetime(raw[date_column].str.strip(), errors="coerce", format="ISO8601")})
+    if frame["date"].isna().any():
+        problems.append(f"unreadable `{date_column}` (want YYYY-MM-DD, or ISO 8601 with a time) on "
+                        f"{lines(frame['date'].isna())}")
+    for c in columns:
+        text = raw[c].str.strip()
+        frame[c] = pd.to_numeric(text.replace("", np.nan), errors="coerce")
+        bad = frame[c].isna() & (text != "") | np.isinf(frame[c])
+        if bad.any():
+            problems.append(f"column `{c}` is not a finite number on {lines(bad)}")
+    repeated = frame["date"].duplicated(keep=False) & frame["date"].notna()
+    if repeated.any():
+        problems.append(f"repeated dates on {lines(repeated)}")
+    frame["line"] = np.arange(2, len(frame) + 2)
+    return frame, problems
 
 
 @DATASETS.register("windows")

@@ -226,8 +226,8 @@ def plot_folds(per_fold: list[dict[str, float]], names: list[str], methods: list
         shift = x + (i - len(methods) / 2) * 0.08
         axes[0].plot(shift, [f[f"{prefix}auroc"] for f in per_fold], "o", label=method)
         bss = np.array([f[f"{prefix}bss_climatology"] for f in per_fold])
-        err = [bss - [f[f"{prefix}bss_climatology_low"] for f in per_fold],
-               np.array([f[f"{prefix}bss_climatology_high"] for f in per_fold]) - bss]
+        err = np.maximum([bss - [f[f"{prefix}bss_climatology_low"] for f in per_fold],
+                          np.array([f[f"{prefix}bss_climatology_high"] for f in per_fold]) - bss], 0)
         axes[1].errorbar(shift, bss, yerr=err, fmt="o", capsize=3, label=method)
     for ax, label in zip(axes, ("AUROC, all lead steps", "Brier skill vs climatology"), strict=True):
         ax.set(xticks=x, xticklabels=names, xlabel="test block", ylabel=label)
@@ -265,7 +265,9 @@ def plot_lead_skill(out: dict[str, float], methods: list[str], horizon: int, pat
         bss = np.array([out[f"{prefix}lead{k}/bss_climatology"] for k in leads])
         low = np.array([out[f"{prefix}lead{k}/bss_climatology_low"] for k in leads])
         high = np.array([out[f"{prefix}lead{k}/bss_climatology_high"] for k in leads])
-        axes[1].errorbar(leads, bss, yerr=[bss - low, high - bss], fmt="o-", capsize=3, label=method)
+        # A percentile interval need not hold its point estimate: clip the bars at it
+        axes[1].errorbar(leads, bss, yerr=np.maximum([bss - low, high - bss], 0), fmt="o-", capsize=3,
+                         label=method)
     axes[0].set(xlabel="lead step", ylabel="AUROC", title="Discrimination by lead step")
     axes[1].set(xlabel="lead step", ylabel="Brier skill vs climatology (95% year bootstrap)",
                 title="Skill by lead step")
