@@ -68,9 +68,10 @@ def test_over_long_and_empty_examples_are_rejected_and_counted_by_reason(tmp_pat
                                               "target longer than 3": 1}
     assert dm.report["train"]["examples_read"] == 6 and dm.report["train"]["kept"] == 2
     assert dm.report["train"]["files"] == {
-        "one.tsv": {"lines_read": 5, "examples_read": 5, "kept": 3, "rejected": {"malformed row": 1,
-                                                                                 "empty source": 1}},
-        "two.tsv": {"lines_read": 1, "examples_read": 1, "kept": 1, "rejected": {}}}  # the length limits apply when training
+        "one.tsv": {"lines_read": 5, "examples_read": 5, "kept": 3,
+                    "rejected": {"malformed row": 1, "empty source": 1}},
+        "two.tsv": {"lines_read": 1, "examples_read": 1, "kept": 1,
+                    "rejected": {}}}  # the length limits apply when training
     assert sorted(len(s) for s, _ in dm.examples["train"]) == [2, 3]
     batch = next(iter(dm.val_dataloader()))
     assert batch.src.tolist() == [[_tokenizer().stoi["c"]]]

@@ -183,30 +183,3 @@ def test_both_decoding_modes_learn_labels_that_depend_on_the_inputs(one_shot, tm
     assert accuracy >= 0.95, f"label accuracy {accuracy:.3f}"
 
 
-@pytest.mark.slow
-def test_predict_writes_probabilities_and_labels_for_every_complete_window(tmp_path):
-    config = compose(["experiment=storm_onset", "trainer.max_epochs=1", "trainer.limit_train_batches=5",
-                      "trainer.enable_progress_bar=false"])
-    train(config, tmp_path / "run")
-    recent = pd.read_csv(SeriesWindows().path).query("date >= '2020-10-01'")[["date", "tmin", "tmax"]]
-    recent.to_csv(tmp_path / "recent.csv", index=False)
-    result = subprocess.run(
-        [sys.executable, "-c", "from seq2seq.cli import main; main()", "predict",
-         f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"input={tmp_path / 'recent.csv'}",
-         f"output={tmp_path / 'forecast.csv'}", f"hydra.run.dir={tmp_path / 'predict'}"],
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = list(csv.DictReader((tmp_path / "forecast.csv").read_text().splitlines()))
-    windows = len(recent) - 30 + 1
-    assert len(rows) == windows * 7
-    assert rows[0]["window_end"] == "2020-10-30" and rows[0]["lead_step"] == "1" and rows[0]["date"] == "2020-10-31"
-    assert all(0.0 <= float(r["probability"]) <= 1.0 and r["label"] in ("0", "1") for r in rows)
-
-    lines = (tmp_path / "recent.csv").read_text().splitlines()
-    lines[5] = "2020-10-05,hot,70.0"
-    (tmp_path / "bad.csv").write_text("\n".join(lines) + "\n")
-    bad = subprocess.run(
-        [sys.executable, "-c", "from seq2seq.cli import main; main()", "predict",
-         f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"input={tmp_path / 'bad.csv'}",
-         f"hydra.run.dir={tmp_path / 'predict2'}"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "`tmin` is not a finite number on line 6" in bad.stderr

@@ -1,7 +1,10 @@
 """Issue-level behaviour of the series domain: best-track labels, frequencies, known-future covariates, imbalance,
 calibration, verification scores, backtests and predict's error reports."""
 
+import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +254,71 @@ def test_predict_inputs_report_every_problem_of_a_covariate_file_by_line(tmp_pat
         windows = filled.read_inputs(str(_recent(tmp_path, long_gap)))
     assert "readings still missing on lines 12, 13, 14 after `data.nan_policy`" in caplog.text
     assert len(windows) == len(recent) - 4 - 7
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from seq2seq.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_predict_with_covariates_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    trained = _cli("train", "experiment=typhoon_onset", "trainer.max_epochs=1", "trainer.limit_train_batches=5",
+                   "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    columns = ["date", "ishigaki_tavg", "yonaguni_tavg", "miyako_tavg", "naha_tavg", "active", "developing"]
+    recent = pd.read_csv(SeriesWindows(embedded="typhoons_ryukyu").path, dtype=str)[columns].tail(40)
+    recent.to_csv(tmp_path / "recent.csv", index=False)
+    ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
+    done = _cli("predict", ckpt, f"input={tmp_path / 'recent.csv'}", f"output={tmp_path / 'forecast.csv'}",
+                f"hydra.run.dir={tmp_path / 'predict'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    forecast = pd.read_csv(tmp_path / "forecast.csv")
+    assert len(forecast) == (40 - 30 + 1) * 7
+    last = forecast.tail(7)
+    assert (last["window_end"] == "2021-12-21").all() and last["lead_step"].tolist() == list(range(1, 8))
+    assert last["date"].tolist() == [f"2021-12-{d}" for d in range(22, 29)]
+    assert forecast["probability"].between(0, 1).all() and set(forecast["label"]) <= {0, 1}
+    meta = json.loads((tmp_path / "forecast.csv.json").read_text())
+    assert meta["checkpoint"].endswith("last.ckpt")
+
+    bad = recent.copy()
+    bad.iloc[4, 5] = "x"  # `active`, line 6
+    bad.iloc[9, 6] = "nan?"  # `developing`, line 11
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    failed = _cli("predict", ckpt, f"input={tmp_path / 'bad.csv'}", f"hydra.run.dir={tmp_path / 'predict2'}")
+    assert failed.returncode == 2
+    assert "`active` is not a finite number on line 6" in failed.stderr
+    assert "`developing` is not a finite number on line 11" in failed.stderr
+
+
+@pytest.mark.slow
+def test_backtest_trains_each_fold_on_the_years_before_its_block_and_pools_the_blocks(tmp_path):
+    rng = np.random.default_rng(0)
+    days = pd.date_range("2000-01-01", "2011-12-31", freq="D")
+    active = (rng.random(len(days)) < 0.3).astype(int)
+    frame = pd.DataFrame({"date": days, "t": rng.normal(size=len(days)).round(2), "active": active,
+                          "formation": np.roll(active, 1) & (rng.random(len(days)) < 0.5)})
+    path = tmp_path / "series.csv"
+    frame.to_csv(path, index=False)
+    config = compose(["experiment=typhoon_onset", f"data.path={path}", "data.features=[t,active]",
+                      "data.val_from=2006", "data.test_from=2008", "folds=2", "trainer.max_epochs=1",
+                      "trainer.limit_train_batches=3", "trainer.enable_progress_bar=false"], command="backtest")
+    from seq2seq.pipeline import backtest
+
+    results = backtest(config, tmp_path / "bt")
+    assert [(f["val_from"], f["test_from"], f["test_to"]) for f in results["folds"]] == [(2006, 2008, 2010),
+                                                                                         (2008, 2010, 2012)]
+    pooled_years = []
+    for fold in results["folds"]:
+        fold_dir = tmp_path / "bt" / f"fold-{fold['fold']}"
+        saved = np.load(fold_dir / "series_test.npz")
+        assert fold["test_from"] <= saved["years"].min() and saved["years"].max() < fold["test_to"]
+        report = json.loads((fold_dir / "data_report.json").read_text())
+        # training read exactly the CSV rows before its validation years, and nothing after
+        assert report["train"]["lines_read"] == int((days.year < fold["val_from"]).sum())
+        pooled_years.append(saved["years"])
+    assert "test/lead1/auroc" in results["pooled"] and "test/logistic/bss_climatology_low" in results["pooled"]
+    assert (tmp_path / "bt" / "plots" / "backtest_folds.png").is_file()
+    assert json.loads((tmp_path / "bt" / "backtest.json").read_text())["pooled"] == results["pooled"]
