@@ -11,6 +11,7 @@ DOMAINS = {
     "synthetic": ["experiment=reverse", "model=tiny"],
     "text": ["experiment=translate_ko_en", "model=tiny", "tokenizer.src.vocab_size=500"],
     "series": ["experiment=storm_onset", "model=tiny"],
+    "series_covariates": ["experiment=typhoon_onset", "model=tiny"],
 }
 
 
