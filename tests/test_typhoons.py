@@ -322,3 +322,43 @@ def test_backtest_trains_each_fold_on_the_years_before_its_block_and_pools_the_b
     assert "test/lead1/auroc" in results["pooled"] and "test/logistic/bss_climatology_low" in results["pooled"]
     assert (tmp_path / "bt" / "plots" / "backtest_folds.png").is_file()
     assert json.loads((tmp_path / "bt" / "backtest.json").read_text())["pooled"] == results["pooled"]
+
+
+def test_backtest_refuses_a_reader_that_does_not_split_by_year(tmp_path):
+    from seq2seq.pipeline import backtest
+
+    config = compose(["experiment=reverse", "folds=2"], command="backtest")
+    with pytest.raises(ConfigError, match="does not split by year"):
+        backtest(config, tmp_path / "bt")
+    assert not (tmp_path / "bt").exists()
+
+
+def test_several_series_train_one_model_with_static_covariates_and_never_mix(tmp_path):
+    rng = np.random.default_rng(0)
+    days = pd.date_range("2000-01-01", periods=20, freq="D")
+    stations = {"naha": 26.2, "ishigaki": 24.3}
+    frame = pd.concat([pd.DataFrame({"station": name, "date": days, "lat": lat, "x": rng.normal(size=20).round(2),
+                                     "y": rng.integers(0, 2, 20)}) for name, lat in stations.items()])
+    frame = frame.sample(frac=1, random_state=0)  # rows of a series need not be contiguous
+    path = tmp_path / "long.csv"
+    frame.to_csv(path, index=False, date_format="%Y-%m-%d")
+    reader = SeriesWindows(path=str(path), features=["x"], static=["lat"], series_column="station", label="y",
+                           window=5, horizon=2, future_calendar=True, val_from=2100, test_from=2101)
+    pairs = reader.read("train").pairs
+    assert len(pairs) == 2 * (20 - 7 + 1)  # per series; none across the two
+    for window, _ in pairs:
+        assert window.series in stations
+        lat = reader.columns.index("lat")
+        assert (window.values[:, lat] == stations[window.series]).all()
+        assert (window.future[:, lat] == stations[window.series]).all()  # a static covariate is known ahead
+    inputs = reader.read_inputs(str(path))
+    assert sorted({w.series for w in inputs}) == sorted(stations) and len(inputs) == 2 * 16
+    frame.iloc[3, frame.columns.get_loc("lat")] = 99.0  # a static value that changes within its series
+    frame = pd.concat([frame, frame.iloc[[7]]])  # and a date repeated within its series, on the last line
+    frame.to_csv(path, index=False, date_format="%Y-%m-%d")
+    with pytest.raises(DataError) as err:
+        reader.read_inputs(str(path))
+    assert "static column `lat` changes within a series on line 5" in str(err.value)
+    assert f"repeated dates within a series on lines 9, {len(frame) + 1}" in str(err.value)
+    with pytest.raises(ConfigError, match="name the series with `data.series_column`"):
+        SeriesWindows(path=str(path), features=["x"], static=["lat"])

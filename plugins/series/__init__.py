@@ -10,7 +10,10 @@ the `linear` embedding maps F values to d_model.
 
 Data: a wide CSV, one row per step: a date column, then any number of numeric columns. `features` picks the
 inputs: readings of several stations, and observed covariates known at forecast time (the count of active
-tropical systems, say), are all just features. Embedded sets (`data/README.md`): `typhoons_ryukyu` (Ryukyu Islands
+tropical systems, say), are all just features. Several series can train one model: `series_column` names the
+column that tells them apart (rows of one series need not be contiguous; windows never mix series), and `static`
+lists covariates that hold one value per series (a station's latitude), appended to every step (and, with
+`future_calendar`, to the known-future rows). Embedded sets (`data/README.md`): `typhoons_ryukyu` (Ryukyu Islands
 temperatures + JTWC Western North Pacific best track) and `clemson_storms` (Clemson, SC + Atlantic storms).
 
 Rows are read as text and checked, every problem at once: a bad date, number or label, a repeated date or a date off
@@ -58,14 +61,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class Window:
     """One input window: values (W, F) float32, its last date, the labels observed on its steps (W,), the
-    forecast dates (H,), and the known-future covariates of those steps on the same F columns (NaN where unknown),
-    or None."""
+    forecast dates (H,), the known-future covariates of those steps on the same F columns (NaN where unknown) or
+    None, and the series it belongs to."""
 
     values: np.ndarray
     end: pd.Timestamp
     past_labels: np.ndarray
     ahead: pd.DatetimeIndex
     future: np.ndarray | None = None
+    series: str = ""  # which series, when one CSV holds several (`data.series_column`)
 
 
 @TOKENIZERS.register("standardize")
@@ -202,10 +206,12 @@ def calendar(dates: pd.DatetimeIndex, sub_daily: bool) -> dict[str, np.ndarray]:
 
 
 def read_series_csv(path: str | Path, date_column: str, columns: list[str], freq: str = "D",
-                    optional: Collection[str] = ()) -> tuple[pd.DataFrame, np.ndarray]:
+                    optional: Collection[str] = (), series_column: str | None = None,
+                    static: Collection[str] = ()) -> pd.DataFrame:
     """Read a wide CSV as text, then parse and check all of it; one DataError lists every problem with its CSV
-    lines. Returns the frame, sorted by date, with a `step` column (the row's index on the `freq` grid) and the CSV
-    line of each row. `optional` columns may be absent (labels, for prediction)."""
+    lines. Returns the frame sorted by series and date, with the CSV `line` of each row, its `series` ('' without
+    `series_column`) and `step` (its index on its series' `freq` grid). `optional` columns may be absent (labels,
+    for prediction); `static` columns must hold one value per series."""
     try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False)
     except pd.errors.EmptyDataError:
@@ -213,30 +219,41 @@ def read_series_csv(path: str | Path, date_column: str, columns: list[str], freq
                         f"{columns}, then one row per step") from None
     if raw.empty:
         raise DataError(f"{path}: a header and no rows; want one row per step")
-    absent = [c for c in [date_column, *columns] if c not in raw.columns and c not in optional]
+    keys = [date_column, *([series_column] if series_column else [])]
+    absent = [c for c in [*keys, *columns] if c not in raw.columns and c not in optional]
     problems = [f"missing column(s) {absent}; the header has {list(raw.columns)}"] if absent else []
-    if date_column not in raw.columns:
+    if any(c not in raw.columns for c in keys):
         raise DataError(f"{path}: " + "; ".join(problems))
-    frame, found = _parse(raw, date_column, [c for c in columns if c in raw.columns])
+    frame, found = _parse(raw, date_column, [c for c in columns if c in raw.columns], series_column)
     problems += found
-    dated = frame.dropna(subset=["date"]).sort_values("date", kind="stable")
-    if len(dated):
-        grid = pd.date_range(dated["date"].iloc[0], dated["date"].iloc[-1], freq=offset_of(freq))
-        step = grid.get_indexer(dated["date"])
+    for c in (c for c in static if c in frame):
+        usual = frame.groupby("series")[c].transform(lambda v: v.mode().iloc[0] if v.notna().any() else np.nan)
+        changes = frame[c].notna() & (frame[c] != usual)  # the lines that differ from their series' usual value
+        if changes.any():
+            problems.append(f"static column `{c}` changes within a series on {lines(changes)}")
+    dated = frame.dropna(subset=["date"]).sort_values(["series", "date"], kind="stable")
+    steps = []
+    for _, rows in dated.groupby("series", sort=False):
+        grid = pd.date_range(rows["date"].iloc[0], rows["date"].iloc[-1], freq=offset_of(freq))
+        step = grid.get_indexer(rows["date"])
         if (step < 0).any():
-            off = frame["line"].isin(dated["line"][step < 0])
+            off = frame["line"].isin(rows["line"][step < 0])
             problems.append(f"dates off the `data.freq={freq}` grid starting {grid[0]} on {lines(off)}; set "
                             "`data.freq` to the series' frequency")
-        dated = dated.assign(step=step)
+        steps.append(step)
     if problems:
         raise DataError(f"{path}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
-    return dated.reset_index(drop=True), dated["line"].to_numpy()
+    return dated.assign(step=np.concatenate(steps) if steps else []).reset_index(drop=True)
 
 
-def _parse(raw: pd.DataFrame, date_column: str, columns: list[str]) -> tuple[pd.DataFrame, list[str]]:
-    """The text columns parsed, with each row's CSV `line`, and the problems found, by line."""
+def _parse(raw: pd.DataFrame, date_column: str, columns: list[str], series_column: str | None
+           ) -> tuple[pd.DataFrame, list[str]]:
+    """The text columns parsed, with each row's CSV `line` and `series`, and the problems found, by line."""
     problems = []
-    frame = pd.DataFrame({"date": pd.to_datetime(raw[date_column].str.strip(), errors="coerce", format="ISO8601")})
+    frame = pd.DataFrame({"date": pd.to_datetime(raw[date_column].str.strip(), errors="coerce", format="ISO8601"),
+                          "series": raw[series_column].str.strip() if series_column else ""})
+    if series_column and (frame["series"] == "").any():
+        problems.append(f"empty `{series_column}` on {lines(frame['series'] == '')}")
     if frame["date"].isna().any():
         problems.append(f"unreadable `{date_column}` (want YYYY-MM-DD, or ISO 8601 with a time) on "
                         f"{lines(frame['date'].isna())}")
@@ -246,9 +263,9 @@ def _parse(raw: pd.DataFrame, date_column: str, columns: list[str]) -> tuple[pd.
         bad = frame[c].isna() & (text != "") | np.isinf(frame[c])
         if bad.any():
             problems.append(f"column `{c}` is not a finite number on {lines(bad)}")
-    repeated = frame["date"].duplicated(keep=False) & frame["date"].notna()
+    repeated = frame.duplicated(["series", "date"], keep=False) & frame["date"].notna()
     if repeated.any():
-        problems.append(f"repeated dates on {lines(repeated)}")
+        problems.append(f"repeated dates{' within a series' if series_column else ''} on {lines(repeated)}")
     frame["line"] = np.arange(2, len(frame) + 2)
     return frame, problems
 
@@ -263,6 +280,8 @@ class SeriesWindows(Reader):
         path: str | None = None,
         embedded: str = "clemson_storms",
         features: list[str] | None = None,
+        static: list[str] | None = None,
+        series_column: str | None = None,
         label: str = "onset",
         date_column: str = "date",
         freq: str = "D",
@@ -300,6 +319,10 @@ class SeriesWindows(Reader):
         self.offset = offset_of(freq)
         self.path = path or str(DATA_DIR / f"{embedded}.csv")
         self.features = features or ["tmin", "tmax"]
+        self.static, self.series_column = list(static or []), series_column
+        if self.static and not series_column:
+            raise ConfigError("`data.static` columns hold one value per series: name the series with "
+                              "`data.series_column`")
         self.label, self.date_column, self.freq = label, date_column, freq
         self.window, self.horizon, self.stride = window, horizon, stride
         self.calendar, self.future_calendar = calendar, future_calendar
@@ -312,18 +335,18 @@ class SeriesWindows(Reader):
 
     @property
     def columns(self) -> list[str]:
-        return self.features + (list(calendar_names(self.sub_daily)) if self.calendar else [])
+        return self.features + self.static + (list(calendar_names(self.sub_daily)) if self.calendar else [])
 
     def _prepare(self, frame: pd.DataFrame, path: str) -> pd.DataFrame:
         """Apply the NaN policy to the readings and add calendar features."""
-        gaps = frame[self.features].isna().any(axis=1)
+        gaps = frame[self.features + self.static].isna().any(axis=1)
         if gaps.any() and self.nan_policy == "error":
             raise DataError(f"{path}: {int(gaps.sum())} row(s) with a missing reading, on "
                             f"{numbered(sorted(frame['line'][gaps]))}; set "
                             "`data.nan_policy=impute` (forward-fill) or `mask`")
         if self.nan_policy == "impute":
             # A run is consecutive rows, on the grid too: nothing is carried across a gap in the dates.
-            run_id = (frame["step"].diff() != 1).cumsum()
+            run_id = ((frame["step"].diff() != 1) | (frame["series"] != frame["series"].shift())).cumsum()
             for c in self.features:
                 col = frame[c]
                 groups = col.groupby(run_id)
@@ -337,7 +360,8 @@ class SeriesWindows(Reader):
 
     def frame(self) -> pd.DataFrame:
         if self._frame is None:
-            frame, _ = read_series_csv(self.path, self.date_column, [*self.features, self.label], self.freq)
+            frame = read_series_csv(self.path, self.date_column, [*self.features, *self.static, self.label],
+                                    self.freq, series_column=self.series_column, static=self.static)
             self._frame = self._prepare(frame, self.path)
         return self._frame
 
@@ -346,11 +370,14 @@ class SeriesWindows(Reader):
         years. A window that starts in one split and ends in the next is rejected (and counted) by the split it
         starts in."""
         steps, years = frame["step"].to_numpy(), frame["date"].dt.year.to_numpy()
+        series = frame["series"].to_numpy()
         lo, hi = self.bounds[split] if split else (None, None)
         starts, rejected = [], Counter()
         for i in range(0, len(frame) - span + 1, self.stride):
             if (lo is not None and years[i] < lo) or (hi is not None and years[i] >= hi):
                 continue  # starts in another split
+            if series[i] != series[i + span - 1]:
+                continue  # runs into the next series: not a window of either
             if steps[i + span - 1] - steps[i] != span - 1:
                 rejected["straddles a gap in the dates"] += 1
             elif hi is not None and years[i + span - 1] >= hi:
@@ -359,26 +386,30 @@ class SeriesWindows(Reader):
                 starts.append(i)
         return starts, rejected
 
-    def _arrays(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The frame's inputs (N, F), labels (N,) (NaN when absent) and each column's known-future mask (F,)."""
+    def _arrays(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The frame's inputs (N, F), labels (N,) (NaN when absent), series (N,), and which columns are known
+        ahead (F,): with `future_calendar`, the calendar and the static covariates."""
         values = frame[self.columns].to_numpy(np.float32)
         labels = frame[self.label].to_numpy(float) if self.label in frame else np.full(len(frame), np.nan)
-        known = np.array([self.future_calendar and c in calendar_names(self.sub_daily) for c in self.columns])
-        return values, labels, known
+        ahead = {*calendar_names(self.sub_daily), *self.static}
+        known = np.array([self.future_calendar and c in ahead for c in self.columns])
+        return values, labels, frame["series"].to_numpy(), known
 
-    def _window(self, arrays: tuple[np.ndarray, np.ndarray, np.ndarray], i: int, end: pd.Timestamp,
-                ahead: pd.DatetimeIndex, rows_follow: bool = False) -> Window:
+    def _window(self, arrays: tuple[np.ndarray, ...], i: int, end: pd.Timestamp, ahead: pd.DatetimeIndex,
+                rows_follow: bool = False) -> Window:
         """The window of rows i.. ; `rows_follow`: the frame's next rows are the forecast steps (training)."""
-        values, labels, known = arrays
+        values, labels, series, known = arrays
+        past = values[i : i + self.window]
         future = None
-        if known.any():  # the forecast steps' calendar
+        if known.any():  # the forecast steps' calendar and static covariates
             future = np.full((len(ahead), len(self.columns)), np.nan, dtype=np.float32)
             if rows_follow:
                 future[:, known] = values[i + self.window : i + self.window + len(ahead)][:, known]
             else:
                 cal = calendar(ahead, self.sub_daily)
-                future[:, known] = np.stack([cal[c] for c, k in zip(self.columns, known, strict=True) if k], 1)
-        return Window(values[i : i + self.window], end, labels[i : i + self.window], ahead, future)
+                for j in np.flatnonzero(known):
+                    future[:, j] = cal[self.columns[j]] if self.columns[j] in cal else past[-1, j]
+        return Window(past, end, labels[i : i + self.window], ahead, future, str(series[i]))
 
     def files(self) -> list[str]:
         if not Path(self.path).is_file():
@@ -419,11 +450,12 @@ class SeriesWindows(Reader):
         """Every complete window of a CSV with the feature columns (labels optional). Problems of the file are one
         DataError naming every line; windows left out (a gap in the dates, readings still missing after
         `nan_policy`) are logged with their CSV lines."""
-        frame, _ = read_series_csv(path, self.date_column, self.features, self.freq)
+        frame = read_series_csv(path, self.date_column, [*self.features, *self.static], self.freq,
+                                series_column=self.series_column, static=self.static)
         frame = self._prepare(frame, path)
         lines_of, steps = frame["line"].to_numpy(), frame["step"].to_numpy()
         windows, skipped, arrays, dates = [], [], self._arrays(frame), pd.DatetimeIndex(frame["date"])
-        readings = frame[self.features].isna().to_numpy()  # (N, F) still missing
+        readings = frame[self.features + self.static].isna().to_numpy()  # (N, F) still missing
         for i in range(0, len(frame) - self.window + 1, self.stride):
             last = i + self.window - 1
             where = f"window of lines {lines_of[i]}-{lines_of[last]}"

@@ -300,12 +300,13 @@ def stamp(t: pd.Timestamp) -> str:
 
 
 def write_predictions(translator: Translator, windows: list, out: TextIO) -> int:
-    """CSV: window_end, lead_step, date, probability (of the positive label), label (the decoded label)."""
+    """CSV: [series,] window_end, lead_step, date, probability (of the positive label), label (the decoded label)."""
     probs = model_probabilities(translator, windows)
     labels = translator.translate(windows)
+    named = any(w.series for w in windows)
     rows = csv.writer(out)
-    rows.writerow(["window_end", "lead_step", "date", "probability", "label"])
+    rows.writerow(["series"] * named + ["window_end", "lead_step", "date", "probability", "label"])
     for w, p, decoded in zip(windows, probs, labels, strict=True):
         for k, (pk, label) in enumerate(zip(p, decoded.split(), strict=True), 1):
-            rows.writerow([stamp(w.end), k, stamp(w.ahead[k - 1]), f"{pk:.6f}", label])
+            rows.writerow([w.series] * named + [stamp(w.end), k, stamp(w.ahead[k - 1]), f"{pk:.6f}", label])
     return len(windows)
