@@ -1,6 +1,3 @@
-import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

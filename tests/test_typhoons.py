@@ -280,6 +280,13 @@ def test_predict_with_covariates_end_to_end(tmp_path):
     assert (last["window_end"] == "2021-12-21").all() and last["lead_step"].tolist() == list(range(1, 8))
     assert last["date"].tolist() == [f"2021-12-{d}" for d in range(22, 29)]
     assert forecast["probability"].between(0, 1).all() and set(forecast["label"]) <= {0, 1}
+    # calibrated on the validation years (the experiment's isotonic map: monotone in the raw probability), and
+    # alerts at the validation years' CSI-best threshold
+    ordered = forecast.sort_values("probability_raw")
+    assert ordered["probability"].is_monotonic_increasing and forecast["probability_raw"].between(0, 1).all()
+    assert set(forecast["alert"]) <= {0, 1}
+    alerted, quiet = (forecast.loc[forecast["alert"] == a, "probability"] for a in (1, 0))
+    assert alerted.empty or quiet.empty or alerted.min() > quiet.max()
     meta = json.loads((tmp_path / "forecast.csv.json").read_text())
     assert meta["checkpoint"].endswith("last.ckpt")
 

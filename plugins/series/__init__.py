@@ -360,6 +360,7 @@ class SeriesWindows(Reader):
 
     def frame(self) -> pd.DataFrame:
         if self._frame is None:
+            self.files()  # a missing file is a DataError naming it
             frame = read_series_csv(self.path, self.date_column, [*self.features, *self.static, self.label],
                                     self.freq, series_column=self.series_column, static=self.static)
             self._frame = self._prepare(frame, self.path)
@@ -494,6 +495,14 @@ class SeriesWindows(Reader):
         return report(translator, {split: self.read(split) for split in self.splits}, run_dir, self.calibration)
 
     def write_predictions(self, translator: Translator, sources: list[Window], out: TextIO) -> int:
+        """Probabilities per lead step; where the training data can still be read, also calibrated ones (with
+        `calibration`) and alerts at the validation years' CSI-best threshold, both fitted on the validation
+        windows, as the report does."""
         from seq2seq_plugins.series.report import write_predictions
 
-        return write_predictions(translator, sources, out)
+        try:
+            val = self.read("val")
+        except DataError as err:
+            log.warning("predictions without calibration or alerts: the validation data cannot be read (%s)", err)
+            val = None
+        return write_predictions(translator, sources, out, val, self.calibration)

@@ -299,14 +299,29 @@ def stamp(t: pd.Timestamp) -> str:
     return str(t.date()) if t == t.normalize() else t.isoformat(sep=" ")
 
 
-def write_predictions(translator: Translator, windows: list, out: TextIO) -> int:
-    """CSV: [series,] window_end, lead_step, date, probability (of the positive label), label (the decoded label)."""
+def write_predictions(translator: Translator, windows: list, out: TextIO, val: Split | None = None,
+                      calibration: str = "none") -> int:
+    """CSV: [series,] window_end, lead_step, date, probability (of the positive label), label (the decoded label),
+    and with the validation windows `val`: probability_raw (the model's own, when `calibration` maps it) and alert
+    (1 where the probability reaches the threshold that maximized CSI on the validation windows)."""
     probs = model_probabilities(translator, windows)
     labels = translator.translate(windows)
     named = any(w.series for w in windows)
+    extra, columns = [], []
+    if val is not None:
+        val_p, val_y = model_probabilities(translator, [w for w, _ in val.pairs]), np.array([t for _, t in val.pairs])
+        raw = probs
+        if calibration != "none":
+            calibrate = fit_calibration(calibration, val_p, val_y)
+            probs, val_p = calibrate(probs), calibrate(val_p)
+            extra.append(raw)
+            columns.append("probability_raw")
+        extra.append((probs >= best_threshold(val_p, val_y)).astype(int))
+        columns.append("alert")
     rows = csv.writer(out)
-    rows.writerow(["series"] * named + ["window_end", "lead_step", "date", "probability", "label"])
-    for w, p, decoded in zip(windows, probs, labels, strict=True):
+    rows.writerow(["series"] * named + ["window_end", "lead_step", "date", "probability", "label", *columns])
+    for i, (w, p, decoded) in enumerate(zip(windows, probs, labels, strict=True)):
         for k, (pk, label) in enumerate(zip(p, decoded.split(), strict=True), 1):
-            rows.writerow([w.series] * named + [stamp(w.end), k, stamp(w.ahead[k - 1]), f"{pk:.6f}", label])
+            more = [f"{e[i, k - 1]:.6f}" if e.dtype.kind == "f" else int(e[i, k - 1]) for e in extra]
+            rows.writerow([w.series] * named + [stamp(w.end), k, stamp(w.ahead[k - 1]), f"{pk:.6f}", label, *more])
     return len(windows)
