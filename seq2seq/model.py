@@ -167,11 +167,9 @@ class EncoderDecoder(nn.Module):
         return next(self.parameters()).device
 
     def _future_rows(self, src_keep: Tensor) -> Tensor:
-        """(B, H) indices of each source's known-future rows: its last `future_steps` real positions."""
+        """(B, H) indices of each source's known-future rows: its last `future_steps` real positions (a source
+        holds at least one position before them: the encoder declaring them encodes it so)."""
         first = src_keep.sum(1, keepdim=True) - self.future_steps  # (B, 1)
-        if bool((first < 1).any()):
-            raise ValueError(f"every source needs at least one position before its {self.future_steps} "
-                             "known-future rows")
         return first + torch.arange(self.future_steps, device=src_keep.device)  # (B, H)
 
     def memory_keep(self, src_keep: Tensor) -> Tensor:
@@ -181,7 +179,7 @@ class EncoderDecoder(nn.Module):
         first = self._future_rows(src_keep)[:, :1]  # (B, 1)
         return torch.arange(src_keep.shape[1], device=src_keep.device)[None] < first
 
-    def _future(self, memory: Tensor, src_keep: Tensor) -> Tensor | None:
+    def future_vectors(self, memory: Tensor, src_keep: Tensor) -> Tensor | None:
         """(B, H, D) the known-future covariates' vectors, from their rows of the memory."""
         if not self.future_steps:
             return None
@@ -210,7 +208,7 @@ class EncoderDecoder(nn.Module):
 
     def decode(self, tgt_in: Tensor, memory: Tensor, src_keep: Tensor, tgt_keep: Tensor) -> Tensor:
         """Teacher-forced decoder: tgt_in (B, T), memory (B, S, D) -> hidden states (B, T, D), before the head."""
-        y = self._embed_target(tgt_in, self._future(memory, src_keep))  # (B, T, D)
+        y = self._embed_target(tgt_in, self.future_vectors(memory, src_keep))  # (B, T, D)
         self_keep = causal_keep(tgt_keep)  # (B, 1, T, T)
         memory_keep = padding_keep(self.memory_keep(src_keep))  # (B, 1, 1, S)
         for layer in self.decoder:
@@ -240,7 +238,7 @@ class EncoderDecoder(nn.Module):
     def start_decoding(self, memory: Tensor, src_keep: Tensor, max_len: int, beam: int = 1) -> DecoderState:
         """Caches for up to `max_len` decoding steps of `beam` hypotheses per source over memory (B, S, D)."""
         rows = memory.shape[0] * beam
-        future = self._future(memory, src_keep)
+        future = self.future_vectors(memory, src_keep)
         return DecoderState(
             memory_keep=padding_keep(self.memory_keep(src_keep)),
             self_caches=[layer.self_attn.empty_cache(rows, max_len, memory) for layer in self.decoder],

@@ -196,9 +196,6 @@ def export(ckpt: str | Path, fmt: str, output: str | Path, quantization: str = "
         raise ConfigError(f"`output` {output} exists and is not an exported model; name a new folder")
     eager = Translator.from_checkpoint(ckpt)
     module = eager.module
-    if module.model.future_steps:
-        raise ExportError(f"{ckpt}: the model feeds known-future covariates to its decoder, which no export format "
-                          "carries yet; serve it with the checkpoint itself")
     staging = output.with_name(f"{output.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -39,6 +39,8 @@ def _refuse(model: EncoderDecoder, src_tok: object) -> None:
     if not isinstance(src_tok, Tokenizer):
         raise ConfigError(f"CTranslate2 takes token sources; this model's source encoder ({type(src_tok).__name__}) "
                           "gives feature values: export format=onnx")
+    if model.future_steps:
+        raise ConfigError("CTranslate2's decoder has no input for known-future covariates: export format=onnx")
     for where, module, kind in (("source embedding", model.src_embed, TokenEmbedding),
                                 ("target embedding", model.tgt_embed, TokenEmbedding),
                                 ("output head", model.head, LinearHead)):

@@ -4,7 +4,8 @@
 values (B, H, S, Dh), computed once per source. `decoder_step.onnx`: the newest tokens (R,) of R = B · beam rows,
 src_keep, those keys and values, and each layer's self-attention cache (R, H, t, Dh) -> next-token logits (R, V) and
 the caches grown to t + 1. Label domains and one-shot decoding also get `forward.onnx`: the teacher-forced logits
-(B, T, V). Batch, lengths and rows are dynamic.
+(B, T, V). Batch, lengths and rows are dynamic. A model with known-future covariates (`future_steps` H) has the
+encoder also give their vectors (B, H, D), and the step take the one of its position (R, D; zeros past H).
 
 `OnnxModel` runs them with ONNX Runtime behind the decoding contract of `EncoderDecoder` (`encode`,
 `start_decoding`, `decode_step`, and the teacher-forced call), so `seq2seq.decoding`'s searches drive it unchanged.
@@ -49,7 +50,9 @@ class _Encoder(nn.Module):
 
     def forward(self, src: Tensor, src_keep: Tensor) -> tuple[Tensor, ...]:
         memory = self.model.encode(src, src_keep)  # (B, S, D)
-        return tuple(t for layer in self.model.decoder for t in layer.cross_attn.memory_keys_values(memory))
+        kv = tuple(t for layer in self.model.decoder for t in layer.cross_attn.memory_keys_values(memory))
+        future = self.model.future_vectors(memory, src_keep)
+        return kv if future is None else (*kv, future)
 
 
 class _Step(nn.Module):
@@ -58,10 +61,13 @@ class _Step(nn.Module):
         self.model = model
 
     def forward(self, tokens: Tensor, src_keep: Tensor, memory_kv: tuple[Tensor, ...],
-                past: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+                past: tuple[Tensor, ...], future: Tensor | None = None) -> tuple[Tensor, ...]:
         m = self.model
-        y = m.tgt_pos(m.tgt_embed(tokens[:, None]), offset=past[0].shape[2])  # (R, 1, D) at position t
-        keep, present = padding_keep(src_keep), []
+        y = m.tgt_embed(tokens[:, None])  # (R, 1, D)
+        if future is not None:  # this position's known-future covariates (R, D)
+            y = y + future[:, None]
+        y = m.tgt_pos(y, offset=past[0].shape[2])  # at position t
+        keep, present = padding_keep(m.memory_keep(src_keep)), []
         for i, layer in enumerate(m.decoder):
             cache = _GrowingCache(past[2 * i], past[2 * i + 1])
             y = layer.step(y, cache, (memory_kv[2 * i], memory_kv[2 * i + 1]), keep)
@@ -110,21 +116,30 @@ def export(model: EncoderDecoder, src_example: Tensor, out: Path, forward: bool)
     src_len = Dim("src_len", min=1, max=spec.max_positions)
     past = Dim("past", min=0, max=spec.max_positions - 1)
     B, S = 2, min(5, spec.max_positions)
+    if model.future_steps:  # the known-future rows follow at least one real position
+        S = model.future_steps + min(2, spec.max_positions - model.future_steps)
+        src_len = Dim("src_len", min=model.future_steps + 1, max=spec.max_positions)
     src = src_example[:1, :1].expand(B, S, *src_example.shape[2:]).contiguous()
     src_keep = torch.ones(B, S, dtype=torch.bool)
     seq = {0: batch, 1: src_len}
-    _export(_Encoder(model), (src, src_keep), (seq, seq), ["src", "src_keep"], _names("memory", n), out / ENCODER)
+    future = ["future"] if model.future_steps else []
+    _export(_Encoder(model), (src, src_keep), (seq, seq), ["src", "src_keep"], [*_names("memory", n), *future],
+            out / ENCODER)
 
-    memory_kv = _Encoder(model)(src, src_keep)
+    encoded = _Encoder(model)(src, src_keep)
+    memory_kv = encoded[: 2 * n]
     R, t = 2 * B, min(3, spec.max_positions - 1)
     H, Dh = memory_kv[0].shape[1], memory_kv[0].shape[3]
     cache = tuple(torch.zeros(R, H, t, Dh) for _ in range(2 * n))
     tokens = torch.zeros(R, dtype=torch.long)
-    dynamic = ({0: rows}, seq, tuple({0: batch, 2: src_len} for _ in memory_kv),
-               tuple({0: rows, 2: past} for _ in cache))
-    _export(_Step(model), (tokens, src_keep, memory_kv, cache), dynamic,
-            ["tokens", "src_keep", *_names("memory", n), *_names("past", n)], ["logits", *_names("present", n)],
-            out / STEP)
+    args: tuple = (tokens, src_keep, memory_kv, cache)
+    dynamic: tuple = ({0: rows}, seq, tuple({0: batch, 2: src_len} for _ in memory_kv),
+                      tuple({0: rows, 2: past} for _ in cache))
+    if future:
+        args, dynamic = (*args, torch.zeros(R, spec.d_model)), (*dynamic, {0: rows})
+    _export(_Step(model), args, dynamic,
+            ["tokens", "src_keep", *_names("memory", n), *_names("past", n), *future],
+            ["logits", *_names("present", n)], out / STEP)
     files = [ENCODER, STEP]
     if forward:
         tgt = torch.zeros(B, t, dtype=torch.long)
@@ -144,6 +159,7 @@ class OnnxState:
     src_keep: np.ndarray  # (B, S)
     memory_kv: list[np.ndarray]
     past: list[np.ndarray]
+    future: np.ndarray | None = None  # (R, H, D) known-future covariates' vectors
 
     def reorder(self, index: Tensor) -> None:
         """Beam search: hypothesis row i continues row index[i]."""
@@ -170,6 +186,7 @@ class OnnxModel:
         self.encoder, self.step = session(ENCODER), session(STEP)
         self.forward = session(FORWARD) if (path / FORWARD).is_file() else None
         self.n_layers, self.n_heads, self.head_dim = n_layers, n_heads, d_model // n_heads
+        self.future = "future" in {o.name for o in self.encoder.get_outputs()}
         self._step_names = ["tokens", "src_keep", *_names("memory", n_layers), *_names("past", n_layers)]
 
     def encode(self, src: Tensor, src_keep: Tensor) -> list[np.ndarray]:
@@ -178,11 +195,17 @@ class OnnxModel:
     def start_decoding(self, memory: list[np.ndarray], src_keep: Tensor, max_len: int, beam: int = 1) -> OnnxState:
         rows = src_keep.shape[0] * beam
         empty = np.zeros((rows, self.n_heads, 0, self.head_dim), dtype=np.float32)
-        return OnnxState(src_keep.numpy(), memory, [empty] * (2 * self.n_layers))
+        kv, future = memory[: 2 * self.n_layers], None
+        if self.future:  # one row per hypothesis, as the eager model's state holds them
+            future = np.repeat(memory[-1], beam, axis=0)
+        return OnnxState(src_keep.numpy(), kv, [empty] * (2 * self.n_layers), future)
 
     def decode_step(self, tokens: Tensor, state: OnnxState) -> Tensor:
         feeds = dict(zip(self._step_names, [tokens.numpy(), state.src_keep, *state.memory_kv, *state.past],
                          strict=True))
+        if state.future is not None:
+            t, (R, H, D) = state.past[0].shape[2], state.future.shape
+            feeds["future"] = state.future[:, t] if t < H else np.zeros((R, D), dtype=np.float32)
         logits, *state.past = self.step.run(None, feeds)
         return torch.from_numpy(logits)  # (R, V)
 
