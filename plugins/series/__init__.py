@@ -53,6 +53,7 @@ EMBEDDED = ("typhoons_ryukyu", "clemson_storms")  # CSVs in DATA_DIR
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 NAN_POLICIES = ("error", "impute", "mask")
 IMPUTE_METHODS = ("ffill", "interpolate")
+CALIBRATIONS = ("none", "temperature", "isotonic")
 SHOWN = 10  # line numbers shown per problem
 
 log = logging.getLogger(__name__)
@@ -298,8 +299,6 @@ class SeriesWindows(Reader):
         test_to: int | None = None,
         calibration: str = "none",
     ) -> None:
-        from seq2seq_plugins.series.report import CALIBRATIONS
-
         if calibration not in CALIBRATIONS:
             raise ConfigError(f"`data.calibration` must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
         if nan_policy not in NAN_POLICIES:

@@ -36,7 +36,6 @@ from seq2seq.domain import Encoder, Split
 from seq2seq.translate import Translator
 
 POSITIVE = 1  # the label value whose probability is scored
-CALIBRATIONS = ("none", "temperature", "isotonic")
 EPS = 1e-6
 
 
