@@ -36,7 +36,7 @@ def test_train_writes_the_run_directory_and_logs_progress_lines_without_a_termin
     assert "train/loss" in (tmp_path / "logs" / "metrics.csv").read_text()
     assert "task: copy" in (tmp_path / "config.yaml").read_text()
     report = json.loads((tmp_path / "data_report.json").read_text())
-    assert report["train"] == {"examples_read": 256, "kept": 256, "rejected": {}, "files": {}}
+    assert report["train"] == {"lines_read": 256, "examples_read": 256, "kept": 256, "rejected": {}, "files": {}}
     ckpt = torch.load(metrics["best_checkpoint"], weights_only=True)  # plain data only
     assert ckpt["hyper_parameters"]["config"]["data"]["task"] == "copy"
     assert ckpt["seq2seq"]["plugins"] == {"seq2seq_plugins.synthetic": f"seq2seq {ckpt['seq2seq']['version']}"}
