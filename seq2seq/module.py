@@ -94,6 +94,9 @@ def build_model(config: TrainConfig, src_tok: Encoder, tgt_tok: Tokenizer) -> En
                               "`model.tie_output=false` for these components")
         head.tie(tgt_embed.weight)
     context = src_tok.embedding_context()
+    if src_tok.future_steps and "n_features" not in context:
+        raise ConfigError(f"`tokenizer.src` ({type(src_tok).__name__}) declares known-future rows, which only a "
+                          "FeatureEncoder (feature values) can give")
     return EncoderDecoder(spec, src_embed, tgt_embed, head, future_steps=src_tok.future_steps,
                           n_features=context.get("n_features", 0))
 
@@ -112,12 +115,11 @@ def token_weights(tokenizer: Tokenizer, weights: dict[str, float]) -> Tensor | N
     if not weights:
         return None
     pieces = tokenizer.pieces(list(range(tokenizer.vocab_size)))
-    unknown = sorted(set(map(str, weights)) - set(pieces))
+    unknown = sorted(set(weights) - set(pieces))
     if unknown:
         shown = pieces if len(pieces) <= 20 else [*pieces[:20], "..."]
         raise ConfigError(f"`optim.token_weights` names {unknown}, which are not target tokens; they are {shown}")
-    by_piece = {str(k): float(w) for k, w in weights.items()}
-    return torch.tensor([by_piece.get(p, 1.0) for p in pieces])
+    return torch.tensor([weights.get(p, 1.0) for p in pieces])
 
 
 def sequence_loss(model: EncoderDecoder, batch: Batch, label_smoothing: float = 0.0, weight: Tensor | None = None,

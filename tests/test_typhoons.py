@@ -369,3 +369,15 @@ def test_several_series_train_one_model_with_static_covariates_and_never_mix(tmp
     assert f"repeated dates within a series on lines 9, {len(frame) + 1}" in str(err.value)
     with pytest.raises(ConfigError, match="name the series with `data.series_column`"):
         SeriesWindows(path=str(path), features=["x"], static=["lat"])
+
+
+def test_only_a_feature_encoder_can_declare_known_future_rows():
+    from seq2seq.module import build_model, fit_tokenizers
+    from seq2seq.registry import DATASETS
+
+    config = compose(["experiment=reverse", "model=tiny"])
+    pairs = DATASETS.build(config.data, "data").read("train").pairs[:64]
+    module = Seq2SeqModule(config, fit_tokenizers(config, pairs))
+    module.src_tok.future_steps = 2  # a token source claiming known-future rows
+    with pytest.raises(ConfigError, match=r"declares known-future rows, which only a FeatureEncoder"):
+        build_model(config, module.src_tok, module.tgt_tok)
