@@ -15,19 +15,9 @@ import time
 from collections.abc import Callable
 
 import torch
-from presets import BOS, EOS, PAD, PRESETS, decode_arguments, ours
-from transformers import MarianConfig, MarianMTModel
+from presets import BOS, EOS, PAD, PRESETS, decode_arguments, marian, ours
 
 from seq2seq.decoding import beam_search, greedy
-
-
-def marian(p: dict) -> MarianMTModel:
-    config = MarianConfig(
-        vocab_size=p["vocab"], d_model=p["d_model"], encoder_layers=p["layers"], decoder_layers=p["layers"],
-        encoder_attention_heads=p["n_heads"], decoder_attention_heads=p["n_heads"], encoder_ffn_dim=p["d_ff"],
-        decoder_ffn_dim=p["d_ff"], max_position_embeddings=1024, pad_token_id=PAD, eos_token_id=EOS,
-        decoder_start_token_id=BOS, forced_eos_token_id=None, scale_embedding=True, dropout=0.0)
-    return MarianMTModel(config).eval()
 
 
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
@@ -40,7 +30,7 @@ def main() -> None:
     args = decode_arguments(__doc__)
     p = PRESETS[args.preset]
     torch.manual_seed(0)
-    model, hf = ours(p, dropout=0.0).eval(), marian(p)
+    model, hf = ours(p, dropout=0.0).eval(), marian(p).eval()
     src = torch.randint(3, p["vocab"], (args.batch, args.src_len))
     keep = torch.ones_like(src, dtype=torch.bool)
     no_eos = torch.ones(p["vocab"], dtype=torch.bool)

@@ -30,6 +30,20 @@ def ours(p: dict, dropout: float) -> EncoderDecoder:
     return EncoderDecoder(spec, embed, embed, head)
 
 
+def marian(p: dict, dropout: float = 0.0):
+    """Hugging Face `MarianMTModel` of the same sizes, random weights (nothing downloaded); dropout where ours has
+    it. Needs `pip install transformers`."""
+    from transformers import MarianConfig, MarianMTModel
+
+    config = MarianConfig(
+        vocab_size=p["vocab"], d_model=p["d_model"], encoder_layers=p["layers"], decoder_layers=p["layers"],
+        encoder_attention_heads=p["n_heads"], decoder_attention_heads=p["n_heads"], encoder_ffn_dim=p["d_ff"],
+        decoder_ffn_dim=p["d_ff"], max_position_embeddings=1024, pad_token_id=PAD, eos_token_id=EOS,
+        decoder_start_token_id=BOS, forced_eos_token_id=None, scale_embedding=True, activation_function="relu",
+        dropout=dropout, attention_dropout=dropout, activation_dropout=dropout)
+    return MarianMTModel(config)
+
+
 def decode_arguments(doc: str) -> argparse.Namespace:
     """The command line of the decoding benchmarks: preset, batch, source length, new tokens, repetitions."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

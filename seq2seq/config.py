@@ -31,7 +31,7 @@ from seq2seq.registry import DATASETS, EMBEDDINGS, HEADS, METRICS, TOKENIZERS
 from seq2seq.schedule import OptimSpec
 from seq2seq.schema import build, check, describe, field_type, hint, join, setting, to_data
 
-PRECISIONS = ("64-true", "64", "32-true", "32", "bf16-mixed", "bf16-true", "bf16", "16-mixed", "16-true", "16",
+PRECISIONS = ("auto", "64-true", "64", "32-true", "32", "bf16-mixed", "bf16-true", "bf16", "16-mixed", "16-true", "16",
               "transformer-engine", "transformer-engine-float16")
 LOGGERS = ("csv", "tensorboard")
 REQUIRED = "???"  # a value the command line must give
@@ -46,7 +46,9 @@ class TrainerSpec:
     devices: Any = setting("auto", "devices per node: a count, a list of ids, or auto")
     strategy: str = setting("auto", "auto, ddp, ddp_spawn, fsdp, ... (Lightning's strategy)")
     num_nodes: int = setting(1, "nodes, for multi-node strategies", minimum=1)
-    precision: str = setting("32-true", "numeric precision", choices=PRECISIONS)
+    precision: str = setting("auto", "numeric precision; auto: bf16-mixed where the device computes bf16 natively "
+                             "(CUDA compute capability 8+, or a CPU with AVX512-BF16 or AMX), else 32-true",
+                             choices=PRECISIONS)
     max_epochs: int = setting(10, "stop after this many epochs (-1: no limit)", minimum=-1)
     max_steps: int = setting(-1, "stop after this many optimizer steps (-1: no limit)", minimum=-1)
     max_time: str | None = setting(None, "stop training after this wall time, DD:HH:MM:SS")
@@ -323,6 +325,25 @@ def _component_problems(config: TrainConfig) -> list[str]:
         except ConfigError as err:
             problems.append(str(err))
     return problems
+
+
+def native_bf16(accelerator: str) -> bool:
+    """Whether the device an accelerator setting resolves to computes bf16 in hardware (not emulated)."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if accelerator not in ("cpu", "auto"):
+        return False  # mps, tpu, ...: the precision is the user's to choose
+    # torch.cpu's feature queries are private (underscored), and the only ones there are.
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(trainer: TrainerSpec) -> tuple[str, str]:
+    """`trainer.precision`, with auto chosen for the hardware; and why, for the log."""
+    if trainer.precision != "auto":
+        return trainer.precision, "trainer.precision"
+    if native_bf16(trainer.accelerator):
+        return "bf16-mixed", "auto: the device computes bf16 natively; trainer.precision=32-true to override"
+    return "32-true", "auto: the device has no native bf16"
 
 
 def _train_problems(config: TrainConfig) -> list[str]:

@@ -55,6 +55,8 @@ def _pack(weight: Tensor, rows: int) -> Tensor | None:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear(x, weight, bias)`: x (..., in) -> (..., out), through a packed weight inside `packed_weights`."""
+    if torch.compiler.is_compiling():  # compiled graphs (training) never decode step by step
+        return F.linear(x, weight, bias)
     scope = _scope.get()
     if (scope is None or x.numel() != scope[0] * x.shape[-1] or torch.is_grad_enabled()
             or torch.is_autocast_enabled("cpu")):

@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from seq2seq.attention import KVCache, MultiHeadAttention, causal_keep, padding_keep
 from seq2seq.embeddings import POSITIONS
@@ -48,6 +49,9 @@ class ModelSpec:
     max_positions: int = setting(1024, "longest source or target the model accepts", minimum=1)
     tie_output: bool = setting(True, "the output projection shares the target embedding's weight")
     share_embeddings: bool = setting(False, "one embedding for source and target (needs a joint vocabulary)")
+    compile: bool = setting(False, "train through torch.compile: each layer compiled once, for any batch shape")
+    checkpoint_activations: bool = setting(False, "in training, recompute each layer's activations in the backward "
+                                           "pass instead of keeping them: less memory for about a third more compute")
 
     def __post_init__(self) -> None:
         check(self)
@@ -161,6 +165,25 @@ class EncoderDecoder(nn.Module):
         final_norm = nn.LayerNorm if spec.norm_first else (lambda d: nn.Identity())
         self.encoder_norm, self.decoder_norm = final_norm(spec.d_model), final_norm(spec.d_model)
 
+    def compile_layers(self) -> None:
+        """Compile each layer's forward (training and teacher-forced scoring) in place, with dynamic batch and
+        length dimensions: one graph per layer type serves every layer and batch shape. Incremental decoding
+        (`decode_step`) stays eager."""
+        # Without this, sizes that happen to be equal share one symbol (or take a weight's static size: a batch of
+        # d_model rows), and a later batch where they differ compiles again.
+        from torch.fx.experimental import _config as shape_config  # (no public switch)
+
+        shape_config.use_duck_shape = False
+        for layer in [*self.encoder, *self.decoder]:
+            layer.compile(dynamic=True)
+
+    def _layer(self, layer: nn.Module, *args: Tensor) -> Tensor:
+        """One layer; with `checkpoint_activations` in training, its activations are recomputed in backward
+        (the same dropout masks: the RNG state is restored for the recomputation)."""
+        if self.spec.checkpoint_activations and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
     @property
     def device(self) -> torch.device:
         """Where the weights are (and where inputs must be)."""
@@ -200,7 +223,7 @@ class EncoderDecoder(nn.Module):
         past = self.memory_keep(src_keep)  # (B, S)
         keep = padding_keep(past)  # (B, 1, 1, S)
         for layer in self.encoder:
-            x = layer(x, keep)
+            x = self._layer(layer, x, keep)
         x = self.encoder_norm(x)
         if self.future_embed is not None:  # known-future rows: their own linear map, not the encoder
             x = torch.where((src_keep & ~past)[..., None], self.future_embed(src), x)
@@ -212,7 +235,7 @@ class EncoderDecoder(nn.Module):
         self_keep = causal_keep(tgt_keep)  # (B, 1, T, T)
         memory_keep = padding_keep(self.memory_keep(src_keep))  # (B, 1, 1, S)
         for layer in self.decoder:
-            y = layer(y, memory, self_keep, memory_keep)
+            y = self._layer(layer, y, memory, self_keep, memory_keep)
         return self.decoder_norm(y)
 
     def forward(self, src: Tensor, src_keep: Tensor, tgt_in: Tensor, tgt_keep: Tensor) -> Tensor:

@@ -216,6 +216,10 @@ class Seq2SeqModule(L.LightningModule):
             loss = loss * (tokens * world / self.all_gather(tokens).sum())
         return loss
 
+    def on_fit_start(self) -> None:
+        if self.config.model.compile:  # training only: a module loaded to decode or score runs eager
+            self.model.compile_layers()
+
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         if self._rng_to_restore is not None:  # the first step after resuming draws what the stopped run would have
             set_rng_state(self._rng_to_restore)

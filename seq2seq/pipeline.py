@@ -41,6 +41,7 @@ from seq2seq.config import (
     TrainConfig,
     TrainerSpec,
     TranslateConfig,
+    resolve_precision,
 )
 from seq2seq.data import Collate, Seq2SeqDataModule
 from seq2seq.domain import Reader
@@ -72,8 +73,30 @@ class ProgressLog(L.Callback):
                  "-" if loss is None else f"{float(loss):.4f}", time.monotonic() - self.started)
 
 
+class CompileLog(L.Callback):
+    """With `model.compile`, a log line whenever a training step compiled graphs: the first steps, and any
+    recompilation (a batch shape the compiled graphs do not cover), with the batch's shapes."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        from torch._dynamo.utils import counters  # imported when compiling only
+
+        graphs = counters["stats"]["unique_graphs"]
+        if graphs > self.graphs and trainer.is_global_zero:
+            log.info("torch.compile: %d graph(s) compiled at step %d (batch %s source, %s target), %d in all",
+                     graphs - self.graphs, trainer.global_step, tuple(batch.src.shape), tuple(batch.tgt_in.shape),
+                     graphs)
+        self.graphs = graphs
+
+
 def _trainer(spec: TrainerSpec, root: Path, callbacks: list[L.Callback], loggers: list[Logger] | bool) -> L.Trainer:
     options = to_data(spec)
+    options["precision"], why = resolve_precision(spec)
+    if rank_zero_only.rank == 0:
+        log.info("precision %s (%s)", options["precision"], why)
     if spec.enable_progress_bar is None:
         options["enable_progress_bar"] = sys.stderr.isatty()
     if not options["enable_progress_bar"]:
@@ -102,6 +125,8 @@ def _fit_trainer(config: TrainConfig, run_dir: Path) -> L.Trainer:
         InterruptCheckpoint(checkpoints, filename="interrupted"),
         LearningRateMonitor(logging_interval="step"),
     ]
+    if config.model.compile:
+        callbacks.append(CompileLog())
     if monitor.patience is not None:  # checked after validations only: training may end mid-epoch
         callbacks.append(EarlyStopping(monitor=monitor.metric, mode=monitor.mode, patience=monitor.patience,
                                        check_on_train_epoch_end=False))
