@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from presets import BOS, EOS, PAD, PRESETS, decode_arguments, marian, ours
+from presets import BOS, EOS, PRESETS, decode_arguments, marian, ours
 
 from seq2seq.decoding import beam_search, greedy
 
