@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -179,7 +178,9 @@ def main() -> None:
         runner.train(data[:2])
     if args.rss:
         runners[names[0]].train(data)
-        print("peak_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        # VmHWM, not ru_maxrss, which a child inherits from the parent it forked from
+        hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+        print("peak_rss_mib", int(hwm.split()[1]) / 1024)
         return
     limits = {False: matmul_limit(torch.float32), True: matmul_limit(torch.bfloat16)}
     times: dict[str, list[float]] = {name: [] for name in names}

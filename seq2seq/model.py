@@ -61,13 +61,31 @@ class ModelSpec:
             )
 
 
+class Dropout(nn.Dropout):
+    """`nn.Dropout`, with faster masks on the CPU in training: each mask element is a 16-bit slice of a 64-bit
+    random word from torch's generator, kept when at or above the drop probability (rounded to a multiple of
+    2^-16). Forward and backward take about 0.4x the time of torch's (whose CPU masks cost one draw per element:
+    20% of a training step of the small preset); the mask it keeps for backward is in the input's dtype, not bool.
+    Elsewhere (GPUs, compiled graphs, with their own fused dropout) it is `nn.Dropout`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and self.p) or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return super().forward(x)
+        if self.p == 1:
+            return x * 0
+        n = x.numel()
+        words = torch.randint(-(2**63), 2**63 - 1, (-(-n // 4),), dtype=torch.int64)  # four 16-bit draws each
+        keep = words.view(torch.int16)[:n].view(x.shape) >= round(self.p * 65536) - 32768
+        return x * keep.to(x.dtype).mul_(1 / (1 - self.p))
+
+
 class FeedForward(nn.Module):
     """Position-wise FFN(x) = W2 · act(W1 · x + b1) + b2."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.w1, self.w2 = Linear(spec.d_model, spec.d_ff), Linear(spec.d_ff, spec.d_model)
-        self.act, self.dropout = ACTIVATIONS[spec.activation], nn.Dropout(spec.activation_dropout)
+        self.act, self.dropout = ACTIVATIONS[spec.activation], Dropout(spec.activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(self.dropout(self.act(self.w1(x))))
@@ -79,7 +97,7 @@ class _Sublayers(nn.Module):
     def __init__(self, spec: ModelSpec, n: int) -> None:
         super().__init__()
         self.norms = nn.ModuleList(nn.LayerNorm(spec.d_model) for _ in range(n))
-        self.drop, self.norm_first = nn.Dropout(spec.dropout), spec.norm_first
+        self.drop, self.norm_first = Dropout(spec.dropout), spec.norm_first
 
     def residual(self, i: int, x: Tensor, f) -> Tensor:
         if self.norm_first:
@@ -158,7 +176,7 @@ class EncoderDecoder(nn.Module):
         positions = POSITIONS[spec.positions]
         self.src_pos = positions(spec.d_model, spec.max_positions)
         self.tgt_pos = positions(spec.d_model, spec.max_positions)
-        self.drop = nn.Dropout(spec.dropout)
+        self.drop = Dropout(spec.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(spec) for _ in range(spec.n_encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.n_decoder_layers))
         # Pre-norm stacks end with a norm; post-norm layers already end in one.

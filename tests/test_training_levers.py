@@ -8,6 +8,7 @@ from torch._dynamo.utils import counters
 
 from seq2seq.config import TrainerSpec, resolve_precision
 from seq2seq.data import IGNORE_INDEX, Batch
+from seq2seq.model import Dropout
 from seq2seq.module import sequence_loss
 from seq2seq.pipeline import _trainer
 from seq2seq.testing import random_batch, tiny_model
@@ -105,3 +106,19 @@ def test_compiled_layers_train_like_eager_and_do_not_recompile_across_batch_shap
             assert counters["stats"]["unique_graphs"] == graphs, "a batch shape compiled a new graph"
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
     assert losses[False][-1] < losses[False][0]
+
+
+def test_cpu_dropout_drops_at_its_rate_scales_the_rest_and_backpropagates_through_its_mask():
+    drop = Dropout(0.3).train()
+    x = torch.ones(1000, 1001, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(0.7, abs=2e-3)
+    assert torch.equal(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(sum y)/dx = mask / (1 - p)
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # drawn from torch's generator: seeded, and resumed with its state
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
