@@ -104,7 +104,8 @@ def main() -> None:
           f"{args.steps} steps ({args.warmup} untimed), medians of real target tokens/s")
     print("| loop | target tok/s | vs raw |\n|---|---|---|")
     for name, figures in (("seq2seq train (Lightning)", ours), ("raw PyTorch loop", raw)):
-        print(f"| {name} | {statistics.median(figures):.0f} | {statistics.median(figures) / statistics.median(raw):.3f}x |")
+        tokens = statistics.median(figures)
+        print(f"| {name} | {tokens:.0f} | {tokens / statistics.median(raw):.3f}x |")
 
 
 if __name__ == "__main__":

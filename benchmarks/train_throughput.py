@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -179,7 +180,7 @@ def main() -> None:
     if args.rss:
         runners[names[0]].train(data)
         # VmHWM, not ru_maxrss, which a child inherits from the parent it forked from
-        hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+        hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
         print("peak_rss_mib", int(hwm.split()[1]) / 1024)
         return
     limits = {False: matmul_limit(torch.float32), True: matmul_limit(torch.bfloat16)}

@@ -256,9 +256,14 @@ class EncoderDecoder(nn.Module):
             y = self._layer(layer, y, memory, self_keep, memory_keep)
         return self.decoder_norm(y)
 
-    def forward(self, src: Tensor, src_keep: Tensor, tgt_in: Tensor, tgt_keep: Tensor) -> Tensor:
-        """Teacher-forced logits (B, T, V)."""
-        return self.head(self.decode(tgt_in, self.encode(src, src_keep), src_keep, tgt_keep))
+    def forward(self, src: Tensor, src_keep: Tensor, tgt_in: Tensor, tgt_keep: Tensor,
+                select: Tensor | None = None) -> Tensor:
+        """Teacher-forced logits (B, T, V); with `select` (B, T) bool, only those positions' logits (N, V).
+
+        Training goes through here (one call of the module), so wrappers that act on its forward (DDP, FSDP2's
+        parameter gathering) see the whole step."""
+        hidden = self.decode(tgt_in, self.encode(src, src_keep), src_keep, tgt_keep)  # (B, T, D)
+        return self.head(hidden if select is None else hidden[select])
 
     @torch.no_grad()
     def cross_attention(self, src: Tensor, src_keep: Tensor, tgt_in: Tensor) -> Tensor:

@@ -131,8 +131,7 @@ def sequence_loss(model: EncoderDecoder, batch: Batch, label_smoothing: float = 
     ignored, and with a large vocabulary the head is the largest matmul of the step.
     """
     keep = batch.tgt_keep  # (B, T)
-    hidden = model.decode(batch.tgt_in, model.encode(batch.src, batch.src_keep), batch.src_keep, keep)  # (B, T, D)
-    logits = model.head(hidden[keep]).float()  # (N, V), N real target tokens
+    logits = model(batch.src, batch.src_keep, batch.tgt_in, keep, select=keep).float()  # (N, V), N real tokens
     target = batch.tgt_out[keep]  # (N,)
     if weight is not None:
         weight = weight.to(logits.device)
