@@ -47,7 +47,7 @@ class TrainerSpec:
     strategy: str = setting("auto", "auto, ddp, ddp_spawn, fsdp, ... (Lightning's strategy)")
     num_nodes: int = setting(1, "nodes, for multi-node strategies", minimum=1)
     precision: str = setting("auto", "numeric precision; auto: bf16-mixed where the device computes bf16 natively "
-                             "(CUDA compute capability 8+, or a CPU with AVX512-BF16 or AMX), else 32-true",
+                             "(a CUDA GPU of compute capability 8+, a CPU with AVX512-BF16 or AMX), else 32-true",
                              choices=PRECISIONS)
     max_epochs: int = setting(10, "stop after this many epochs (-1: no limit)", minimum=-1)
     max_steps: int = setting(-1, "stop after this many optimizer steps (-1: no limit)", minimum=-1)
@@ -330,11 +330,12 @@ def _component_problems(config: TrainConfig) -> list[str]:
 def native_bf16(accelerator: str) -> bool:
     """Whether the device an accelerator setting resolves to computes bf16 in hardware (not emulated)."""
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8  # Ampere and later
     if accelerator not in ("cpu", "auto"):
         return False  # mps, tpu, ...: the precision is the user's to choose
     # torch.cpu's feature queries are private (underscored), and the only ones there are.
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    queries = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(query() for query in queries if query is not None)
 
 
 def resolve_precision(trainer: TrainerSpec) -> tuple[str, str]:
@@ -352,6 +353,9 @@ def _train_problems(config: TrainConfig) -> list[str]:
     if on_cpu and trainer.precision in ("16-mixed", "16", "16-true"):
         problems.append(f"`trainer.precision={trainer.precision}` needs a GPU, and this run is on the CPU; "
                         "use `trainer.precision=bf16-mixed` (or 32-true)")
+    if on_cpu and trainer.strategy.startswith("fsdp"):
+        problems.append(f"`trainer.strategy={trainer.strategy}` (Lightning's FSDP) needs CUDA GPUs, and this run is "
+                        "on the CPU; use `trainer=ddp` for several CPU processes")
     monitored = ["val/loss", *(f"val/{name}" for name in config.metrics)]
     if monitor.metric not in monitored:
         problems.append(f"`monitor.metric={monitor.metric}` is not logged in validation."

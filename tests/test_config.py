@@ -63,6 +63,7 @@ def test_overrides_reach_the_built_model():
     (["head.name=nope"], r"unknown head `nope`.*Registered heads: linear"),
     (["+data.taks=copy"], r"`data\.taks`.*Did you mean `task`"),
     (["trainer.precision=16-mixed", "trainer.accelerator=cpu"], r"bf16-mixed"),
+    (["trainer=fsdp", "trainer.accelerator=cpu"], r"FSDP\) needs CUDA GPUs.*trainer=ddp"),
     (["model.n_heads=5"], r"divisible"),
     (["plugins=[no_such_plugin]"], r"plugin module `no_such_plugin`.*failed to import"),
 ])

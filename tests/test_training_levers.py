@@ -31,11 +31,10 @@ def test_auto_precision_is_bf16_mixed_where_the_cpu_computes_bf16(monkeypatch, a
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_auto_precision_on_a_gpu_counts_only_native_bf16(monkeypatch, native):
+def test_auto_precision_on_a_gpu_takes_bf16_from_ampere_on(monkeypatch, native):
     _cpu(monkeypatch, avx512_bf16=True, amx=True)  # the CPU's features do not decide for a GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    # a pre-Ampere GPU emulates bf16: supported with emulation, not natively
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 0) if native else (7, 5))  # A100 / T4
     want = "bf16-mixed" if native else "32-true"
     assert resolve_precision(TrainerSpec())[0] == want
     assert resolve_precision(TrainerSpec(accelerator="gpu"))[0] == want
