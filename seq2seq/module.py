@@ -210,7 +210,7 @@ class Seq2SeqModule(L.LightningModule):
             self.log("train/loss", loss, prog_bar=True, batch_size=B)
             real = batch.src_keep.sum() + batch.tgt_keep.sum()
             self.log("train/padding", 1 - real / (batch.src_keep.numel() + batch.tgt_keep.numel()), batch_size=B)
-        world = self.trainer.world_size
+        world = trainer.world_size
         if world > 1:
             # DDP averages gradients over ranks. Weighting each rank's per-token mean by its share of the global
             # batch's target tokens makes that average the gradient of the global per-token mean, as on one process.
