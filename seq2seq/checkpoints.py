@@ -108,3 +108,36 @@ def resume_point(config: dict[str, Any], run_dir: Path) -> tuple[Path, dict[str,
     ckpt = newest_checkpoint(run_dir)
     log.info("resuming from %s", ckpt)
     return ckpt, read_checkpoint(ckpt)["hyper_parameters"]["tokenizers"]
+
+
+def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
+    """A checkpoint whose weights are the element-wise mean of the weights of `paths` (checkpoints of one model:
+    the same model config and fitted tokenizers), everything else from the last of them; optimizer and loop states
+    are left out, so it scores, decodes and exports but does not resume. Means are taken in float64."""
+    if not paths:
+        raise ConfigError("no checkpoints to average")
+    ckpts = [read_checkpoint(path) for path in paths]
+    last = ckpts[-1]
+    for path, ckpt in zip(paths, ckpts, strict=True):
+        for key in ("tokenizers", "config"):
+            mine, theirs = ckpt["hyper_parameters"][key], last["hyper_parameters"][key]
+            if key == "config":
+                mine, theirs = mine["model"], theirs["model"]
+            if mine != theirs:
+                raise ConfigError(f"{path} and {paths[-1]} are not checkpoints of one model (their "
+                                  f"{'fitted tokenizers' if key == 'tokenizers' else 'model configs'} differ); "
+                                  "average checkpoints of one run")
+    state = {}
+    for name, value in last["state_dict"].items():
+        if not value.is_floating_point():  # counters and masks: the last checkpoint's
+            state[name] = value
+            continue
+        total = torch.zeros_like(value, dtype=torch.float64)
+        for ckpt in ckpts:
+            total += ckpt["state_dict"][name].double()
+        state[name] = (total / len(ckpts)).to(value.dtype)
+    kept = ("hyper_parameters", "pytorch-lightning_version", "epoch", "global_step", "seq2seq")
+    averaged = {key: last[key] for key in kept if key in last}
+    averaged["state_dict"] = state
+    averaged.setdefault("seq2seq", {})["averaged"] = [str(path) for path in paths]
+    return averaged

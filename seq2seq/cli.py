@@ -1,5 +1,5 @@
-"""The command line: `seq2seq train | prepare | backtest | evaluate | predict | translate | export | serve
-[key=value ...]`, `seq2seq <command> --help`, `seq2seq plugins`.
+"""The command line: `seq2seq train | prepare | backtest | evaluate | predict | translate | export | serve |
+average [key=value ...]`, `seq2seq <command> --help`, `seq2seq plugins`.
 
 Hydra composes `conf/<command>.yaml` with the overrides; `config.validate` turns it into the command's typed config;
 `pipeline` does the work. A mistake in the config or the data exits with status 2 and one message saying what to
@@ -32,6 +32,7 @@ from seq2seq.plugins import listing, searchpath_override
 COMMANDS: dict[str, Callable[..., Any]] = {
     "train": pipeline.train, "prepare": pipeline.prepare, "backtest": pipeline.backtest, "evaluate": pipeline.evaluate,
     "predict": pipeline.predict, "translate": pipeline.translate, "export": pipeline.export, "serve": pipeline.serve,
+    "average": pipeline.average,
 }
 
 # Strategies whose launcher re-runs the command line once per extra process (Lightning's subprocess launcher).

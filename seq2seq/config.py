@@ -119,6 +119,9 @@ class TrainConfig:
     metrics: list[str] = setting(["exact_match"], "metrics decoded and scored on val and test")
     loggers: list[str] = setting(["csv"], "csv and/or tensorboard")
     save_every_n_steps: int | None = setting(None, "also write checkpoints/last.ckpt every N steps", minimum=1)
+    average_last: int | None = setting(None, "keep the weights of the last N validations; at the end, average them "
+                                       "into checkpoints/averaged.ckpt and score it, used when it validates better "
+                                       "than the best checkpoint", minimum=2)
     resume: str | None = setting(None, "continue the run in this run directory from its newest checkpoint")
     prepared: str | None = setting(None, "the prepared dataset to train on (`seq2seq prepare` writes it; prepared "
                                    "here first if absent). null: prepared/<experiment> if there, else the run's own")
@@ -205,6 +208,16 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class AverageConfig:
+    """`seq2seq average`: one checkpoint whose weights are the mean of several checkpoints of one run (its last or
+    best few), to score, decode and export like any other."""
+
+    ckpts: list[str] = setting([], "the checkpoints to average: files or glob patterns (required), e.g. "
+                               "'ckpts=[runs/x/checkpoints/step*.ckpt]'")
+    output: str = setting(REQUIRED, "the checkpoint file to write (required)")
+
+
+@dataclass(frozen=True)
 class ServeConfig(InferenceConfig):
     """`seq2seq serve`: an HTTP translation service (POST /translate, GET /health) over a checkpoint or an exported
     model, batching concurrent requests."""
@@ -220,12 +233,14 @@ class ServeConfig(InferenceConfig):
 
 SCHEMAS: dict[str, type] = {"train": TrainConfig, "prepare": PrepareConfig, "backtest": BacktestConfig,
                             "evaluate": EvaluateConfig, "predict": PredictConfig, "translate": TranslateConfig,
-                            "export": ExportConfig, "serve": ServeConfig}
+                            "export": ExportConfig, "serve": ServeConfig, "average": AverageConfig}
 TRAINING = ("train", "prepare", "backtest")  # the commands that compose a whole training config
-INFERENCE_GROUPS = {"evaluate": ("trainer",), "predict": (), "translate": (), "export": (), "serve": ()}
+INFERENCE_GROUPS = {"evaluate": ("trainer",), "predict": (), "translate": (), "export": (), "serve": (),
+                    "average": ()}
 ELSEWHERE = {"folds": "backtest", "block_years": "backtest", "val_years": "backtest", "workers": "prepare",
              "shard_size": "prepare", "beam": "translate", "length_penalty": "translate",
              "n_best": "translate", "attention": "translate", "ckpt": "evaluate, predict, translate, export and serve",
+             "ckpts": "average",
              "input": "predict and translate", "format": "export", "quantization": "export", "port": "serve"}
 
 

@@ -210,6 +210,15 @@ def shard(n: int, batch_size: int, num_replicas: int = 1, rank: int = 0) -> list
     return [list(range(i, min(i + size, n))) for i in range(0, n, size)][rank::num_replicas]
 
 
+def epoch_position(loop: Any) -> tuple[int, int, bool]:
+    """(epoch, batches trained in it, cut short) from Lightning's fit loop. Cut short: training stopped inside the
+    epoch (`max_steps`, `max_time`), which Lightning then counts as processed, as if it had run to its end; a
+    checkpoint written after that must resume inside it."""
+    epochs, batches = loop.epoch_progress.current, loop.epoch_loop.batch_progress
+    cut_short = epochs.started == epochs.processed > 0 and batches.current.processed and not batches.is_last_batch
+    return epochs.processed - cut_short, batches.current.processed, bool(cut_short)
+
+
 class Seq2SeqDataModule(L.LightningDataModule):
     """Batches the splits of a prepared dataset. Examples longer than the limits are left out here, from the
     lengths index (so a new `model.max_positions` needs no new preparation), and counted with the rejections of
@@ -300,9 +309,8 @@ class Seq2SeqDataModule(L.LightningDataModule):
         """Where training stands in its epoch, for exact resume: the epoch and the batches it has trained on."""
         if self.trainer is None:
             return {}
-        loop = self.trainer.fit_loop
-        return {"epoch": loop.epoch_progress.current.processed,
-                "batches": loop.epoch_loop.batch_progress.current.processed}
+        epoch, batches, _ = epoch_position(self.trainer.fit_loop)
+        return {"epoch": epoch, "batches": batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = (state["epoch"], state["batches"]) if state else None

@@ -66,7 +66,8 @@ class Dropout(nn.Dropout):
     random word from torch's generator, kept when at or above the drop probability (rounded to a multiple of
     2^-16). Forward and backward take about 0.4x the time of torch's (whose CPU masks cost one draw per element:
     20% of a training step of the small preset); the mask it keeps for backward is in the input's dtype, not bool
-    (so under bf16 autocast the 1 / (1 - p) scale is rounded to bf16, within 2^-9). Elsewhere (GPUs, compiled graphs, with their own fused dropout) it is `nn.Dropout`."""
+    (so under bf16 autocast the 1 / (1 - p) scale is rounded to bf16, within 2^-9). Elsewhere (GPUs, compiled
+    graphs, with their own fused dropout) it is `nn.Dropout`."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and self.p) or x.device.type != "cpu" or torch.compiler.is_compiling():

@@ -23,7 +23,7 @@ from torchmetrics import MetricCollection
 
 from seq2seq.checkpoints import read_checkpoint
 from seq2seq.config import TrainConfig, load_train_config
-from seq2seq.data import IGNORE_INDEX, Batch
+from seq2seq.data import IGNORE_INDEX, Batch, epoch_position
 from seq2seq.decoding import Decoder, strip
 from seq2seq.domain import Encoder, Tokenizer
 from seq2seq.embeddings import TokenEmbedding
@@ -269,7 +269,12 @@ class Seq2SeqModule(L.LightningModule):
             "rng": rng_state(self._rng_at_batch_start if interrupted else None),
             "data": self.prepared,
         }
-
+        if self._trainer is not None and epoch_position(self.trainer.fit_loop)[2]:
+            # Written after training stopped inside an epoch: Lightning's loop state would resume at the next
+            # epoch; make it say that epoch is still running (as in checkpoints written during it).
+            for counts in checkpoint["loops"]["fit_loop"]["epoch_progress"].values():
+                counts["processed"] -= 1
+                counts["completed"] -= 1
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("seq2seq", {}).get("rng")
 

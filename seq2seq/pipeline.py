@@ -12,6 +12,7 @@ fold, into fold-<k>/ under its own run directory.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import sys
@@ -25,12 +26,19 @@ from typing import Any, TextIO
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import OmegaConf
 
-from seq2seq.checkpoints import AtomicCheckpointIO, InterruptCheckpoint, refuse_reuse, resume_point
+from seq2seq.checkpoints import (
+    AtomicCheckpointIO,
+    InterruptCheckpoint,
+    average_checkpoints,
+    refuse_reuse,
+    resume_point,
+)
 from seq2seq.config import (
+    AverageConfig,
     BacktestConfig,
     EvaluateConfig,
     ExportConfig,
@@ -92,6 +100,16 @@ class CompileLog(L.Callback):
         self.graphs = graphs
 
 
+class EMAWeights(EMAWeightAveraging):
+    """Lightning's EMA of the weights (validated in their place; checkpoints hold it as their `state_dict`, the
+    trained weights beside it), except that the end of training leaves the trained weights in the module: a
+    checkpoint written then (last.ckpt) still resumes from them, and anything scored after training loads the
+    weights it scores from a checkpoint (the EMA)."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass
+
+
 def _trainer(spec: TrainerSpec, root: Path, callbacks: list[L.Callback], loggers: list[Logger] | bool) -> L.Trainer:
     options = to_data(spec)
     options["precision"], why = resolve_precision(spec)
@@ -127,6 +145,13 @@ def _fit_trainer(config: TrainConfig, run_dir: Path) -> L.Trainer:
     ]
     if config.model.compile:
         callbacks.append(CompileLog())
+    if config.optim.ema_decay is not None:  # swapped in for validation; checkpoints hold it as their weights
+        callbacks.append(EMAWeights(decay=config.optim.ema_decay))
+    if config.average_last:  # the weights of the last N validations, for `_averaged`; whole checkpoints, since
+        # Lightning leaves callbacks (the EMA weights) out of weights-only ones
+        callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="step{step}", monitor="step", mode="max",
+                                         save_top_k=config.average_last, auto_insert_metric_name=False,
+                                         enable_version_counter=False))
     if monitor.patience is not None:  # checked after validations only: training may end mid-epoch
         callbacks.append(EarlyStopping(monitor=monitor.metric, mode=monitor.mode, patience=monitor.patience,
                                        check_on_train_epoch_end=False))
@@ -191,8 +216,17 @@ def train(config: TrainConfig, run_dir: Path) -> Seq2SeqModule:
     best, results = _best_checkpoint(config, trainer, module, datamodule, run_dir) if "val" in splits else ("", {})
     if "val" in splits and not results:
         results = _scores(trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False))
+    candidates: dict[str, dict[str, float]] = {}
+    if config.average_last and "val" in splits:
+        best, results, candidates = _averaged(config, trainer, module, datamodule, run_dir, best, results)
     if "test" in splits:
+        for path in [p for p in candidates if p != best]:  # scored for the record, before the chosen weights,
+            candidates[path].update(_scores(  # which the module keeps when tested last
+                trainer.test(module, datamodule=datamodule, ckpt_path=path, verbose=False)))
         results.update(_scores(trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)))
+    if candidates:
+        candidates[best] = dict(results)
+        results["candidates"] = {Path(path).name: scores for path, scores in candidates.items()}
     module.eval()
     if trainer.is_global_zero:  # a domain's own scores, baselines and plots, computed once
         results.update(reader.report(Translator(module, config.loader.batch_size), run_dir))
@@ -277,6 +311,32 @@ def _best_checkpoint(config: TrainConfig, trainer: L.Trainer, module: Seq2SeqMod
     log.info("the final weights (step %d) score %s=%.4f, better than %s", trainer.global_step, metric, score,
              previous)
     return str(path), scores
+
+
+def _averaged(config: TrainConfig, trainer: L.Trainer, module: Seq2SeqModule, datamodule: Seq2SeqDataModule,
+              run_dir: Path, best: str, scores: dict[str, float]) -> tuple[str, dict[str, float], dict[str, dict]]:
+    """Average the weights of the last `average_last` validations into checkpoints/averaged.ckpt and validate it;
+    the better of it and `best` on `monitor.metric`, its validation scores, and both candidates' scores."""
+    checkpoints = run_dir / "checkpoints"  # what the `average_last` ModelCheckpoint keeps, by step
+    steps = sorted((int(path.stem.removeprefix("step")), path) for path in checkpoints.glob("step*.ckpt"))
+    if not steps or steps[-1][0] < trainer.global_step:  # training ended after the last validation: its final
+        final = checkpoints / f"step{trainer.global_step}.ckpt"  # weights (validated since) join in
+        trainer.save_checkpoint(final)
+        steps.append((trainer.global_step, final))
+        if len(steps) > config.average_last:
+            steps.pop(0)[1].unlink()
+    paths = [path for _, path in steps]
+    if len(paths) < 2:
+        log.info("average_last: %d validation(s), nothing to average", len(paths))
+        return best, scores, {}
+    averaged = average(AverageConfig(ckpts=[str(p) for p in paths], output=str(checkpoints / "averaged.ckpt")))
+    averaged_scores = _scores(trainer.validate(module, datamodule=datamodule, ckpt_path=averaged, verbose=False))
+    metric, sign = config.monitor.metric, 1 if config.monitor.mode == "max" else -1
+    better = sign * averaged_scores[metric] > sign * scores[metric]
+    log.info("average of the last %d validations' weights: %s=%.4f against the best checkpoint's %.4f; using %s",
+             len(paths), metric, averaged_scores[metric], scores[metric], "the average" if better else "the best")
+    candidates = {best: dict(scores), str(averaged): averaged_scores}
+    return (str(averaged), averaged_scores, candidates) if better else (best, scores, candidates)
 
 
 def _translator(config: InferenceConfig) -> Translator:
@@ -367,6 +427,24 @@ def export(config: ExportConfig) -> None:
     manifest = export_model(config.ckpt, config.format, config.output, config.quantization, config.check,
                             config.check_limit)
     sys.stdout.write(json.dumps(manifest, indent=2) + "\n")
+
+
+def average(config: AverageConfig) -> Path:
+    """Write the mean of `config.ckpts` (files or glob patterns, in the order given; a pattern's matches sorted)
+    to `config.output`."""
+    paths: list[Path] = []
+    for given in config.ckpts:
+        matches = sorted(map(Path, glob.glob(given))) if any(c in given for c in "*?[") else [Path(given)]
+        if not matches:
+            raise ConfigError(f"`ckpts`: no checkpoint matches {given}")
+        paths += matches
+    if len(paths) < 2:
+        raise ConfigError(f"`ckpts` names {len(paths)} checkpoint(s); averaging needs two or more, e.g. "
+                          "'ckpts=[runs/x/checkpoints/step*.ckpt]'")
+    output = Path(config.output)
+    AtomicCheckpointIO().save_checkpoint(average_checkpoints(paths), output)
+    log.info("averaged %d checkpoints into %s: %s", len(paths), output, ", ".join(map(str, paths)))
+    return output
 
 
 def serve(config: ServeConfig) -> None:

@@ -35,9 +35,14 @@ class OptimSpec:
                                               "for a rare positive label (others weigh 1)")
     focal_gamma: float = setting(0.0, "focal loss: scale each token's loss by (1 - p)^gamma; 0 = cross-entropy",
                                  minimum=0)
+    ema_decay: float | None = setting(None, "keep an exponential moving average of the weights, ema = d · ema + "
+                                      "(1 - d) · w after each step (e.g. 0.999): validated, checkpointed and scored "
+                                      "in place of the weights", minimum=0)
 
     def __post_init__(self) -> None:
         check(self)
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"`optim.ema_decay` must lie between 0 and 1 (e.g. 0.999), got {self.ema_decay}")
         bad = {k: w for k, w in self.token_weights.items() if not isinstance(w, (int, float)) or w <= 0}
         if bad:
             raise ConfigError(f"`optim.token_weights` must map token pieces to positive numbers; got {bad}")

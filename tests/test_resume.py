@@ -30,6 +30,10 @@ def straight(tmp_path_factory):
     return _final(run_dir)
 
 
+def epoch_loops(path):
+    return torch.load(path, weights_only=True)["loops"]["fit_loop"]["epoch_progress"]
+
+
 def _interrupt_mid_step(monkeypatch, step):
     """Ctrl-C inside training step `step`, after its forward pass has drawn its dropout masks."""
     forward = Seq2SeqModule.training_step
@@ -43,10 +47,15 @@ def _interrupt_mid_step(monkeypatch, step):
     monkeypatch.setattr(Seq2SeqModule, "training_step", training_step)
 
 
-@pytest.mark.parametrize("stop", ["max_steps", "ctrl_c"])
+@pytest.mark.parametrize("stop", ["max_steps", "max_steps_in_the_first_epoch", "ctrl_c"])
 def test_stop_and_resume_lands_on_the_same_parameters(straight, tmp_path, monkeypatch, caplog, stop):
     if stop == "max_steps":
         train(compose([*BASE, "trainer.max_steps=17"]), tmp_path)
+    elif stop == "max_steps_in_the_first_epoch":
+        # No validation before the stop: the newest checkpoints are written after training has stopped (the final
+        # weights, validated then), when Lightning counts the epoch as done; they must resume inside it.
+        train(compose([*BASE, "trainer.max_steps=7"]), tmp_path)
+        assert epoch_loops(newest_checkpoint(tmp_path))["current"]["processed"] == 0
     else:
         _interrupt_mid_step(monkeypatch, 11)
         with pytest.raises(SystemExit):  # Lightning saves interrupted.ckpt, then exits 1
