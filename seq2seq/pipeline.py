@@ -101,13 +101,23 @@ class CompileLog(L.Callback):
 
 
 class EMAWeights(EMAWeightAveraging):
-    """Lightning's EMA of the weights (validated in their place; checkpoints hold it as their `state_dict`, the
-    trained weights beside it), except that the end of training leaves the trained weights in the module: a
-    checkpoint written then (last.ckpt) still resumes from them, and anything scored after training loads the
-    weights it scores from a checkpoint (the EMA)."""
+    """Lightning's EMA of the weights: swapped in for validation, and checkpoints hold it as their `state_dict`
+    (what evaluate, translate and export load) with the trained weights beside it (what a resumed run trains on).
+    Here it is swapped in for testing too, and the end of training leaves the trained weights in the module, so a
+    checkpoint written then (last.ckpt) still resumes from them; `use_average` puts the EMA in for good."""
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_validation_epoch_start(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_validation_epoch_end(trainer, pl_module)
+
+    def use_average(self, pl_module: L.LightningModule) -> None:
+        """The EMA (of the checkpoint last loaded, or of training) into the module's weights."""
+        self._copy_average_to_current(pl_module)
 
 
 def _trainer(spec: TrainerSpec, root: Path, callbacks: list[L.Callback], loggers: list[Logger] | bool) -> L.Trainer:
@@ -146,7 +156,9 @@ def _fit_trainer(config: TrainConfig, run_dir: Path) -> L.Trainer:
     if config.model.compile:
         callbacks.append(CompileLog())
     if config.optim.ema_decay is not None:  # swapped in for validation; checkpoints hold it as their weights
-        callbacks.append(EMAWeights(decay=config.optim.ema_decay))
+        # parameters only: the buffers (position tables, loss weights) are constants, which averaging would
+        # round in the last bit
+        callbacks.append(EMAWeights(decay=config.optim.ema_decay, use_buffers=False))
     if config.average_last:  # the weights of the last N validations, for `_averaged`; whole checkpoints, since
         # Lightning leaves callbacks (the EMA weights) out of weights-only ones
         callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="step{step}", monitor="step", mode="max",
@@ -213,6 +225,18 @@ def train(config: TrainConfig, run_dir: Path) -> Seq2SeqModule:
     datamodule = _datamodule(config, module, prepared, run_dir / "data_report.json")
     trainer = _fit_trainer(config, run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    best, results = _held_out_scores(config, trainer, module, datamodule, run_dir, splits)
+    module.eval()
+    if trainer.is_global_zero:  # a domain's own scores, baselines and plots, computed once
+        results.update(reader.report(Translator(module, config.loader.batch_size), run_dir))
+    _write_metrics(trainer, run_dir / "metrics.json", {**results, "best_checkpoint": best})
+    return module
+
+
+def _held_out_scores(config: TrainConfig, trainer: L.Trainer, module: Seq2SeqModule, datamodule: Seq2SeqDataModule,
+                     run_dir: Path, splits: list[str]) -> tuple[str, dict[str, Any]]:
+    """After fitting: the weights to keep (the best checkpoint, or the average of the last validations when it
+    validates better) and their scores on every held-out split; the module is left holding those weights."""
     best, results = _best_checkpoint(config, trainer, module, datamodule, run_dir) if "val" in splits else ("", {})
     if "val" in splits and not results:
         results = _scores(trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False))
@@ -227,11 +251,9 @@ def train(config: TrainConfig, run_dir: Path) -> Seq2SeqModule:
     if candidates:
         candidates[best] = dict(results)
         results["candidates"] = {Path(path).name: scores for path, scores in candidates.items()}
-    module.eval()
-    if trainer.is_global_zero:  # a domain's own scores, baselines and plots, computed once
-        results.update(reader.report(Translator(module, config.loader.batch_size), run_dir))
-    _write_metrics(trainer, run_dir / "metrics.json", {**results, "best_checkpoint": best})
-    return module
+    for ema in (c for c in trainer.callbacks if isinstance(c, EMAWeights)):
+        ema.use_average(module)  # what was scored last
+    return best, results
 
 
 def fold_years(span: tuple[int, int], data: dict[str, Any], folds: int, block_years: int | None,
@@ -321,15 +343,19 @@ def _averaged(config: TrainConfig, trainer: L.Trainer, module: Seq2SeqModule, da
     steps = sorted((int(path.stem.removeprefix("step")), path) for path in checkpoints.glob("step*.ckpt"))
     if not steps or steps[-1][0] < trainer.global_step:  # training ended after the last validation: its final
         final = checkpoints / f"step{trainer.global_step}.ckpt"  # weights (validated since) join in
-        trainer.save_checkpoint(final)
+        trainer.save_checkpoint(final)  # (rank 0 writes; every rank takes part)
         steps.append((trainer.global_step, final))
-        if len(steps) > config.average_last:
-            steps.pop(0)[1].unlink()
+        if len(steps) > config.average_last and trainer.is_global_zero:
+            steps[0][1].unlink()
+        steps = steps[-config.average_last :]
     paths = [path for _, path in steps]
     if len(paths) < 2:
         log.info("average_last: %d validation(s), nothing to average", len(paths))
         return best, scores, {}
-    averaged = average(AverageConfig(ckpts=[str(p) for p in paths], output=str(checkpoints / "averaged.ckpt")))
+    averaged = checkpoints / "averaged.ckpt"
+    if trainer.is_global_zero:
+        average(AverageConfig(ckpts=[str(p) for p in paths], output=str(averaged)))
+    trainer.strategy.barrier("averaged")
     averaged_scores = _scores(trainer.validate(module, datamodule=datamodule, ckpt_path=averaged, verbose=False))
     metric, sign = config.monitor.metric, 1 if config.monitor.mode == "max" else -1
     better = sign * averaged_scores[metric] > sign * scores[metric]

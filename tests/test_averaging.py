@@ -7,10 +7,10 @@ import torch
 
 from seq2seq import compose, train
 from seq2seq.checkpoints import average_checkpoints
-from seq2seq.config import AverageConfig
+from seq2seq.config import AverageConfig, EvaluateConfig
 from seq2seq.errors import ConfigError
 from seq2seq.module import Seq2SeqModule
-from seq2seq.pipeline import average
+from seq2seq.pipeline import average, evaluate
 from seq2seq.testing import build
 
 BASE = ["experiment=reverse", "model=tiny", "model.dropout=0.1", "data.n_train=384", "data.n_val=32",
@@ -116,6 +116,19 @@ def test_ema_weights_follow_the_update_rule_and_checkpoints_hold_them(tmp_path, 
         torch.testing.assert_close(ckpt["state_dict"][name], value, rtol=1e-5, atol=1e-6, msg=name)
         assert torch.equal(ckpt["current_model_state"][name], seen[-1][name]), name  # training goes on from these
     assert not torch.equal(ckpt["state_dict"]["model.encoder.0.ff.w1.weight"], seen[-1]["model.encoder.0.ff.w1.weight"])
+
+
+def test_ema_weights_are_what_training_scores_and_what_the_checkpoint_gives_others(tmp_path):
+    # a validation at the end of each 13-batch epoch; the test scores of the best checkpoint's EMA weights
+    module = train(compose([*BASE, "trainer.max_steps=26", "optim.ema_decay=0.8"]), tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    best = torch.load(metrics["best_checkpoint"], weights_only=True)
+    for name, weight in module.state_dict().items():  # the module left for the report holds the EMA
+        assert torch.equal(weight, best["state_dict"][name]), name
+    assert any(not torch.equal(best["state_dict"][n], w) for n, w in best["current_model_state"].items())
+    scored = evaluate(EvaluateConfig(ckpt=metrics["best_checkpoint"]))  # loads the checkpoint alone
+    assert scored["test/loss"] == pytest.approx(metrics["test/loss"], abs=1e-6)
+    assert scored["val/loss"] == pytest.approx(metrics["val/loss"], abs=1e-6)
 
 
 def test_ema_training_resumes_exactly(tmp_path):
