@@ -51,7 +51,7 @@ class ModelSpec:
     share_embeddings: bool = setting(False, "one embedding for source and target (needs a joint vocabulary)")
     compile: bool = setting(False, "train through torch.compile: each layer compiled once, for any batch shape")
     checkpoint_activations: bool = setting(False, "in training, recompute each layer's activations in the backward "
-                                           "pass instead of keeping them: less memory for about a third more compute")
+                                           "pass instead of keeping them: less memory, for a second forward pass")
 
     def __post_init__(self) -> None:
         check(self)
