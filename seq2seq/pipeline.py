@@ -56,6 +56,7 @@ from seq2seq.domain import Reader
 from seq2seq.errors import ConfigError
 from seq2seq.export import export as export_model
 from seq2seq.export import is_export, require
+from seq2seq.metrics import signatures
 from seq2seq.module import Seq2SeqModule
 from seq2seq.prepared import Prepared, obtain, prepare_dataset
 from seq2seq.registry import DATASETS
@@ -226,11 +227,18 @@ def train(config: TrainConfig, run_dir: Path) -> Seq2SeqModule:
     trainer = _fit_trainer(config, run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     best, results = _held_out_scores(config, trainer, module, datamodule, run_dir, splits)
+    results.update(_signatures(module))
     module.eval()
     if trainer.is_global_zero:  # a domain's own scores, baselines and plots, computed once
         results.update(reader.report(Translator(module, config.loader.batch_size), run_dir))
     _write_metrics(trainer, run_dir / "metrics.json", {**results, "best_checkpoint": best})
     return module
+
+
+def _signatures(module: Seq2SeqModule) -> dict[str, dict[str, str]]:
+    """{"signatures": {metric: how it was computed}} for the metrics that say (`metrics.Signed`), or nothing."""
+    found = signatures(dict(module.metrics["test"].items(keep_base=True)))
+    return {"signatures": found} if found else {}
 
 
 def _held_out_scores(config: TrainConfig, trainer: L.Trainer, module: Seq2SeqModule, datamodule: Seq2SeqDataModule,
@@ -412,6 +420,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             results.update(_scores(trainer.test(module, datamodule=datamodule, verbose=False)))
         if trainer.is_global_zero:
             results.update(reader.report(translator, root))
+    results.update(_signatures(module))
     results["checkpoint"] = config.ckpt
     if out_dir is not None:
         _write_metrics(trainer, out_dir / "metrics.json", results)

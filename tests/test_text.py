@@ -9,6 +9,7 @@ from seq2seq_plugins.text import (
     BPETokenizer,
     CharTokenizer,
     ChrF,
+    ChrFPlusPlus,
     ParallelCorpus,
     SentencePieceTokenizer,
     WordTokenizer,
@@ -123,6 +124,14 @@ def test_bleu_and_chrf_equal_sacrebleu_on_the_same_strings():
     # torchmetrics smooths zero n-gram counts like the original chrF++.py (sacrebleu's eps_smoothing=True)
     reference_chrf = sacrebleu.metrics.CHRF(eps_smoothing=True).corpus_score(hyps, [refs]).score
     assert float(chrf.compute()) == pytest.approx(reference_chrf, abs=1e-3)
+    chrf_pp = ChrFPlusPlus(tok)  # with word unigrams and bigrams
+    chrf_pp.update(ids(hyps), ids(refs))
+    reference_pp = sacrebleu.metrics.CHRF(word_order=2, eps_smoothing=True).corpus_score(hyps, [refs]).score
+    assert float(chrf_pp.compute()) == pytest.approx(reference_pp, abs=1e-3)
+    assert abs(reference_pp - reference_chrf) > 0.5  # the word n-grams count
+    # eff:no is sacreBLEU's mark of eps smoothing
+    assert chrf_pp.signature.startswith("nrefs:1|case:mixed|eff:no|nc:6|nw:2|space:no|version:")
+    assert bleu.signature == f"nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:{sacrebleu.__version__}"
 
 
 def test_splits_can_come_from_separate_files(tmp_path):

@@ -6,6 +6,7 @@ import sys
 
 import pandas as pd
 import pytest
+import sacrebleu
 
 from seq2seq import DataError, Translator, compose, train
 from seq2seq_plugins.text import EMBEDDED
@@ -35,6 +36,9 @@ def test_a_tiny_translation_task_overfits_to_high_bleu(tiny_run):
     tmp, _, metrics, _ = tiny_run
     assert metrics["val/bleu"] >= 90 and metrics["val/chrf"] >= 90
     assert (tmp / "run" / "plots" / "attention.png").stat().st_size > 10_000
+    version = sacrebleu.__version__  # how the scores were computed, as sacreBLEU signs them
+    assert metrics["signatures"] == {"bleu": f"nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:{version}",
+                                     "chrf": f"nrefs:1|case:mixed|eff:no|nc:6|nw:0|space:no|version:{version}"}
 
 
 def _translate(*args: str, stdin: str) -> subprocess.CompletedProcess:

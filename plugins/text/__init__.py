@@ -30,11 +30,13 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import sacrebleu
 from torch import Tensor
 from torchmetrics.text import CHRFScore, SacreBLEUScore
 
 from seq2seq.domain import Reader, Rows, read_lines
 from seq2seq.errors import ConfigError, DataError
+from seq2seq.metrics import Signed
 from seq2seq.registry import DATASETS, METRICS
 from seq2seq_plugins.text.tokenizers import (  # noqa: F401 - importing registers the tokenizers
     BPETokenizer,
@@ -49,13 +51,21 @@ if TYPE_CHECKING:
 EMBEDDED = Path(__file__).parent / "data" / "libreoffice_help_ko_en.tsv.gz"
 
 
+def _sacrebleu_signature(metric: Any) -> str:
+    """The signature sacreBLEU gives `metric` (a sacrebleu.metrics object) for one reference per segment."""
+    metric.corpus_score(["a"], [["a"]])  # sacreBLEU states the reference count once it has seen references
+    return str(metric.get_signature())
+
+
 @METRICS.register("bleu")
-class BLEU(SacreBLEUScore):
-    """Corpus SacreBLEU (13a tokenization) on detokenized hypotheses and references, on the 0-100 scale."""
+class BLEU(SacreBLEUScore, Signed):
+    """Corpus SacreBLEU (13a tokenization) on detokenized hypotheses and references, on the 0-100 scale; its
+    `signature` is sacreBLEU's for the same settings (the scores equal sacreBLEU's: tests/test_text.py)."""
 
     def __init__(self, tokenizer: Any) -> None:
         super().__init__(tokenize="13a")
         self.detokenize = tokenizer.decode
+        self.signature = _sacrebleu_signature(sacrebleu.metrics.BLEU(tokenize="13a"))
 
     def update(self, hyps: list[list[int]], refs: list[list[int]]) -> None:  # type: ignore[override]
         super().update([self.detokenize(h) for h in hyps], [[self.detokenize(r)] for r in refs])
@@ -65,22 +75,33 @@ class BLEU(SacreBLEUScore):
 
 
 @METRICS.register("chrf")
-class ChrF(CHRFScore):
+class ChrF(CHRFScore, Signed):
     """Corpus chrF (character 6-grams, no word n-grams: not chrF++) on detokenized text, on the 0-100 scale.
 
     Zero n-gram counts are smoothed as in the original chrF++.py, i.e. sacrebleu's `CHRF(eps_smoothing=True)`;
     sacrebleu's default differs in the second decimal on short corpora.
     """
 
+    word_order = 0
+
     def __init__(self, tokenizer: Any) -> None:
-        super().__init__(n_word_order=0)
+        super().__init__(n_word_order=self.word_order)
         self.detokenize = tokenizer.decode
+        self.signature = _sacrebleu_signature(sacrebleu.metrics.CHRF(word_order=self.word_order,
+                                                                     eps_smoothing=True))
 
     def update(self, hyps: list[list[int]], refs: list[list[int]]) -> None:  # type: ignore[override]
         super().update([self.detokenize(h) for h in hyps], [[self.detokenize(r)] for r in refs])
 
     def compute(self) -> Tensor:  # type: ignore[override]
         return super().compute() * 100
+
+
+@METRICS.register("chrf++")
+class ChrFPlusPlus(ChrF):
+    """chrF++: chrF with word unigrams and bigrams as well (sacreBLEU's `CHRF(word_order=2)`)."""
+
+    word_order = 2
 
 
 CHUNK = 10_000  # rows per run a reader yields
