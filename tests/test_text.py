@@ -2,7 +2,7 @@ import pytest
 import sacrebleu
 import torch
 
-from seq2seq import Translator
+from seq2seq import Translator, compose
 from seq2seq.errors import ConfigError, DataError
 from seq2seq_plugins.text import (
     BLEU,
@@ -217,3 +217,7 @@ def test_corpora_carry_their_weights_and_are_checked(tmp_path):
         ParallelCorpus(corpora=[{"file": "a.tsv"}])
     with pytest.raises(ConfigError, match="not both"):
         ParallelCorpus(path="a.tsv", corpora=[{"path": "b.tsv"}])
+
+
+def test_chrf_plus_plus_is_a_metric_a_command_line_can_ask_for():
+    assert compose(["experiment=translate_ko_en", "metrics=[bleu,chrf++]"]).metrics == ["bleu", "chrf++"]
