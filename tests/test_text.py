@@ -144,7 +144,6 @@ def test_splits_can_come_from_separate_files(tmp_path):
 
 
 def test_separate_source_and_target_vocabularies_build_and_decode():
-    from seq2seq import compose
     from seq2seq.module import Seq2SeqModule, fit_tokenizers
 
     with pytest.raises(ConfigError, match="tokenizer=bpe_separate"):
