@@ -64,6 +64,8 @@ def test_overrides_reach_the_built_model():
     (["+data.taks=copy"], r"`data\.taks`.*Did you mean `task`"),
     (["trainer.precision=16-mixed", "trainer.accelerator=cpu"], r"bf16-mixed"),
     (["trainer=fsdp", "trainer.accelerator=cpu"], r"FSDP\) needs CUDA GPUs.*trainer=ddp"),
+    (["optim.ema_decay=1.5"], r"`optim\.ema_decay` must lie between 0 and 1"),
+    (["average_last=1"], r"`average_last` must be at least 2"),
     (["model.n_heads=5"], r"divisible"),
     (["plugins=[no_such_plugin]"], r"plugin module `no_such_plugin`.*failed to import"),
 ])
