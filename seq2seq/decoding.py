@@ -19,6 +19,7 @@ from torch import Tensor
 
 from seq2seq.domain import Tokenizer
 from seq2seq.errors import ConfigError
+from seq2seq.guides import Guide, Guides
 from seq2seq.linear import packed_weights
 from seq2seq.model import DecoderState, EncoderDecoder
 from seq2seq.schema import check, setting
@@ -65,17 +66,36 @@ def repeated_ngram_mask(tokens: Tensor, n: int, vocab: int) -> Tensor:
 
 
 def _next_logits(model: EncoderDecoder, tokens: Tensor, memory: Tensor, src_keep: Tensor,
-                 state: DecoderState | None, banned: Tensor | None, no_repeat: int = 0) -> Tensor:
-    """Logits (B, V) for the position after `tokens` (B, 1 + t), through the cache when there is one."""
+                 state: DecoderState | None, banned: Tensor | None, no_repeat: int = 0,
+                 guides: Guides | None = None) -> Tensor:
+    """Logits (B, V) for the position after `tokens` (B, 1 + t), through the cache when there is one.
+
+    With `guides`, log-probabilities instead (normalized over what `banned` and `no_repeat` leave, before the
+    guides' own bans); a row whose prefix forces this position has one finite entry, its forced token's
+    log-probability, whatever else bans it."""
     if state is not None:
         logits = model.decode_step(tokens[:, -1], state)
     else:
         keep = torch.ones_like(tokens, dtype=torch.bool)
         logits = model.head(model.decode(tokens, memory, src_keep, keep)[:, -1])
+    forced = None if guides is None else guides.forced(tokens.shape[1] - 1)
+    if forced is not None:
+        raw = logits[forced].float()  # (M,) the forced tokens' logits, before any ban
     # The logits are this step's own output, so they are masked in place.
     if no_repeat:
         logits.masked_fill_(repeated_ngram_mask(tokens[:, 1:], no_repeat, logits.shape[-1]), float("-inf"))
-    return logits if banned is None else logits.index_fill_(-1, banned, float("-inf"))
+    if banned is not None:
+        logits.index_fill_(-1, banned, float("-inf"))
+    if guides is None:
+        return logits
+    logp = logits.float().log_softmax(-1)
+    guides.ban(logp, tokens[:, 1:])
+    if forced is not None:
+        rows = forced[0]
+        lse = logits[rows].float().logsumexp(-1)
+        logp[rows] = float("-inf")
+        logp[forced] = raw - lse
+    return logp
 
 
 def _banned(allowed: Tensor | None) -> Tensor | None:
@@ -111,12 +131,16 @@ def greedy(  # noqa: PLR0913 - the search's inputs, all keyword-only past the mo
     use_cache: bool = True,
     no_repeat_ngram: int = 0,
     sampler: Callable[[Tensor], Tensor] | None = None,
+    guides: list[Guide] | None = None,
 ) -> Tensor:
     """Greedy search (or sampling, given `sampler`): tokens (B, L) without BOS, L <= max_len; positions after a
     row's EOS hold EOS.
 
-    `allowed` is a boolean (V,) mask of tokens the search may emit (EOS must be among them).
+    `allowed` is a boolean (V,) mask of tokens the search may emit (EOS must be among them). `guides` (one per
+    source) force prefixes and exclude phrases; required phrases need `beam_search`.
     """
+    if guides is not None and any(g.include for g in guides):
+        raise ValueError("required phrases (`Guide.include`) are searched for by beam_search")
     memory = model.encode(src, src_keep)  # (B, S, D)
     B = src.shape[0]
     tokens = torch.full((B, 1), bos, dtype=torch.long, device=src.device)  # (B, 1 + L)
@@ -124,9 +148,10 @@ def greedy(  # noqa: PLR0913 - the search's inputs, all keyword-only past the mo
     state = model.start_decoding(memory, src_keep, max_len) if use_cache else None
     choose = sampler or (lambda logits: logits.argmax(-1))
     banned = _banned(allowed)
+    guided = None if guides is None else Guides(guides, 1, eos, src.device)
     with packed_weights(B):  # 1.15-1.35x greedy tokens/s on the small preset (benchmarks/decode_fast_paths.py)
         for _ in range(max_len):
-            logits = _next_logits(model, tokens, memory, src_keep, state, banned, no_repeat_ngram)  # (B, V)
+            logits = _next_logits(model, tokens, memory, src_keep, state, banned, no_repeat_ngram, guided)  # (B, V)
             nxt = choose(logits).masked_fill(done, eos)  # (B,)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             done |= nxt == eos
@@ -168,12 +193,17 @@ def beam_search(  # noqa: PLR0913 - the search's inputs, all keyword-only past t
     allowed: Tensor | None = None,
     use_cache: bool = True,
     no_repeat_ngram: int = 0,
+    guides: list[Guide] | None = None,
 ) -> Hypotheses:
     """Batched beam search; the score of a hypothesis is its summed token log-probability.
 
     A finished hypothesis (it emitted EOS) keeps its score and competes with the live ones; it can only be extended
     by EOS at no cost. The final beam is re-ranked by score / ((5 + length) / 6) ** length_penalty (GNMT), or by
     score / length with `length_normalization="average"`; length counts the EOS.
+
+    `guides` (one per source, see `seq2seq.guides`) force prefixes and require or exclude phrases; required phrases
+    allocate the beam across banks of constraint progress, and a hypothesis that meets all of its constraints ranks
+    above any that does not.
     """
     if not 1 <= n_best <= beam:
         raise ValueError(f"n_best ({n_best}) must be between 1 and the beam size ({beam})")
@@ -187,18 +217,28 @@ def beam_search(  # noqa: PLR0913 - the search's inputs, all keyword-only past t
     scores[:, 0] = 0.0  # every beam starts as the same empty hypothesis: expand only one
     done = torch.zeros(B * K, dtype=torch.bool, device=src.device)
     banned = _banned(allowed)
+    guided = None if guides is None else Guides(guides, K, eos, src.device)
+    constrained = guided is not None and guided.has_include
     with packed_weights(B * K):
         for _ in range(max_len):
-            logits = _next_logits(model, tokens, memory, src_keep, state, banned, no_repeat_ngram).float()  # (B*K, V)
-            # Only a hypothesis's K best tokens can enter the beam: rank those, as log-probabilities. A finished
-            # hypothesis has one continuation, EOS at no cost.
+            logits = _next_logits(model, tokens, memory, src_keep, state, banned, no_repeat_ngram, guided).float()
+            # Only a hypothesis's K best tokens can enter the beam: rank those, as log-probabilities (and the
+            # tokens that advance it on a required phrase). A finished hypothesis has one continuation, EOS at no
+            # cost.
             top, token = logits.topk(min(K, logits.shape[-1]))  # (B*K, k)
-            cand = top - logits.logsumexp(-1, keepdim=True)
+            cand = top if guided is not None else top - logits.logsumexp(-1, keepdim=True)
+            if constrained:
+                token, cand = guided.candidates(logits, token, cand)
             cand = cand.masked_fill(done[:, None], float("-inf"))
             cand[:, 0].masked_fill_(done, 0.0)
             token = token.masked_fill(done[:, None], eos)
             k = cand.shape[-1]
-            scores, best = (scores.view(-1, 1) + cand).view(B, K * k).topk(K, dim=-1)  # (B, K)
+            total = (scores.view(-1, 1) + cand).view(B, K * k)
+            if constrained:
+                best = guided.select(total, token, K)  # (B, K)
+                scores = total.gather(1, best)
+            else:
+                scores, best = total.topk(K, dim=-1)  # (B, K)
             rows = (torch.arange(B, device=src.device)[:, None] * K + best // k).view(-1)  # (B*K,) source beams
             nxt = token.view(B, K * k).gather(1, best).view(-1)
             tokens = torch.cat([tokens[rows], nxt[:, None]], dim=1)
@@ -211,7 +251,11 @@ def beam_search(  # noqa: PLR0913 - the search's inputs, all keyword-only past t
     length = ((out != eos).cumprod(-1).sum(-1) + (out == eos).any(-1).long()).clamp(min=1)  # tokens incl. EOS
     norm = length if length_normalization == "average" else ((5.0 + length) / 6.0) ** length_penalty
     final = scores / norm
-    order = final.argsort(dim=-1, descending=True)[:, :n_best]  # (B, N)
+    order = final.argsort(dim=-1, descending=True)  # (B, K)
+    if constrained:  # those that meet their constraints first, each group best first
+        unmet = (~guided.complete().view(B, K)).gather(1, order).int()
+        order = order.gather(1, unmet.sort(dim=-1, stable=True).indices)
+    order = order[:, :n_best]  # (B, N)
     return Hypotheses(out.gather(1, order[..., None].expand(-1, -1, out.shape[-1])), final.gather(1, order))
 
 
@@ -259,30 +303,47 @@ class Decoder:
             return torch.full_like(tokens, self.bos)
         return torch.cat([torch.full_like(tokens[:, :1], self.bos), tokens[:, :-1]], dim=1)
 
-    def __call__(self, model: EncoderDecoder, src: Tensor, src_keep: Tensor) -> Tensor:
-        """The best output of each source: tokens (B, L) without BOS; positions after a row's EOS hold EOS."""
+    def max_len(self, src_keep: Tensor, guides: list[Guide] | None = None) -> int:
+        """The decoding budget; with guides, room for the longest prefix and then every required token."""
+        budget = max_length(src_keep, self.spec.max_len_a, self.spec.max_len_b)
+        if not guides:
+            return budget
+        return max(budget, 1 + max(len(g.prefix) for g in guides)) + max(g.required_tokens for g in guides)
+
+    def __call__(self, model: EncoderDecoder, src: Tensor, src_keep: Tensor,
+                 guides: list[Guide] | None = None) -> Tensor:
+        """The best output of each source: tokens (B, L) without BOS; positions after a row's EOS hold EOS.
+
+        `guides` (one per source) force prefixes and require or exclude phrases; required phrases are searched for
+        by beam search (at `decode.beam`, even 1)."""
         spec = self.spec
-        max_len = max_length(src_keep, spec.max_len_a, spec.max_len_b)
+        max_len = self.max_len(src_keep, guides)
         allowed = self.allowed(src.device)
         if spec.one_shot:
+            if guides:
+                raise ConfigError("prefixes and constraints steer autoregressive decoding; "
+                                  "`decode.one_shot=true` decodes every position at once")
             return one_shot(model, src, src_keep, bos=self.bos, length=max_len, allowed=allowed)
-        if spec.beam > 1 and not spec.sampling:
-            return self.n_best(model, src, src_keep, 1).tokens[:, 0]
+        if not spec.sampling and (spec.beam > 1 or (guides and any(g.include for g in guides))):
+            return self.n_best(model, src, src_keep, 1, guides).tokens[:, 0]
         sampler = partial(sample_from, temperature=spec.temperature, top_k=spec.top_k,
                           top_p=spec.top_p) if spec.sampling else None
+        if sampler and guides and any(g.include for g in guides):
+            raise ConfigError("required phrases are searched for by beam search; they need `decode.sampling=false`")
         return greedy(model, src, src_keep, bos=self.bos, eos=self.eos, max_len=max_len, allowed=allowed,
-                      no_repeat_ngram=spec.no_repeat_ngram, sampler=sampler)
+                      no_repeat_ngram=spec.no_repeat_ngram, sampler=sampler, guides=guides)
 
-    def n_best(self, model: EncoderDecoder, src: Tensor, src_keep: Tensor, n: int) -> Hypotheses:
+    def n_best(self, model: EncoderDecoder, src: Tensor, src_keep: Tensor, n: int,
+               guides: list[Guide] | None = None) -> Hypotheses:
         """The `n` best outputs of each source by beam search (beam max(decode.beam, n)), with their scores."""
         spec = self.spec
         if spec.sampling or spec.one_shot:
             raise ConfigError("n-best lists and scores come from beam search; they need `decode.sampling=false` and "
                               "`decode.one_shot=false`")
-        return beam_search(model, src, src_keep, bos=self.bos, eos=self.eos,
-                           max_len=max_length(src_keep, spec.max_len_a, spec.max_len_b), beam=max(spec.beam, n),
-                           n_best=n, length_penalty=spec.length_penalty, length_normalization=spec.length_normalization,
-                           allowed=self.allowed(src.device), no_repeat_ngram=spec.no_repeat_ngram)
+        return beam_search(model, src, src_keep, bos=self.bos, eos=self.eos, max_len=self.max_len(src_keep, guides),
+                           beam=max(spec.beam, n), n_best=n, length_penalty=spec.length_penalty,
+                           length_normalization=spec.length_normalization, allowed=self.allowed(src.device),
+                           no_repeat_ngram=spec.no_repeat_ngram, guides=guides)
 
     @torch.no_grad()
     def label_probabilities(self, model: EncoderDecoder, src: Tensor, src_keep: Tensor) -> Tensor:

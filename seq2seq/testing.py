@@ -47,6 +47,19 @@ VOCAB = 23  # vocabulary of the random models; ids 0 pad, 1 bos, 2 eos
 PAD, BOS, EOS = 0, 1, 2
 
 
+class Favour(torch.nn.Module):
+    """A head that adds `bonus` to chosen logits: a model that would rather emit them."""
+
+    def __init__(self, head: torch.nn.Module, ids: list[int], bonus: float = 100.0) -> None:
+        super().__init__()
+        self.head, self.ids, self.bonus = head, ids, bonus
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.head(h).clone()
+        logits[..., self.ids] += self.bonus
+        return logits
+
+
 def tiny_model(seed: int = 0, **spec: object) -> EncoderDecoder:
     """A small randomly initialised token-to-token model in eval mode (dropout off), output tied to input."""
     torch.manual_seed(seed)

@@ -14,22 +14,9 @@ from seq2seq.decoding import (
     sample_from,
     strip,
 )
-from seq2seq.testing import BOS, EOS, random_batch
+from seq2seq.testing import BOS, EOS, Favour, random_batch
 from seq2seq.testing import VOCAB as V
 from seq2seq.testing import tiny_model as make_model
-
-
-class _Favour(torch.nn.Module):
-    """A head that adds `bonus` to chosen logits: a model that would rather emit them."""
-
-    def __init__(self, head: torch.nn.Module, ids: list[int], bonus: float = 100.0) -> None:
-        super().__init__()
-        self.head, self.ids, self.bonus = head, ids, bonus
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.head(h).clone()
-        logits[..., self.ids] += self.bonus
-        return logits
 
 
 def test_cached_greedy_emits_exactly_the_tokens_of_uncached_greedy():
@@ -55,7 +42,7 @@ def test_greedy_never_emits_a_token_outside_the_allowed_set():
 
 def test_greedy_pads_finished_rows_with_eos_and_strip_cuts_there():
     model = make_model(seed=0)
-    model.head = _Favour(model.head, [EOS], 3.0)  # two rows finish near step 18, two run to max_len
+    model.head = Favour(model.head, [EOS], 3.0)  # two rows finish near step 18, two run to max_len
     src, src_keep, _, _ = random_batch()
     out = greedy(model, src, src_keep, bos=BOS, eos=EOS, max_len=40)
     ends = [row.index(EOS) for row in out.tolist() if EOS in row]
@@ -70,7 +57,7 @@ def test_greedy_pads_finished_rows_with_eos_and_strip_cuts_there():
 def test_the_decoder_never_emits_pad_or_bos_and_over_a_label_set_only_labels(decode):
     model = make_model(seed=5)
     src, src_keep, _, _ = random_batch()
-    model.head = _Favour(model.head, [0, BOS])  # PAD and BOS are the model's favourites
+    model.head = Favour(model.head, [0, BOS])  # PAD and BOS are the model's favourites
     plain = Decoder(DecodeSpec(**decode), bos=BOS, eos=EOS, pad=0, vocab_size=V)
     out = plain(model, src, src_keep)
     assert not {0, BOS} & set(out.unique().tolist())
