@@ -172,6 +172,8 @@ class EvaluateConfig(InferenceConfig):
     data: dict[str, Any] = setting({}, "reader options over the checkpoint's `data:` block, e.g. data.path=other.tsv")
     trainer: TrainerSpec = dataclasses.field(default_factory=TrainerSpec)
     output: str | None = setting(None, "also write the metrics as JSON to this file")
+    glossary: str | None = setting(None, "a `source term<TAB>target term` file: also decode the test split with "
+                                         "its terms as constraints and report term usage with and without them")
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,10 @@ class TranslateConfig(InferenceConfig):
     output: str | None = setting(None, "where outputs go (default: standard output)")
     n_best: int = setting(1, "outputs per input; above 1, lines are input_number<TAB>score<TAB>output", minimum=1)
     attention: str | None = setting(None, "also save cross-attention heatmaps of the first inputs to this PNG")
+    prefix: str | None = setting(None, "a file of target prefixes, line by line with the inputs (an empty line: "
+                                       "none): each output starts with its prefix, and the search goes on from it")
+    glossary: str | None = setting(None, "a `source term<TAB>target term` file: an input containing a source term "
+                                         "gets its target term in the output (lexically constrained beam search)")
 
 
 @dataclass(frozen=True)

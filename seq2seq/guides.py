@@ -1,6 +1,7 @@
 """Decoding under control: a forced target prefix, and lexical constraints (phrases that must or must not appear).
 
-A `Guide` says what one input asks of its output, in target token ids. `Guides` holds a batch of them as tensors
+A `Guide` says what one input asks of its output, in target token ids; a glossary (`read_glossary`) gives each
+input the target terms of the source terms it contains. `Guides` holds a batch of them as tensors
 over hypothesis rows (each source's guide repeated for its K beams) and the state of each row: which required
 phrases it has produced (`met`), and the one it is part-way through (`current`, `matched` tokens of it).
 
@@ -18,7 +19,9 @@ candidates per row, V output vocabulary.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -177,3 +180,51 @@ class Guides:
         """(R,) True where a row has met all of its constraints."""
         return self.progress() >= self.total
 
+
+
+@dataclass(frozen=True)
+class Term:
+    """A glossary entry: where `source` occurs in an input, its output must contain `target`."""
+
+    source: str
+    target: str
+
+    def occurs_in(self, text: str) -> bool:
+        """`source` in `text`, starting a word (so a term may take suffixes, and "cat" is not in "concat")."""
+        return re.search(rf"(?<!\w){re.escape(self.source)}", text) is not None
+
+
+def read_glossary(path: str | Path) -> list[Term]:
+    """A glossary file: one `source term<TAB>target term` per line (UTF-8; blank lines skipped). A line without
+    exactly one tab, or with an empty term, is a DataError naming it."""
+    terms, problems = [], []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"glossary {path}: cannot be read as UTF-8 text ({err})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2:
+            problems.append(f"line {number}: {len(fields) - 1} tabs, expected one (source term<TAB>target term)")
+        elif not all(f.strip() for f in fields):
+            problems.append(f"line {number}: empty {'source' if not fields[0].strip() else 'target'} term")
+        else:
+            terms.append(Term(fields[0].strip(), fields[1].strip()))
+    if problems:
+        raise DataError(f"glossary {path}: {len(problems)} bad line(s): " + "; ".join(problems[:10]))
+    if not terms:
+        raise DataError(f"glossary {path}: no terms")
+    return terms
+
+
+def matching_terms(sources: list[str], glossary: list[Term]) -> list[list[Term]]:
+    """The glossary entries whose source term occurs in each source."""
+    return [[t for t in glossary if t.occurs_in(text)] for text in sources]
+
+
+def term_usage(outputs: list[str], terms: list[list[Term]]) -> tuple[int, int]:
+    """(used, expected): how many of each output's expected target terms it contains."""
+    used = sum(t.target in out for out, expected in zip(outputs, terms, strict=True) for t in expected)
+    return used, sum(map(len, terms))

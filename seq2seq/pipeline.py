@@ -53,13 +53,14 @@ from seq2seq.config import (
 )
 from seq2seq.data import Collate, Seq2SeqDataModule
 from seq2seq.domain import Reader
-from seq2seq.errors import ConfigError
+from seq2seq.errors import ConfigError, DataError
 from seq2seq.export import export as export_model
 from seq2seq.export import is_export, require
 from seq2seq.metrics import signatures
+from seq2seq.guides import Term, matching_terms, read_glossary, term_usage
 from seq2seq.module import Seq2SeqModule
 from seq2seq.prepared import Prepared, obtain, prepare_dataset
-from seq2seq.registry import DATASETS
+from seq2seq.registry import DATASETS, METRICS
 from seq2seq.schema import to_data
 from seq2seq.translate import Translator
 
@@ -420,6 +421,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             results.update(_scores(trainer.test(module, datamodule=datamodule, verbose=False)))
         if trainer.is_global_zero:
             results.update(reader.report(translator, root))
+            if config.glossary:
+                results.update(_glossary_scores(translator, reader, read_glossary(config.glossary)))
     results.update(_signatures(module))
     results["checkpoint"] = config.ckpt
     if out_dir is not None:
@@ -427,6 +430,42 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         sys.stdout.write(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _glossary_scores(translator: Translator, reader: Reader, glossary: list[Term]) -> dict[str, float]:
+    """The test split decoded without and with the glossary's terms as constraints: the module's metrics on each
+    (`test/glossary/<metric>`), and term usage, the share of expected target terms that the outputs contain."""
+    pairs = [pair for rows in reader.stream(("test",)) for pair in rows.pairs]
+    if not pairs:
+        raise ConfigError("`glossary` scores the test split, and this data has none")
+    sources = [src for src, _ in pairs]
+    module, tok = translator.module, translator.module.tgt_tok
+    refs = [tok.encode(tgt).tolist() for _, tgt in pairs]
+    terms = matching_terms(sources, glossary)
+    guides = translator.guides(len(sources), include=[[t.target for t in found] for found in terms])
+    results: dict[str, float] = {"test/glossary/terms": float(sum(map(len, terms)))}
+    for prefix, chosen in (("test", None), ("test/glossary", guides)):
+        outputs = translator.tokens(sources, chosen)
+        for name in module.config.metrics:
+            metric = METRICS.build({"name": name}, "metrics", tokenizer=tok)
+            metric.update(outputs, refs)
+            results[f"{prefix}/{name}"] = float(metric.compute())
+        used, expected = term_usage([tok.decode(o) for o in outputs], terms)
+        results[f"{prefix}/term_usage"] = used / max(expected, 1)
+    log.info("glossary: %d expected target terms in the test split; used %.1f%% without constraints, %.1f%% with",
+             results["test/glossary/terms"], 100 * results["test/term_usage"], 100 * results["test/glossary/term_usage"])
+    return results
+
+
+def _read_prefixes(path: str, n: int) -> list[str]:
+    try:
+        prefixes = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"prefix file {path}: cannot be read as UTF-8 text ({err})") from None
+    if len(prefixes) != n:
+        raise DataError(f"prefix file {path} has {len(prefixes)} lines for {n} inputs; give one line per input "
+                        "(an empty line for no prefix)")
+    return prefixes
 
 
 def predict(config: PredictConfig) -> None:
@@ -444,10 +483,20 @@ def translate(config: TranslateConfig) -> None:
     translator = _translator(config)
     reader: Reader = DATASETS.build(translator.module.config.data, "data")
     lines = reader.read_inputs(config.input or "/dev/stdin")
+    guides, terms = None, None
+    if config.prefix or config.glossary:
+        prefixes = _read_prefixes(config.prefix, len(lines)) if config.prefix else None
+        terms = matching_terms(lines, read_glossary(config.glossary)) if config.glossary else None
+        guides = translator.guides(len(lines), prefixes, [[t.target for t in found] for found in terms]
+                                   if terms else None)
     if config.n_best == 1:
-        text = "".join(f"{out}\n" for out in translator.translate(lines))
+        outputs = translator.translate(lines, guides)
+        text = "".join(f"{out}\n" for out in outputs)
+        if terms:
+            used, expected = term_usage(outputs, terms)
+            log.info("glossary: %d of %d expected target terms used", used, expected)
     else:
-        found = translator.n_best(lines, config.n_best)
+        found = translator.n_best(lines, config.n_best, guides)
         text = "".join(f"{i}\t{score:.4f}\t{out}\n" for i, best in enumerate(found, 1) for score, out in best)
     with _output(config.output, translator, config.ckpt) as out:
         out.write(text)

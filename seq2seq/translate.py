@@ -24,6 +24,7 @@ from torch import Tensor
 from seq2seq.data import Batch, Collate
 from seq2seq.decoding import Decoder, Hypotheses, strip
 from seq2seq.errors import ConfigError, DataError
+from seq2seq.guides import Guide
 from seq2seq.module import Seq2SeqModule
 
 
@@ -34,10 +35,11 @@ class Backend(Protocol):
     name: str
     device: torch.device
 
-    def best(self, decoder: Decoder, src: Tensor, src_keep: Tensor) -> Tensor:
-        """The best output (B, L) of each source, EOS-padded."""
+    def best(self, decoder: Decoder, src: Tensor, src_keep: Tensor, guides: list[Guide] | None = None) -> Tensor:
+        """The best output (B, L) of each source, EOS-padded; `guides` (one per source) steer the search."""
 
-    def n_best(self, decoder: Decoder, src: Tensor, src_keep: Tensor, n: int) -> Hypotheses: ...
+    def n_best(self, decoder: Decoder, src: Tensor, src_keep: Tensor, n: int,
+               guides: list[Guide] | None = None) -> Hypotheses: ...
 
     def label_probabilities(self, decoder: Decoder, src: Tensor, src_keep: Tensor) -> Tensor: ...
 
@@ -57,11 +59,12 @@ class Stepped:
     def device(self) -> torch.device:
         return self.model.device  # where the model is now: it may have moved since
 
-    def best(self, decoder: Decoder, src: Tensor, src_keep: Tensor) -> Tensor:
-        return decoder(self.model, src, src_keep)
+    def best(self, decoder: Decoder, src: Tensor, src_keep: Tensor, guides: list[Guide] | None = None) -> Tensor:
+        return decoder(self.model, src, src_keep, guides)
 
-    def n_best(self, decoder: Decoder, src: Tensor, src_keep: Tensor, n: int) -> Hypotheses:
-        return decoder.n_best(self.model, src, src_keep, n)
+    def n_best(self, decoder: Decoder, src: Tensor, src_keep: Tensor, n: int,
+               guides: list[Guide] | None = None) -> Hypotheses:
+        return decoder.n_best(self.model, src, src_keep, n, guides)
 
     def label_probabilities(self, decoder: Decoder, src: Tensor, src_keep: Tensor) -> Tensor:
         return decoder.label_probabilities(self.model, src, src_keep)
@@ -138,27 +141,46 @@ class Translator:
             idx = order[start : start + self.batch_size]
             yield idx, collate([(encoded[i], torch.empty(0, dtype=torch.long)) for i in idx]).to(self.backend.device)
 
-    def tokens(self, sources: list[Any]) -> list[list[int]]:
-        """The decoded token ids of each source, cut at EOS, in input order."""
+    def guides(self, n: int, prefixes: list[str | None] | None = None, include: list[list[str]] | None = None,
+               exclude: list[list[str]] | None = None) -> list[Guide]:
+        """What `n` inputs ask of their outputs, from text: each output starts with its prefix (None or "": no
+        prefix), contains every phrase of its `include` list and none of its `exclude` list."""
+        encode = self.module.tgt_tok.encode
+
+        def ids(text: str | None) -> tuple[int, ...]:
+            return tuple(encode(text).tolist()) if text else ()
+
+        for name, given in (("prefixes", prefixes), ("include", include), ("exclude", exclude)):
+            if given is not None and len(given) != n:
+                raise DataError(f"{len(given)} {name} for {n} inputs; give one per input (None or [] for none)")
+        return [Guide(prefix=ids(prefixes[i]) if prefixes else (),
+                      include=tuple(ids(p) for p in include[i]) if include else (),
+                      exclude=tuple(ids(p) for p in exclude[i]) if exclude else ()) for i in range(n)]
+
+    def tokens(self, sources: list[Any], guides: list[Guide] | None = None) -> list[list[int]]:
+        """The decoded token ids of each source, cut at EOS, in input order; `guides` (one per source, see
+        `guides()`) force prefixes and require or exclude phrases."""
         out: list[list[int]] = [[] for _ in sources]
         with self._inference():
             for idx, batch in self.batches(sources):
-                hyps = strip(self.backend.best(self.decoder, batch.src, batch.src_keep), self.decoder.eos)
+                chosen = None if guides is None else [guides[i] for i in idx]
+                hyps = strip(self.backend.best(self.decoder, batch.src, batch.src_keep, chosen), self.decoder.eos)
                 for i, hyp in zip(idx, hyps, strict=True):
                     out[i] = hyp
         return out
 
-    def translate(self, sources: list[Any]) -> list[str]:
+    def translate(self, sources: list[Any], guides: list[Guide] | None = None) -> list[str]:
         """The output string of each source, in input order."""
-        return [self.module.tgt_tok.decode(ids) for ids in self.tokens(sources)]
+        return [self.module.tgt_tok.decode(ids) for ids in self.tokens(sources, guides)]
 
-    def n_best(self, sources: list[Any], n: int) -> list[list[tuple[float, str]]]:
+    def n_best(self, sources: list[Any], n: int, guides: list[Guide] | None = None) -> list[list[tuple[float, str]]]:
         """`n` (score, output) pairs per source by beam search, best first; scores are length-penalized
         log-probabilities."""
         tok, out = self.module.tgt_tok, [[] for _ in sources]
         with self._inference():
             for idx, batch in self.batches(sources):
-                found = self.backend.n_best(self.decoder, batch.src, batch.src_keep, n)
+                chosen = None if guides is None else [guides[i] for i in idx]
+                found = self.backend.n_best(self.decoder, batch.src, batch.src_keep, n, chosen)
                 for row, i in enumerate(idx):
                     hyps = strip(found.tokens[row], tok.eos_id)  # (N, L) -> N lists
                     out[i] = [(float(found.scores[row, k]), tok.decode(hyps[k])) for k in range(n)]

@@ -7,7 +7,7 @@ import torch
 
 from seq2seq.decoding import Decoder, DecodeSpec, beam_search, greedy, strip
 from seq2seq.errors import DataError
-from seq2seq.guides import Guide
+from seq2seq.guides import Guide, Term, matching_terms, read_glossary, term_usage
 from seq2seq.testing import BOS, EOS, PAD, Favour, random_batch, tiny_model
 from seq2seq.testing import VOCAB as V
 
@@ -170,3 +170,21 @@ def test_an_empty_phrase_is_refused():
         Guide(include=((),))
     with pytest.raises(DataError, match="`exclude` phrase is empty"):
         Guide(exclude=((4,), ()))
+
+
+def test_a_glossary_line_without_a_tab_or_with_an_empty_term_is_refused_by_line(tmp_path):
+    (tmp_path / "g.tsv").write_text("서울\tSeoul\n\n부산 Busan\n\tempty\n대구\t \n")
+    with pytest.raises(DataError, match=r"3 bad line\(s\): line 3: 0 tabs.*line 4: empty source term; "
+                                        r"line 5: empty target term"):
+        read_glossary(tmp_path / "g.tsv")
+    (tmp_path / "ok.tsv").write_text("서울\tSeoul\n")
+    assert [(t.source, t.target) for t in read_glossary(tmp_path / "ok.tsv")] == [("서울", "Seoul")]
+
+
+def test_a_glossary_term_matches_where_it_starts_a_word():
+    term = Term("cat", "Katze")
+    assert term.occurs_in("the cat sat") and term.occurs_in("cats.") and term.occurs_in("cat")
+    assert not term.occurs_in("concat") and not term.occurs_in("the dog")
+    assert matching_terms(["서울에서 왔다", "부산"], [Term("서울", "Seoul"), Term("왔", "came")]) == [
+        [Term("서울", "Seoul"), Term("왔", "came")], []]
+    assert term_usage(["from Seoul", "nothing"], [[Term("서울", "Seoul")], [Term("x", "y")]]) == (1, 2)

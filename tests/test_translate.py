@@ -9,6 +9,7 @@ import pytest
 import sacrebleu
 
 from seq2seq import DataError, Translator, compose, train
+from seq2seq.guides import Term
 from seq2seq_plugins.text import EMBEDDED
 
 pytestmark = pytest.mark.slow
@@ -77,3 +78,42 @@ def test_evaluate_scores_another_file_with_the_checkpoints_reader_and_column_nam
     assert scores["val/bleu"] < 20 < metrics["val/bleu"]  # scored on the other file, not the stored one
     with pytest.raises(DataError, match=r"missing column\(s\) \['ko', 'en'\]"):
         evaluate(compose([ckpt, f"data.path={tmp / 'other.csv'}", "data.split_column=null"], command="evaluate"))
+
+
+def _new_word(reference: str, others: list[str]) -> str:
+    """A word of another reference that `reference` lacks: in the vocabulary, and not what the model would say."""
+    return next(w for o in others for w in o.split() if w.isalpha() and len(w) > 3 and w not in reference)
+
+
+def test_prefixes_and_glossary_terms_steer_translate_and_evaluate_reports_term_usage(tiny_run):
+    from seq2seq.pipeline import evaluate
+
+    tmp, module, metrics, pairs = tiny_run
+    sources, references = list(pairs["ko"][:4]), list(pairs["en"][:4])
+    ckpt = metrics["best_checkpoint"]
+    prefix = " ".join(references[1].split()[:2])  # sentence 0 made to start like sentence 1
+    (tmp / "prefix.txt").write_text(f"{prefix}\n\n\n\n")
+    term = _new_word(references[2], references)
+    source_word = sources[2].split()[0]
+    (tmp / "glossary.tsv").write_text(f"{source_word}\t{term}\n")
+    out = _translate(f"ckpt={ckpt}", "beam=4", f"prefix={tmp / 'prefix.txt'}", f"glossary={tmp / 'glossary.tsv'}",
+                     f"hydra.run.dir={tmp / 't3'}", stdin="\n".join(sources) + "\n").stdout.splitlines()
+    assert out[0].startswith(prefix) and out[0] != references[0]
+    matched = [Term(source_word, term).occurs_in(s) for s in sources]
+    assert matched[2] and all(term in o for o, m in zip(out, matched, strict=True) if m)
+    assert term not in references[2]
+    plain = Translator(module).with_decoding(beam=4).translate(sources)
+    unguided = [i for i in (1, 2, 3) if not matched[i]]
+    assert [out[i] for i in unguided] == [plain[i] for i in unguided]  # decoded as without guides
+    # The Python API: an excluded phrase the model would emit is avoided.
+    translator = Translator(module).with_decoding(beam=4)
+    avoid = references[3].split()[1]
+    guided = translator.translate(sources[3:], translator.guides(1, exclude=[[avoid]]))
+    assert avoid in plain[3] and avoid not in guided[0].split()
+
+    scores = evaluate(compose([f"ckpt={ckpt}", "beam=4", f"glossary={tmp / 'glossary.tsv'}"], command="evaluate"))
+    n = int(scores["test/glossary/terms"])
+    assert n == sum(source_word in s for s in pairs["ko"]) >= 1
+    assert scores["test/glossary/term_usage"] == 1.0 > scores["test/term_usage"]
+    assert scores["test/glossary/bleu"] < scores["test/bleu"]  # the forced term is not in the references
+

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from seq2seq.decoding import Decoder, Hypotheses, max_length
+from seq2seq.decoding import Decoder, Hypotheses
 from seq2seq.domain import Tokenizer
 from seq2seq.embeddings import SinusoidalPositions, TokenEmbedding
 from seq2seq.errors import ConfigError
+from seq2seq.guides import Guide
 from seq2seq.heads import LinearHead
 from seq2seq.model import EncoderDecoder
 
@@ -135,7 +136,7 @@ class CTranslate2Model:
         return [[self.src_vocab[i] for i in row[:n]] for row, n in zip(src.tolist(), src_keep.sum(1).tolist(),
                                                                         strict=True)]
 
-    def _options(self, decoder: Decoder, src_keep: Tensor, beam: int) -> dict:
+    def _options(self, decoder: Decoder, src_keep: Tensor, beam: int, guides: list[Guide] | None) -> dict:
         spec = decoder.spec
         if spec.one_shot:
             raise ConfigError("CTranslate2 decodes autoregressively; `decode.one_shot=true` needs format=onnx")
@@ -145,7 +146,7 @@ class CTranslate2Model:
                               "`decode.length_normalization=average`")
         allowed = decoder.allowed(torch.device("cpu"))
         options = {
-            "beam_size": beam, "max_decoding_length": max_length(src_keep, spec.max_len_a, spec.max_len_b),
+            "beam_size": beam, "max_decoding_length": decoder.max_len(src_keep, guides),
             "max_input_length": 0, "min_decoding_length": 0,  # CTranslate2's defaults: 1024 and 1; ours: no limits
             "length_penalty": 1.0 if spec.length_normalization == "average" else 0.0,
             "no_repeat_ngram_size": spec.no_repeat_ngram, "return_scores": True,
@@ -160,16 +161,23 @@ class CTranslate2Model:
         ids = [self.tgt_ids[p] for p in pieces]
         return ids + [eos] * (length - len(ids))
 
-    def n_best(self, decoder: Decoder, src: Tensor, src_keep: Tensor, n: int) -> Hypotheses:
+    def n_best(self, decoder: Decoder, src: Tensor, src_keep: Tensor, n: int,
+               guides: list[Guide] | None = None) -> Hypotheses:
         beam = max(decoder.spec.beam, n)
-        results = self.translator.translate_batch(self._sources(src, src_keep), num_hypotheses=n,
-                                                  **self._options(decoder, src_keep, beam))
+        prefix = None
+        if guides:
+            if any(g.include or g.exclude for g in guides):
+                raise ConfigError("CTranslate2 has no per-input lexical constraints; decode required or excluded "
+                                  "terms with a checkpoint or an ONNX export (format=onnx)")
+            prefix = [[self.tgt_vocab[i] for i in g.prefix] for g in guides]
+        results = self.translator.translate_batch(self._sources(src, src_keep), target_prefix=prefix,
+                                                  num_hypotheses=n, **self._options(decoder, src_keep, beam, guides))
         L = 1 + max(len(h) for r in results for h in r.hypotheses)
         tokens = torch.tensor([[self._ids(h, decoder.eos, L) for h in r.hypotheses] for r in results])  # (B, N, L)
         return Hypotheses(tokens, torch.tensor([r.scores for r in results]))
 
-    def best(self, decoder: Decoder, src: Tensor, src_keep: Tensor) -> Tensor:
-        return self.n_best(decoder, src, src_keep, 1).tokens[:, 0]
+    def best(self, decoder: Decoder, src: Tensor, src_keep: Tensor, guides: list[Guide] | None = None) -> Tensor:
+        return self.n_best(decoder, src, src_keep, 1, guides).tokens[:, 0]
 
     def label_probabilities(self, decoder: Decoder, src: Tensor, src_keep: Tensor) -> Tensor:
         raise ConfigError("label probabilities come from the teacher-forced graph of an ONNX export (format=onnx)")
