@@ -52,12 +52,22 @@ def _same_outputs(ckpt, folder):
     moved = folder.parent / f"{folder.name}-moved"
     shutil.move(folder, moved)
     eager, exported = Translator.from_checkpoint(ckpt), Translator.from_checkpoint(moved)
-    sources = [s for s, _ in _val(ckpt)]
+    pairs = _val(ckpt)
+    sources = [s for s, _ in pairs]
     assert exported.translate(sources) == eager.translate(sources)
     assert exported.with_decoding(beam=4).translate(sources) == eager.with_decoding(beam=4).translate(sources)
     ours, theirs = eager.n_best(sources, 1), exported.n_best(sources, 1)
     assert [o[0][1] for o in ours] == [t[0][1] for t in theirs]
     assert [t[0][0] for t in theirs] == pytest.approx([o[0][0] for o in ours], abs=1e-3)
+    prefixes = [" ".join(pairs[i - 1][1].split()[:2]) for i in range(len(pairs))]  # another target's start
+    guides = eager.guides(len(sources), prefixes)
+    steered = eager.with_decoding(beam=4).translate(sources, guides)
+    theirs = exported.with_decoding(beam=4).translate(sources, guides)
+    assert all(out.startswith(p) for out, p in zip(steered + theirs, prefixes * 2, strict=True))
+    assert steered != eager.with_decoding(beam=4).translate(sources)
+    if exported.backend.name.startswith("ctranslate2"):  # it never ends right after a prefix: compare the others
+        theirs, steered = zip(*[(t, s) for t, s, p in zip(theirs, steered, prefixes, strict=True) if s != p])
+    assert theirs == steered
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -134,6 +144,13 @@ def test_series_models_export_to_onnx_with_their_label_probabilities(experiment,
     with pytest.raises(ConfigError, match=r"source encoder \(Standardizer\) gives feature values: export format=onnx"):
         export(tmp_path / "m.ckpt", "ctranslate2", tmp_path / "ct2")
     assert not (tmp_path / "ct2").exists() and not list(tmp_path.glob("ct2.partial-*"))
+
+
+def test_ctranslate2_refuses_lexical_constraints_by_name(checkpoints, tmp_path):
+    export(checkpoints("post-sinusoidal"), "ctranslate2", tmp_path / "ct2", check=None)
+    exported = Translator.from_checkpoint(tmp_path / "ct2")
+    with pytest.raises(ConfigError, match="CTranslate2 has no per-input lexical constraints"):
+        exported.translate(["1 2"], exported.guides(1, include=[["3"]]))
 
 
 def test_components_ctranslate2_cannot_express_are_refused_by_name(tmp_path):

@@ -118,7 +118,10 @@ def convert(model: EncoderDecoder, src_tok: Tokenizer, tgt_tok: Tokenizer, out: 
 
 
 class CTranslate2Model:
-    """A `Backend`: an exported model decoded by CTranslate2 (greedy, beam, sampling), token ids in and out."""
+    """A `Backend`: an exported model decoded by CTranslate2 (greedy, beam, sampling), token ids in and out.
+
+    Target prefixes are CTranslate2's own: its outputs never end right after the prefix, and its scores leave the
+    prefix's log-probability out. It has no per-input lexical constraints."""
 
     device = torch.device("cpu")
 
