@@ -163,6 +163,8 @@ class InferenceConfig:
     max_len_b: int | None = setting(None, "at most a · source length + b output tokens: b (default: the "
                                           "checkpoint's decode.max_len_b)", minimum=0)
     threads: int | None = setting(None, "CPU threads of an exported model's engine (default: torch's)", minimum=1)
+    ensemble: list[str] = setting([], "more checkpoints decoding with `ckpt` as one model (the mean of their "
+                                      "log-probabilities); they must share its tokenizers")
 
 
 @dataclass(frozen=True)

@@ -375,7 +375,13 @@ def _averaged(config: TrainConfig, trainer: L.Trainer, module: Seq2SeqModule, da
 
 
 def _translator(config: InferenceConfig) -> Translator:
-    translator = Translator.from_checkpoint(config.ckpt, config.batch_size, config.threads)
+    if config.ensemble:
+        exports = [p for p in (config.ckpt, *config.ensemble) if is_export(p)]
+        if exports:
+            raise ConfigError(f"an ensemble decodes checkpoints with the core's searches; {exports[0]} is an export")
+        translator = Translator.ensemble([config.ckpt, *config.ensemble], config.batch_size)
+    else:
+        translator = Translator.from_checkpoint(config.ckpt, config.batch_size, config.threads)
     return translator.with_decoding(beam=config.beam, length_penalty=config.length_penalty,
                                     max_len_a=config.max_len_a, max_len_b=config.max_len_b)
 
@@ -402,6 +408,9 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     translator = _translator(config)
     module = translator.module
     module.decoder = translator.decoder
+    first = module.model
+    if config.ensemble:  # validation and test score the ensemble: its loss, and its searches
+        module.model = translator.backend.model
     data = {**module.config.data, **config.data}
     DATASETS.check(data, (), "data")  # an option of another reader is refused here, naming the accepted ones
     reader: Reader = DATASETS.build(data, "data")
@@ -419,12 +428,15 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             results.update(_scores(trainer.validate(module, datamodule=datamodule, verbose=False)))
         if "test" in held_out:
             results.update(_scores(trainer.test(module, datamodule=datamodule, verbose=False)))
+        module.model = first  # the domain's report decodes through the translator; its plots show `ckpt`'s model
         if trainer.is_global_zero:
             results.update(reader.report(translator, root))
             if config.glossary:
                 results.update(_glossary_scores(translator, reader, read_glossary(config.glossary)))
     results.update(_signatures(module))
     results["checkpoint"] = config.ckpt
+    if config.ensemble:
+        results["ensemble"] = [config.ckpt, *config.ensemble]
     if out_dir is not None:
         _write_metrics(trainer, out_dir / "metrics.json", results)
     if trainer.is_global_zero:

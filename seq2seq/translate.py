@@ -108,6 +108,22 @@ class Translator:
         module = Seq2SeqModule.from_checkpoint(path)
         return cls(module, batch_size or module.config.loader.batch_size)
 
+    @classmethod
+    def ensemble(cls, paths: list[str | Path], batch_size: int | None = None) -> Translator:
+        """Checkpoints decoding as one model (`seq2seq.ensemble`): the mean of their log-probabilities. The first
+        checkpoint's config gives the decoding settings; every member must have the same fitted tokenizers."""
+        from seq2seq.ensemble import Ensemble
+
+        modules = [Seq2SeqModule.from_checkpoint(p) for p in paths]
+        first = modules[0]
+        for path, module in zip(paths[1:], modules[1:], strict=True):
+            if module.hparams["tokenizers"] != first.hparams["tokenizers"]:
+                raise ConfigError(f"{path} and {paths[0]} have different fitted tokenizers; the members of an "
+                                  "ensemble must share their vocabularies (train them with the same tokenizer "
+                                  "settings on the same data)")
+        backend = Stepped(Ensemble([m.model for m in modules]), f"eager ensemble of {len(modules)}")
+        return cls(first, batch_size or first.config.loader.batch_size, backend=backend)
+
     def with_decoding(self, **changes: Any) -> Translator:
         """The same model with other `decode:` settings (e.g. `beam=5`); None leaves a setting as it is."""
         changes = {k: v for k, v in changes.items() if v is not None}
@@ -209,11 +225,14 @@ class Translator:
 
     @contextmanager
     def _inference(self) -> Iterator[None]:
-        """The model in eval mode (dropout off) without gradients; the module's mode is restored afterwards."""
-        module, was_training = self.module, self.module.training
-        module.eval()
+        """The model in eval mode (dropout off) without gradients; the modes are restored afterwards."""
+        modules = [m for m in (self.module, getattr(self.backend, "model", None)) if isinstance(m, torch.nn.Module)]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
         try:
             with torch.no_grad():
                 yield
         finally:
-            module.train(was_training)
+            for m, mode in zip(modules, modes, strict=True):
+                m.train(mode)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import sacrebleu
 
-from seq2seq import DataError, Translator, compose, train
+from seq2seq import ConfigError, DataError, Translator, compose, train
 from seq2seq.guides import Term
 from seq2seq_plugins.text import EMBEDDED
 
@@ -117,3 +117,24 @@ def test_prefixes_and_glossary_terms_steer_translate_and_evaluate_reports_term_u
     assert scores["test/glossary/term_usage"] == 1.0 > scores["test/term_usage"]
     assert scores["test/glossary/bleu"] < scores["test/bleu"]  # the forced term is not in the references
 
+
+
+def test_an_ensemble_of_checkpoints_translates_and_evaluates_as_one_model(tiny_run, tmp_path):
+    from seq2seq.pipeline import evaluate
+    from seq2seq.testing import _fit, build
+
+    tmp, module, metrics, pairs = tiny_run
+    sources = list(pairs["ko"][:6])
+    best, last = metrics["best_checkpoint"], str(tmp / "run" / "checkpoints" / "last.ckpt")
+    out = _translate(f"ckpt={best}", f"ensemble=[{last}]", "beam=3", f"hydra.run.dir={tmp / 't4'}",
+                     stdin="\n".join(sources) + "\n").stdout.splitlines()
+    together = Translator.ensemble([best, last]).with_decoding(beam=3)
+    assert together.backend.name == "eager ensemble of 2" and out == together.translate(sources)
+    scores = evaluate(compose([f"ckpt={best}", f"ensemble=[{last}]"], command="evaluate"))
+    alone = evaluate(compose([f"ckpt={best}"], command="evaluate"))
+    assert scores["test/bleu"] > 80 and scores["test/loss"] != alone["test/loss"]  # the ensemble was scored
+
+    other, other_pairs = build(["experiment=reverse", "model.d_model=32", "model.d_ff=64"], 8)  # another vocabulary
+    _fit(other, other_pairs, 1, tmp_path).save_checkpoint(tmp_path / "reverse.ckpt")
+    with pytest.raises(ConfigError, match="different fitted tokenizers"):
+        Translator.ensemble([best, tmp_path / "reverse.ckpt"])
