@@ -1,4 +1,5 @@
-"""Input side of the model: the token embedding (registered as `token`) and the positional encodings.
+"""Input side of the model: the token embedding (registered as `token`) and the positional encodings (added to
+the embeddings, or, for `rope` and `alibi`, applied in self-attention: `seq2seq.attention`).
 
 Shapes: B batch, L sequence length, D model width.
 """
@@ -79,4 +80,19 @@ class LearnedPositions(_Positions):
         return x + self.table.weight[offset : offset + x.shape[1]]
 
 
-POSITIONS = {"sinusoidal": SinusoidalPositions, "learned": LearnedPositions}
+class AttentionPositions(_Positions):
+    """Nothing added: the attention layers place tokens themselves (rotary positions, ALiBi); only the length
+    limit is kept."""
+
+    def __init__(self, d_model: int, max_len: int) -> None:
+        super().__init__()
+        self.max_len = max_len
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        self.check(x.shape[1], offset)
+        return x
+
+
+POSITIONS = {"sinusoidal": SinusoidalPositions, "learned": LearnedPositions, "rope": AttentionPositions,
+             "alibi": AttentionPositions}
+IN_ATTENTION = ("rope", "alibi")  # the kinds self-attention applies

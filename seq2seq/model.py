@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from seq2seq.attention import KVCache, MultiHeadAttention, causal_keep, padding_keep
-from seq2seq.embeddings import POSITIONS
+from seq2seq.embeddings import IN_ATTENTION, POSITIONS
 from seq2seq.errors import ConfigError
 from seq2seq.linear import Linear
 from seq2seq.schema import check, setting
@@ -35,6 +35,9 @@ class ModelSpec:
     block: ClassVar[str] = "model"
     d_model: int = setting(512, "width of every layer", minimum=1)
     n_heads: int = setting(8, "attention heads (must divide d_model)", minimum=1)
+    n_kv_heads: int | None = setting(None, "key/value heads, each shared by n_heads / n_kv_heads query heads "
+                                           "(grouped-query attention; null: n_heads, multi-head attention)",
+                                     minimum=1)
     n_encoder_layers: int = setting(6, "encoder layers", minimum=1)
     n_decoder_layers: int = setting(6, "decoder layers", minimum=1)
     d_ff: int = setting(2048, "inner width of the position-wise feed-forward", minimum=1)
@@ -45,7 +48,8 @@ class ModelSpec:
                                         minimum=0)
     activation: str = setting("relu", "feed-forward activation", choices=ACTIVATIONS)
     norm_first: bool = setting(False, "false: post-norm Add & Norm as in the paper; true: pre-norm")
-    positions: str = setting("sinusoidal", "position encoding", choices=POSITIONS)
+    positions: str = setting("sinusoidal", "position encoding: added to the embeddings (sinusoidal, learned) or "
+                             "applied in self-attention (rope: rotary; alibi: linear biases)", choices=POSITIONS)
     max_positions: int = setting(1024, "longest source or target the model accepts", minimum=1)
     tie_output: bool = setting(True, "the output projection shares the target embedding's weight")
     share_embeddings: bool = setting(False, "one embedding for source and target (needs a joint vocabulary)")
@@ -59,6 +63,18 @@ class ModelSpec:
             raise ConfigError(
                 f"`model.d_model` ({self.d_model}) must be divisible by `model.n_heads` ({self.n_heads})"
             )
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"`model.n_heads` ({self.n_heads}) must be a multiple of `model.n_kv_heads` "
+                              f"({self.n_kv_heads})")
+        if self.positions == "rope" and (self.d_model // self.n_heads) % 2:
+            raise ConfigError(f"`model.positions=rope` rotates pairs of dimensions: the head width d_model / n_heads "
+                              f"({self.d_model // self.n_heads}) must be even")
+
+    def attention(self, self_attention: bool = False) -> MultiHeadAttention:
+        """An attention module of this spec; self-attention carries rotary or ALiBi positions where chosen."""
+        positions = self.positions if self_attention and self.positions in IN_ATTENTION else None
+        return MultiHeadAttention(self.d_model, self.n_heads, self.attention_dropout, self.n_kv_heads, positions,
+                                  self.max_positions)
 
 
 class Dropout(nn.Dropout):
@@ -109,7 +125,7 @@ class _Sublayers(nn.Module):
 class EncoderLayer(_Sublayers):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec, 2)
-        self.self_attn = MultiHeadAttention(spec.d_model, spec.n_heads, spec.attention_dropout)
+        self.self_attn = spec.attention(self_attention=True)
         self.ff = FeedForward(spec)
 
     def forward(self, x: Tensor, keep: Tensor) -> Tensor:
@@ -121,8 +137,8 @@ class EncoderLayer(_Sublayers):
 class DecoderLayer(_Sublayers):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec, 3)
-        self.self_attn = MultiHeadAttention(spec.d_model, spec.n_heads, spec.attention_dropout)
-        self.cross_attn = MultiHeadAttention(spec.d_model, spec.n_heads, spec.attention_dropout)
+        self.self_attn = spec.attention(self_attention=True)
+        self.cross_attn = spec.attention()
         self.ff = FeedForward(spec)
 
     def forward(self, y: Tensor, memory: Tensor, self_keep: Tensor, memory_keep: Tensor) -> Tensor:

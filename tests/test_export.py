@@ -22,6 +22,8 @@ VARIANTS = {"post-sinusoidal": ["model.norm_first=false", "model.positions=sinus
             "pre-learned": ["model.norm_first=true", "model.positions=learned"],
             "pre-sinusoidal": ["model.norm_first=true", "model.positions=sinusoidal"],
             "post-learned": ["model.norm_first=false", "model.positions=learned", "model.activation=gelu"]}
+ATTENTION = {"rope-gqa": ["model.norm_first=true", "model.positions=rope", "model.n_kv_heads=2"],
+             "alibi": ["model.norm_first=false", "model.positions=alibi"]}  # ONNX only: CTranslate2 refuses them
 TINY = ["model.d_model=32", "model.d_ff=64"]
 SLOW_ONNX = ("pre-sinusoidal", "post-learned", "pre-learned")  # seconds a graph: one variant in the quick loop
 
@@ -34,7 +36,7 @@ def checkpoints(tmp_path_factory):
     def make(variant: str):
         if variant not in made:
             root = tmp_path_factory.mktemp(variant)
-            module, pairs = build(["experiment=reverse", *TINY, *VARIANTS[variant]], 64)
+            module, pairs = build(["experiment=reverse", *TINY, *{**VARIANTS, **ATTENTION}[variant]], 64)
             _fit(module, pairs, 30, root).save_checkpoint(root / "model.ckpt")
             made[variant] = root / "model.ckpt"
         return made[variant]
@@ -90,6 +92,17 @@ def test_onnx_export_decodes_token_for_token_with_the_core_search(checkpoints, v
     assert report["greedy_agreement"] == report["beam4_agreement"] == 1.0 and report["max_logprob_diff"] < 1e-4
     assert Translator.from_checkpoint(tmp_path / "onnx").backend.name == "onnx"
     _same_outputs(ckpt, tmp_path / "onnx")
+
+
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=[pytest.mark.slow] if v == "alibi" else [])
+                                     for v in ATTENTION])
+def test_rotary_alibi_and_grouped_query_models_export_to_onnx_and_not_to_ctranslate2(checkpoints, variant, tmp_path):
+    ckpt = checkpoints(variant)
+    report = export(ckpt, "onnx", tmp_path / "onnx", check_limit=60)["parity"]
+    assert report["greedy_agreement"] == report["beam4_agreement"] == 1.0 and report["max_logprob_diff"] < 1e-4
+    _same_outputs(ckpt, tmp_path / "onnx")
+    with pytest.raises(ConfigError, match=r"CTranslate2's encoder-decoder Transformer takes added position tables"):
+        export(ckpt, "ctranslate2", tmp_path / "ct2")
 
 
 def test_int8_export_reports_its_agreement_and_test_metrics_against_full_precision(checkpoints, tmp_path):

@@ -84,7 +84,9 @@ def load(path: str | Path, batch_size: int | None = None, threads: int | None = 
     if manifest["format"] == "onnx":
         from seq2seq.export.onnx import OnnxModel
 
-        backend: Any = Stepped(OnnxModel(path, spec.n_decoder_layers, spec.n_heads, spec.d_model, threads), "onnx")
+        graphs = OnnxModel(path, spec.n_decoder_layers, spec.n_kv_heads or spec.n_heads, spec.d_model // spec.n_heads,
+                           threads)
+        backend: Any = Stepped(graphs, "onnx")
     else:
         from seq2seq.export.ctranslate2 import CTranslate2Model
 

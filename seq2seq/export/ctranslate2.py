@@ -42,6 +42,11 @@ def _refuse(model: EncoderDecoder, src_tok: object) -> None:
                           "gives feature values: export format=onnx")
     if model.future_steps:
         raise ConfigError("CTranslate2's decoder has no input for known-future covariates: export format=onnx")
+    spec = model.spec
+    if spec.positions not in ("sinusoidal", "learned") or spec.n_kv_heads not in (None, spec.n_heads):
+        raise ConfigError(f"CTranslate2's encoder-decoder Transformer takes added position tables and multi-head "
+                          f"attention; this model has `model.positions={spec.positions}`, `model.n_kv_heads="
+                          f"{spec.n_kv_heads}`: export format=onnx")
     for where, module, kind in (("source embedding", model.src_embed, TokenEmbedding),
                                 ("target embedding", model.tgt_embed, TokenEmbedding),
                                 ("output head", model.head, LinearHead)):

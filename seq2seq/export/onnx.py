@@ -39,6 +39,10 @@ class _GrowingCache:
     def append(self, k: Tensor, v: Tensor) -> None:
         self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
 
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
     def keys_values(self) -> tuple[Tensor, Tensor]:
         return self.k, self.v
 
@@ -172,7 +176,7 @@ class OnnxModel:
 
     device = torch.device("cpu")
 
-    def __init__(self, path: Path, n_layers: int, n_heads: int, d_model: int, threads: int | None = None) -> None:
+    def __init__(self, path: Path, n_layers: int, n_kv_heads: int, head_dim: int, threads: int | None = None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -185,7 +189,7 @@ class OnnxModel:
 
         self.encoder, self.step = session(ENCODER), session(STEP)
         self.forward = session(FORWARD) if (path / FORWARD).is_file() else None
-        self.n_layers, self.n_heads, self.head_dim = n_layers, n_heads, d_model // n_heads
+        self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.future = "future" in {o.name for o in self.encoder.get_outputs()}
         self._step_names = ["tokens", "src_keep", *_names("memory", n_layers), *_names("past", n_layers)]
 
@@ -194,7 +198,7 @@ class OnnxModel:
 
     def start_decoding(self, memory: list[np.ndarray], src_keep: Tensor, max_len: int, beam: int = 1) -> OnnxState:
         rows = src_keep.shape[0] * beam
-        empty = np.zeros((rows, self.n_heads, 0, self.head_dim), dtype=np.float32)
+        empty = np.zeros((rows, self.n_kv_heads, 0, self.head_dim), dtype=np.float32)
         kv, future = memory[: 2 * self.n_layers], None
         if self.future:  # one row per hypothesis, as the eager model's state holds them
             future = np.repeat(memory[-1], beam, axis=0)
