@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from transformers import MarianConfig, MarianMTModel
 
 from seq2seq import compose
+from seq2seq.config import resolve_precision
 from seq2seq.data import Collate, TrainingBatches
 from seq2seq.module import fit_tokenizers, load_tokenizers
 from seq2seq.registry import DATASETS
@@ -31,9 +32,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=0, help="compare with our run at the same `seed=`")
+    parser.add_argument("--precision", default="auto", choices=("auto", "32-true", "bf16-mixed"),
+                        help="as `trainer.precision`; auto: what our run would choose on this machine")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    cfg = compose(["experiment=translate_ko_en", f"seed={args.seed}"])
+    cfg = compose(["experiment=translate_ko_en", f"seed={args.seed}", f"trainer.precision={args.precision}"])
+    precision, why = resolve_precision(cfg.trainer)
+    print(f"precision {precision} ({why})")
     m, o, lo = cfg["model"], cfg["optim"], cfg["loader"]
     reader = DATASETS.build(cfg["data"], "data")
     train, test = reader.read("train").pairs, reader.read("test").pairs
@@ -64,10 +69,11 @@ def main() -> None:
         sampler.set_epoch(epoch)
         for batch_ids in sampler:
             b = collate([examples[i] for i in batch_ids])
-            out = model(input_ids=b.src, attention_mask=b.src_keep.long(), decoder_input_ids=b.tgt_in,
-                        decoder_attention_mask=b.tgt_keep.long())
+            with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-mixed"):
+                out = model(input_ids=b.src, attention_mask=b.src_keep.long(), decoder_input_ids=b.tgt_in,
+                            decoder_attention_mask=b.tgt_keep.long())
             keep = b.tgt_keep
-            loss = F.cross_entropy(out.logits[keep], b.tgt_out[keep], label_smoothing=o["label_smoothing"])
+            loss = F.cross_entropy(out.logits[keep].float(), b.tgt_out[keep], label_smoothing=o["label_smoothing"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["trainer"]["gradient_clip_val"])
