@@ -3,6 +3,9 @@
     POST /translate  {"text": ["...", ...] or "...", "beam": 5, "n_best": 1}
                   -> {"translations": ["...", ...], "backend": "ctranslate2 int8"}
                      (n_best > 1: a list of {"text", "score"} per source, best first)
+                     optional, one entry per source (for a single "text", the entry itself): "prefix" (a string or
+                     null: the output starts with it), "include" and "exclude" (lists of phrases it must and must
+                     not contain; `seq2seq.guides`)
     GET  /health  -> {"status": "ok", "backend": ..., "queued": sources waiting}
 
 FastAPI with uvicorn rather than LitServe: the service is one model in one process, and what it needs beyond HTTP is
@@ -31,6 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from seq2seq.errors import DataError
+from seq2seq.guides import Guide
 from seq2seq.translate import Translator
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,7 @@ class _Job:
     sources: list[str]
     beam: int | None
     n_best: int
+    guides: list[Guide] | None
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -62,8 +67,9 @@ class Batcher:
         self.queued = 0
         self._by_beam: dict[int | None, Translator] = {None: translator}
 
-    async def submit(self, sources: list[str], beam: int | None, n_best: int) -> list[Any]:
-        job = _Job(sources, beam, n_best)
+    async def submit(self, sources: list[str], beam: int | None, n_best: int,
+                     guides: list[Guide] | None = None) -> list[Any]:
+        job = _Job(sources, beam, n_best, guides)
         self.queued += len(sources)
         await self.queue.put(job)
         return await job.done
@@ -81,14 +87,14 @@ class Batcher:
             size += len(job.sources)
         return jobs
 
-    def _decode(self, beam: int | None, n_best: int, sources: list[str]) -> list[Any]:
+    def _decode(self, beam: int | None, n_best: int, sources: list[str], guides: list[Guide] | None) -> list[Any]:
         if beam not in self._by_beam:
             self._by_beam[beam] = self.translator.with_decoding(beam=beam)
         translator = self._by_beam[beam]
         if n_best == 1:
-            return translator.translate(sources)
+            return translator.translate(sources, guides)
         return [[{"text": text, "score": score} for score, text in found]
-                for found in translator.n_best(sources, n_best)]
+                for found in translator.n_best(sources, n_best, guides)]
 
     async def run(self) -> None:
         while True:
@@ -97,8 +103,11 @@ class Batcher:
             for (_, n_best), group in itertools.groupby(sorted(jobs, key=key), key=key):
                 group = list(group)
                 sources = [s for job in group for s in job.sources]
+                guides = None  # requests without guides share a batch with those with them, as Guide()s
+                if any(job.guides for job in group):
+                    guides = [g for job in group for g in (job.guides or [Guide()] * len(job.sources))]
                 try:
-                    outputs = await asyncio.to_thread(self._decode, group[0].beam, n_best, sources)
+                    outputs = await asyncio.to_thread(self._decode, group[0].beam, n_best, sources, guides)
                 except Exception as err:
                     log.exception("decoding a batch of %d sources failed", len(sources))
                     for job in group:
@@ -133,18 +142,50 @@ def _text_problem(data: dict, limits: Limits) -> tuple[int, str] | None:
     return None
 
 
+GUIDES = ("prefix", "include", "exclude")
+
+
+def _guide_problem(data: dict) -> str | None:
+    one = isinstance(data["text"], str)
+    n = 1 if one else len(data["text"])
+    for name in GUIDES:
+        if name not in data:
+            continue
+        entries = [data[name]] if one else data[name]
+        if not isinstance(entries, list) or len(entries) != n:
+            return f'"{name}" must have one entry per source ({n})' + ("" if one else ", in a list")
+        for i, entry in enumerate(entries):
+            ok = (entry is None or isinstance(entry, str)) if name == "prefix" else (
+                isinstance(entry, list) and all(isinstance(p, str) and p.strip() for p in entry))
+            if not ok:
+                kind = "a string or null" if name == "prefix" else "a list of non-empty strings"
+                return f'"{name}"{"" if one else f"[{i}]"} must be {kind}, got {entry!r}'
+    return None
+
+
+def _guides(translator: Translator, data: dict, n: int) -> list[Guide] | None:
+    if not any(name in data for name in GUIDES):
+        return None
+    given = {name: ([data[name]] if isinstance(data["text"], str) else data[name]) if name in data else None
+             for name in GUIDES}
+    return translator.guides(n, given["prefix"], given["include"], given["exclude"])
+
+
 def _problem(data: Any, limits: Limits) -> tuple[int, str] | None:
     """(status, message) for a request body that cannot be served, else None."""
     if not isinstance(data, dict):
         return 422, 'the body must be a JSON object, e.g. {"text": ["..."]}'
-    unknown = sorted(set(data) - {"text", "beam", "n_best"})
+    unknown = sorted(set(data) - {"text", "beam", "n_best", *GUIDES})
     if unknown:
-        return 422, f"unknown field(s) {unknown}; the fields are text, beam, n_best"
+        return 422, f"unknown field(s) {unknown}; the fields are text, beam, n_best, prefix, include, exclude"
     for name, top in (("beam", 64), ("n_best", 16)):
         value = data.get(name)
         if value is not None and (type(value) is not int or not 1 <= value <= top):
             return 422, f'"{name}" must be an integer from 1 to {top}, got {value!r}'
-    return _text_problem(data, limits)
+    if (problem := _text_problem(data, limits)) is not None:
+        return problem
+    message = _guide_problem(data)
+    return None if message is None else (422, message)
 
 
 async def _body(request: Request, limit: int) -> bytes | None:
@@ -193,10 +234,11 @@ def create_app(translator: Translator, limits: Limits = Limits()) -> FastAPI:
         texts = [data["text"]] if isinstance(data["text"], str) else data["text"]
         try:
             translator.encode(texts)  # too many tokens for the model: this request's error alone
+            guides = _guides(translator, data, len(texts))
         except DataError as err:
             return error(422, str(err))
         try:
-            outputs = await batcher.submit(texts, data.get("beam"), data.get("n_best") or 1)
+            outputs = await batcher.submit(texts, data.get("beam"), data.get("n_best") or 1, guides)
         except Exception as err:
             return error(500, f"decoding failed: {type(err).__name__}: {err}")
         return JSONResponse({"translations": outputs, "backend": translator.backend.name})

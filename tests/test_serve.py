@@ -40,6 +40,16 @@ def test_translations_come_back_as_the_translator_gives_them(trained):
         expected = translator.with_decoding(beam=4).n_best(SOURCES[:2], 3)
         assert [[h["text"] for h in hyps] for hyps in best] == [[t for _, t in hyps] for hyps in expected]
         assert [h["score"] for hyps in best for h in hyps] == pytest.approx([s for hyps in expected for s, _ in hyps])
+        # Prefixes and constraints, one entry per source; a request without them shares the batch unchanged.
+        steer = {"text": SOURCES[:3], "beam": 3, "prefix": ["9 9", None, None], "include": [[], ["5 5"], []],
+                 "exclude": [[], [], ["9"]]}
+        guided = client.post("/translate", json=steer).json()["translations"]
+        beam = translator.with_decoding(beam=3)
+        assert guided == beam.translate(SOURCES[:3], beam.guides(3, steer["prefix"], steer["include"],
+                                                                 steer["exclude"]))
+        assert guided[0].startswith("9 9") and "5 5" in guided[1] and "9" not in guided[2].split()
+        one = client.post("/translate", json={"text": SOURCES[0], "prefix": "7"}).json()["translations"]
+        assert one == translator.translate(SOURCES[:1], translator.guides(1, ["7"])) and one[0].startswith("7")
 
 
 BAD = [
@@ -56,6 +66,10 @@ BAD = [
     ({"text": "1 x 2"}, 422, "symbol 'x' in '1 x 2' is not in the vocabulary"),
     ({"text": " ".join(["1"] * 29)}, 422, "longer than the model's 28 positions"),
     ([1, 2], 422, "the body must be a JSON object"),
+    ({"text": ["1", "2"], "prefix": ["3"]}, 422, '"prefix" must have one entry per source (2), in a list'),
+    ({"text": "1 2", "include": "3"}, 422, '"include" must be a list of non-empty strings, got \'3\''),
+    ({"text": ["1"], "exclude": [[""]]}, 422, '"exclude"[0] must be a list of non-empty strings'),
+    ({"text": "1 2", "prefix": 3}, 422, '"prefix" must be a string or null, got 3'),
 ]
 
 
