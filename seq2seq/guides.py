@@ -87,10 +87,6 @@ class Guides:
         self.current = torch.full_like(self.total, -1)  # (R,) the phrase in progress, or -1
         self.matched = torch.zeros_like(self.total)  # (R,) tokens of it produced so far
 
-    @property
-    def prefix_length(self) -> int:
-        return int((self.prefix >= 0).sum(-1).max())
-
     def progress(self) -> Tensor:
         """(R,) constraint tokens each row has produced."""
         return (self.lengths * self.met).sum(-1) + self.matched
@@ -112,8 +108,8 @@ class Guides:
             return
         before, last = self.exclude[..., :-1], self.exclude[..., -1]  # (R, Q, E - 1), (R, Q)
         n = before.shape[-1]
-        context = F.pad(tokens[:, tokens.shape[1] - n :] if n else tokens[:, :0], (n - min(n, tokens.shape[1]), 0),
-                        value=-2)  # (R, E - 1): the last tokens, -2 before the first
+        last_tokens = tokens[:, max(0, tokens.shape[1] - n) :] if n else tokens[:, :0]
+        context = F.pad(last_tokens, (n - last_tokens.shape[1], 0), value=-2)  # (R, E - 1), -2 before the first
         hit = (((before == context[:, None]) | (before < 0)).all(-1) & (last >= 0)).nonzero()  # (M, 2) (row, phrase)
         logits[hit[:, 0], last[hit[:, 0], hit[:, 1]]] = float("-inf")
 

@@ -29,6 +29,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import OmegaConf
+from torch import Tensor
 
 from seq2seq.checkpoints import (
     AtomicCheckpointIO,
@@ -106,7 +107,20 @@ class EMAWeights(EMAWeightAveraging):
     """Lightning's EMA of the weights: swapped in for validation, and checkpoints hold it as their `state_dict`
     (what evaluate, translate and export load) with the trained weights beside it (what a resumed run trains on).
     Here it is swapped in for testing too, and the end of training leaves the trained weights in the module, so a
-    checkpoint written then (last.ckpt) still resumes from them; `use_average` puts the EMA in for good."""
+    checkpoint written then (last.ckpt) still resumes from them; `use_average` puts the EMA in for good.
+
+    With `warmup`, update n (from 1) uses the decay min(d, (1 + n) / (10 + n)), as TensorFlow's
+    ExponentialMovingAverage does given the step: with a fixed d the first weights, barely trained, keep a share
+    d^n of the average (15% after 950 steps at 0.998; translate_ko_en's test BLEU fell from 20.2 to 5.7)."""
+
+    def __init__(self, decay: float, warmup: bool = True, **kwargs: Any) -> None:
+        super().__init__(decay=decay, **kwargs)
+        if warmup:
+            def avg_fn(ema: Tensor, current: Tensor, n: Tensor) -> Tensor:
+                d = min(decay, (1 + int(n)) / (10 + int(n)))
+                return ema + (current - ema) * (1 - d)
+
+            self._kwargs["avg_fn"] = avg_fn
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass
@@ -160,7 +174,7 @@ def _fit_trainer(config: TrainConfig, run_dir: Path) -> L.Trainer:
     if config.optim.ema_decay is not None:  # swapped in for validation; checkpoints hold it as their weights
         # parameters only: the buffers (position tables, loss weights) are constants, which averaging would
         # round in the last bit
-        callbacks.append(EMAWeights(decay=config.optim.ema_decay, use_buffers=False))
+        callbacks.append(EMAWeights(config.optim.ema_decay, config.optim.ema_warmup, use_buffers=False))
     if config.average_last:  # the weights of the last N validations, for `_averaged`; whole checkpoints, since
         # Lightning leaves callbacks (the EMA weights) out of weights-only ones
         callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="step{step}", monitor="step", mode="max",
