@@ -13,6 +13,7 @@ split greedily (`max_new_tokens` = 1.5 · source + 10) and scores it with sacreb
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import sacrebleu
@@ -39,8 +40,8 @@ def main() -> None:
     cfg = compose(["experiment=translate_ko_en", f"seed={args.seed}", f"trainer.precision={args.precision}"])
     precision, why = resolve_precision(cfg.trainer)
     print(f"precision {precision} ({why})")
-    m, o, lo = cfg["model"], cfg["optim"], cfg["loader"]
-    reader = DATASETS.build(cfg["data"], "data")
+    m, o, lo = (dataclasses.asdict(block) for block in (cfg.model, cfg.optim, cfg.loader))
+    reader = DATASETS.build(cfg.data, "data")
     train, test = reader.read("train").pairs, reader.read("test").pairs
     tok, _ = load_tokenizers(cfg, fit_tokenizers(cfg, train))
     def fits(src: str, tgt: str) -> bool:  # the length limits our data module applies (it counts the rest)
@@ -76,7 +77,7 @@ def main() -> None:
             loss = F.cross_entropy(out.logits[keep].float(), b.tgt_out[keep], label_smoothing=o["label_smoothing"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["trainer"]["gradient_clip_val"])
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
             optimizer.step()
             scheduler.step()
             steps, tokens = steps + 1, tokens + int(keep.sum())
@@ -89,7 +90,7 @@ def main() -> None:
         for start in range(0, len(test), 64):
             srcs = [tok.encode(s) for s, _ in test[start : start + 64]]
             b = collate([(s, torch.empty(0, dtype=torch.long)) for s in srcs])
-            budget = int(cfg["decode"]["max_len_a"] * b.src.shape[1] + cfg["decode"]["max_len_b"])
+            budget = int(cfg.decode.max_len_a * b.src.shape[1] + cfg.decode.max_len_b)
             gen = model.generate(input_ids=b.src, attention_mask=b.src_keep.long(), num_beams=1, do_sample=False,
                                  max_new_tokens=budget)
             hyps += [tok.decode(row.tolist()) for row in gen]
