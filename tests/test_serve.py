@@ -94,9 +94,9 @@ def test_concurrent_requests_are_batched_and_every_one_is_answered(trained, monk
     batches = []
     decode = Batcher._decode
 
-    def counted(self, beam, n_best, sources):
+    def counted(self, beam, n_best, sources, guides):
         batches.append(len(sources))
-        return decode(self, beam, n_best, sources)
+        return decode(self, beam, n_best, sources, guides)
 
     monkeypatch.setattr(Batcher, "_decode", counted)
     requests = [SOURCES[i % len(SOURCES)] for i in range(48)]
@@ -116,10 +116,10 @@ def test_shutdown_answers_the_requests_in_flight(trained, monkeypatch):
     started = threading.Event()
     decode = Batcher._decode
 
-    def slow(self, beam, n_best, sources):
+    def slow(self, beam, n_best, sources, guides):
         started.set()
         time.sleep(1.0)
-        return decode(self, beam, n_best, sources)
+        return decode(self, beam, n_best, sources, guides)
 
     monkeypatch.setattr(Batcher, "_decode", slow)
     replies = []
