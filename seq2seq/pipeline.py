@@ -57,8 +57,8 @@ from seq2seq.domain import Reader
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.export import export as export_model
 from seq2seq.export import is_export, require
-from seq2seq.metrics import signatures
 from seq2seq.guides import Term, matching_terms, read_glossary, term_usage
+from seq2seq.metrics import signatures
 from seq2seq.module import Seq2SeqModule
 from seq2seq.prepared import Prepared, obtain, prepare_dataset
 from seq2seq.registry import DATASETS, METRICS
@@ -479,7 +479,8 @@ def _glossary_scores(translator: Translator, reader: Reader, glossary: list[Term
         used, expected = term_usage([tok.decode(o) for o in outputs], terms)
         results[f"{prefix}/term_usage"] = used / max(expected, 1)
     log.info("glossary: %d expected target terms in the test split; used %.1f%% without constraints, %.1f%% with",
-             results["test/glossary/terms"], 100 * results["test/term_usage"], 100 * results["test/glossary/term_usage"])
+             results["test/glossary/terms"], 100 * results["test/term_usage"],
+             100 * results["test/glossary/term_usage"])
     return results
 
 

@@ -68,7 +68,8 @@ def _same_outputs(ckpt, folder):
     assert all(out.startswith(p) for out, p in zip(steered + theirs, prefixes * 2, strict=True))
     assert steered != eager.with_decoding(beam=4).translate(sources)
     if exported.backend.name.startswith("ctranslate2"):  # it never ends right after a prefix: compare the others
-        theirs, steered = zip(*[(t, s) for t, s, p in zip(theirs, steered, prefixes, strict=True) if s != p])
+        theirs, steered = zip(*[(t, s) for t, s, p in zip(theirs, steered, prefixes, strict=True) if s != p],
+                              strict=True)
     assert theirs == steered
 
 

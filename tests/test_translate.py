@@ -123,7 +123,7 @@ def test_an_ensemble_of_checkpoints_translates_and_evaluates_as_one_model(tiny_r
     from seq2seq.pipeline import evaluate
     from seq2seq.testing import _fit, build
 
-    tmp, module, metrics, pairs = tiny_run
+    tmp, _, metrics, pairs = tiny_run
     sources = list(pairs["ko"][:6])
     best, last = metrics["best_checkpoint"], str(tmp / "run" / "checkpoints" / "last.ckpt")
     out = _translate(f"ckpt={best}", f"ensemble=[{last}]", "beam=3", f"hydra.run.dir={tmp / 't4'}",
