@@ -168,14 +168,9 @@ class Guides:
         self.met, self.current, self.matched = met.reshape(-1, P)[flat], current.view(-1)[flat], matched.view(-1)[flat]
         return best
 
-    def reorder(self, rows: Tensor) -> None:
-        """Row i continues row rows[i] (greedy search keeps rows; only beam search moves them)."""
-        self.met, self.current, self.matched = self.met[rows], self.current[rows], self.matched[rows]
-
     def complete(self) -> Tensor:
         """(R,) True where a row has met all of its constraints."""
         return self.progress() >= self.total
-
 
 
 @dataclass(frozen=True)

@@ -169,9 +169,15 @@ class Translator:
         for name, given in (("prefixes", prefixes), ("include", include), ("exclude", exclude)):
             if given is not None and len(given) != n:
                 raise DataError(f"{len(given)} {name} for {n} inputs; give one per input (None or [] for none)")
-        return [Guide(prefix=ids(prefixes[i]) if prefixes else (),
-                      include=tuple(ids(p) for p in include[i]) if include else (),
-                      exclude=tuple(ids(p) for p in exclude[i]) if exclude else ()) for i in range(n)]
+        guides = []
+        for i in range(n):
+            try:
+                guides.append(Guide(prefix=ids(prefixes[i]) if prefixes else (),
+                                    include=tuple(ids(p) for p in include[i]) if include else (),
+                                    exclude=tuple(ids(p) for p in exclude[i]) if exclude else ()))
+            except DataError as err:
+                raise DataError(f"input {i + 1}: {err}") from None
+        return guides
 
     def tokens(self, sources: list[Any], guides: list[Guide] | None = None) -> list[list[int]]:
         """The decoded token ids of each source, cut at EOS, in input order; `guides` (one per source, see

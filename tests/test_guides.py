@@ -172,6 +172,17 @@ def test_an_empty_phrase_is_refused():
         Guide(exclude=((4,), ()))
 
 
+def test_translator_guides_name_the_input_whose_phrase_is_empty():
+    from seq2seq import Translator
+    from seq2seq.testing import build
+
+    translator = Translator(build(["experiment=reverse", "model.d_model=32", "model.d_ff=64"], 8)[0])
+    with pytest.raises(DataError, match=r"input 2: an `include` phrase is empty"):
+        translator.guides(2, include=[["1"], [" "]])
+    with pytest.raises(DataError, match=r"1 prefixes for 2 inputs"):
+        translator.guides(2, prefixes=["1"])
+
+
 def test_a_glossary_line_without_a_tab_or_with_an_empty_term_is_refused_by_line(tmp_path):
     (tmp_path / "g.tsv").write_text("서울\tSeoul\n\n부산 Busan\n\tempty\n대구\t \n")
     with pytest.raises(DataError, match=r"3 bad line\(s\): line 3: 0 tabs.*line 4: empty source term; "
