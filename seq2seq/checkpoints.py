@@ -72,9 +72,13 @@ warnings.filterwarnings("ignore", message=r"`\.fit\(ckpt_path=None\)` was called
 warnings.filterwarnings("ignore", message=r'\.fit\(ckpt_path="last"\) is set, but there is no last checkpoint')
 
 
+DERIVED = ("averaged.ckpt", "trained.ckpt")  # written from other checkpoints after training, for scoring
+
+
 def newest_checkpoint(run_dir: Path) -> Path:
-    """The most recently written checkpoint of a run (partial writes are never named *.ckpt)."""
-    found = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+    """The most recently written checkpoint of a run that training wrote (partial writes are never named *.ckpt)."""
+    found = sorted((p for p in (run_dir / "checkpoints").glob("*.ckpt") if p.name not in DERIVED),
+                   key=lambda p: p.stat().st_mtime_ns)
     if not found:
         raise ConfigError(f"`resume={run_dir}`: no checkpoint in {run_dir / 'checkpoints'}")
     return found[-1]
@@ -136,8 +140,18 @@ def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
         for ckpt in ckpts:
             total += ckpt["state_dict"][name].double()
         state[name] = (total / len(ckpts)).to(value.dtype)
-    kept = ("hyper_parameters", "pytorch-lightning_version", "epoch", "global_step", "seq2seq")
-    averaged = {key: last[key] for key in kept if key in last}
-    averaged["state_dict"] = state
+    averaged = weights_checkpoint(last, state)
     averaged.setdefault("seq2seq", {})["averaged"] = [str(path) for path in paths]
     return averaged
+
+
+def weights_checkpoint(ckpt: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """`ckpt` with the weights `state` and without its optimizer and loop states: it scores, decodes and exports
+    but does not resume. Its callback state is empty, not absent, so that Lightning runs the callbacks'
+    `on_load_checkpoint` when a trainer loads it; a checkpoint of an EMA run gets `state` in both of the EMA
+    callback's slots, which then takes it as its average too."""
+    kept = ("hyper_parameters", "pytorch-lightning_version", "epoch", "global_step", "seq2seq", "averaging_state")
+    weights = {**{key: ckpt[key] for key in kept if key in ckpt}, "state_dict": state, "callbacks": {}}
+    if "averaging_state" in weights:
+        weights["current_model_state"] = state
+    return weights

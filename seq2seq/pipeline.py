@@ -35,8 +35,10 @@ from seq2seq.checkpoints import (
     AtomicCheckpointIO,
     InterruptCheckpoint,
     average_checkpoints,
+    read_checkpoint,
     refuse_reuse,
     resume_point,
+    weights_checkpoint,
 )
 from seq2seq.config import (
     AverageConfig,
@@ -258,23 +260,35 @@ def _signatures(module: Seq2SeqModule) -> dict[str, dict[str, str]]:
 
 def _held_out_scores(config: TrainConfig, trainer: L.Trainer, module: Seq2SeqModule, datamodule: Seq2SeqDataModule,
                      run_dir: Path, splits: list[str]) -> tuple[str, dict[str, Any]]:
-    """After fitting: the weights to keep (the best checkpoint, or the average of the last validations when it
-    validates better) and their scores on every held-out split; the module is left holding those weights."""
+    """After fitting: the weights to keep and their scores on every held-out split; the module is left holding them.
+
+    The best checkpoint, or what validates better on `monitor.metric` (a tie keeps the best checkpoint): the
+    average of the last validations (`average_last`), and with EMA the trained weights beside the best checkpoint's
+    EMA. Every candidate is tested too, for the record (`candidates` in metrics.json)."""
     best, results = _best_checkpoint(config, trainer, module, datamodule, run_dir) if "val" in splits else ("", {})
     if "val" in splits and not results:
         results = _scores(trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False))
-    candidates: dict[str, dict[str, float]] = {}
+    candidates = {best: dict(results)}
     if config.average_last and "val" in splits:
-        best, results, candidates = _averaged(config, trainer, module, datamodule, run_dir, best, results)
+        candidates.update(_averaged(config, trainer, module, datamodule, run_dir))
+    emas = [c for c in trainer.callbacks if isinstance(c, EMAWeights)]
+    if emas and best:
+        candidates.update(_trained(trainer, module, datamodule, run_dir, best))
+    if len(candidates) > 1:
+        metric, sign = config.monitor.metric, 1 if config.monitor.mode == "max" else -1
+        best = max(candidates, key=lambda path: sign * candidates[path][metric])  # the first of a tie
+        log.info("weights kept: %s (%s)", Path(best).name, ", ".join(
+            f"{Path(path).name} {metric}={scores[metric]:.4f}" for path, scores in candidates.items()))
+        results = dict(candidates[best])
     if "test" in splits:
         for path in [p for p in candidates if p != best]:  # scored for the record, before the chosen weights,
             candidates[path].update(_scores(  # which the module keeps when tested last
                 trainer.test(module, datamodule=datamodule, ckpt_path=path, verbose=False)))
         results.update(_scores(trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)))
-    if candidates:
+    if len(candidates) > 1:
         candidates[best] = dict(results)
         results["candidates"] = {Path(path).name: scores for path, scores in candidates.items()}
-    for ema in (c for c in trainer.callbacks if isinstance(c, EMAWeights)):
+    for ema in emas:
         ema.use_average(module)  # what was scored last
     return best, results
 
@@ -359,9 +373,9 @@ def _best_checkpoint(config: TrainConfig, trainer: L.Trainer, module: Seq2SeqMod
 
 
 def _averaged(config: TrainConfig, trainer: L.Trainer, module: Seq2SeqModule, datamodule: Seq2SeqDataModule,
-              run_dir: Path, best: str, scores: dict[str, float]) -> tuple[str, dict[str, float], dict[str, dict]]:
-    """Average the weights of the last `average_last` validations into checkpoints/averaged.ckpt and validate it;
-    the better of it and `best` on `monitor.metric`, its validation scores, and both candidates' scores."""
+              run_dir: Path) -> dict[str, dict[str, float]]:
+    """The weights of the last `average_last` validations averaged into checkpoints/averaged.ckpt, and their
+    validation scores; nothing when fewer than two validations were kept."""
     checkpoints = run_dir / "checkpoints"  # what the `average_last` ModelCheckpoint keeps, by step
     steps = sorted((int(path.stem.removeprefix("step")), path) for path in checkpoints.glob("step*.ckpt"))
     if not steps or steps[-1][0] < trainer.global_step:  # training ended after the last validation: its final
@@ -374,18 +388,27 @@ def _averaged(config: TrainConfig, trainer: L.Trainer, module: Seq2SeqModule, da
     paths = [path for _, path in steps]
     if len(paths) < 2:
         log.info("average_last: %d validation(s), nothing to average", len(paths))
-        return best, scores, {}
+        return {}
     averaged = checkpoints / "averaged.ckpt"
     if trainer.is_global_zero:
         average(AverageConfig(ckpts=[str(p) for p in paths], output=str(averaged)))
     trainer.strategy.barrier("averaged")
-    averaged_scores = _scores(trainer.validate(module, datamodule=datamodule, ckpt_path=averaged, verbose=False))
-    metric, sign = config.monitor.metric, 1 if config.monitor.mode == "max" else -1
-    better = sign * averaged_scores[metric] > sign * scores[metric]
-    log.info("average of the last %d validations' weights: %s=%.4f against the best checkpoint's %.4f; using %s",
-             len(paths), metric, averaged_scores[metric], scores[metric], "the average" if better else "the best")
-    candidates = {best: dict(scores), str(averaged): averaged_scores}
-    return (str(averaged), averaged_scores, candidates) if better else (best, scores, candidates)
+    return {str(averaged): _scores(trainer.validate(module, datamodule=datamodule, ckpt_path=averaged,
+                                                    verbose=False))}
+
+
+def _trained(trainer: L.Trainer, module: Seq2SeqModule, datamodule: Seq2SeqDataModule, run_dir: Path,
+             best: str) -> dict[str, dict[str, float]]:
+    """With EMA: the trained weights that the best checkpoint keeps beside its EMA, as checkpoints/trained.ckpt
+    (it does not resume), and their validation scores."""
+    trained = run_dir / "checkpoints" / "trained.ckpt"
+    if trainer.is_global_zero:
+        checkpoint = read_checkpoint(best)
+        AtomicCheckpointIO().save_checkpoint(weights_checkpoint(checkpoint, checkpoint["current_model_state"]),
+                                             trained)
+    trainer.strategy.barrier("trained")
+    return {str(trained): _scores(trainer.validate(module, datamodule=datamodule, ckpt_path=trained,
+                                                   verbose=False))}
 
 
 def _translator(config: InferenceConfig) -> Translator:

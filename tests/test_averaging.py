@@ -121,17 +121,28 @@ def test_ema_weights_follow_the_update_rule_and_checkpoints_hold_them(tmp_path, 
     assert not torch.equal(ckpt["state_dict"]["model.encoder.0.ff.w1.weight"], seen[-1]["model.encoder.0.ff.w1.weight"])
 
 
-def test_ema_weights_are_what_training_scores_and_what_the_checkpoint_gives_others(tmp_path):
-    # a validation at the end of each 13-batch epoch; the test scores of the best checkpoint's EMA weights
+def test_ema_and_the_trained_weights_beside_it_compete_on_validation(tmp_path):
+    # a validation at the end of each 13-batch epoch; the best checkpoint holds the EMA, trained.ckpt the weights
+    # trained beside it; the better on validation is kept (a tie keeps the EMA)
     module = train(compose([*BASE, "trainer.max_steps=26", "optim.ema_decay=0.8"]), tmp_path)
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    best = torch.load(metrics["best_checkpoint"], weights_only=True)
-    for name, weight in module.state_dict().items():  # the module left for the report holds the EMA
-        assert torch.equal(weight, best["state_dict"][name]), name
-    assert any(not torch.equal(best["state_dict"][n], w) for n, w in best["current_model_state"].items())
-    scored = evaluate(EvaluateConfig(ckpt=metrics["best_checkpoint"]))  # loads the checkpoint alone
-    assert scored["test/loss"] == pytest.approx(metrics["test/loss"], abs=1e-6)
-    assert scored["val/loss"] == pytest.approx(metrics["val/loss"], abs=1e-6)
+    metrics, checkpoints = json.loads((tmp_path / "metrics.json").read_text()), tmp_path / "checkpoints"
+    candidates = metrics["candidates"]
+    assert len(candidates) == 2 and "trained.ckpt" in candidates
+    ema_name = next(name for name in candidates if name != "trained.ckpt")
+    ema, trained = (torch.load(checkpoints / name, weights_only=True) for name in (ema_name, "trained.ckpt"))
+    for name, weight in ema["current_model_state"].items():
+        assert torch.equal(trained["state_dict"][name], weight), name
+    assert any(not torch.equal(ema["state_dict"][n], w) for n, w in ema["current_model_state"].items())
+    better = candidates["trained.ckpt"]["val/exact_match"] > candidates[ema_name]["val/exact_match"]
+    assert metrics["best_checkpoint"].endswith("trained.ckpt" if better else ema_name)
+    kept = torch.load(metrics["best_checkpoint"], weights_only=True)["state_dict"]
+    for name, weight in module.state_dict().items():  # the module left for the report holds the kept weights
+        assert torch.equal(weight, kept[name]), name
+    for name, scores in candidates.items():  # each checkpoint, loaded alone, gives the scores on record
+        scored = evaluate(EvaluateConfig(ckpt=str(checkpoints / name)))
+        assert scored["test/loss"] == pytest.approx(scores["test/loss"], abs=1e-6), name
+        assert scored["val/loss"] == pytest.approx(scores["val/loss"], abs=1e-6), name
+    assert candidates["trained.ckpt"]["val/loss"] != candidates[ema_name]["val/loss"]
 
 
 def test_ema_training_resumes_exactly(tmp_path):
