@@ -93,6 +93,21 @@ def test_average_last_scores_the_mean_of_the_last_validations_and_keeps_the_bett
     assert metrics["test/exact_match"] == candidates[chosen]["test/exact_match"]
 
 
+def test_with_ema_and_average_last_each_candidate_is_scored_with_its_own_weights_and_none_is_resumed(tmp_path):
+    config = [*BASE, "trainer.val_check_interval=6", "average_last=3", "optim.ema_decay=0.8"]
+    train(compose([*config, "trainer.max_steps=36"]), tmp_path)
+    candidates = json.loads((tmp_path / "metrics.json").read_text())["candidates"]
+    assert len(candidates) == 3 and {"averaged.ckpt", "trained.ckpt"} < candidates.keys()
+    for name, scores in candidates.items():  # as scored after training, and by the checkpoint loaded alone
+        scored = evaluate(EvaluateConfig(ckpt=str(tmp_path / "checkpoints" / name)))
+        assert scored["val/loss"] == pytest.approx(scores["val/loss"], abs=1e-6), name
+        assert scored["test/loss"] == pytest.approx(scores["test/loss"], abs=1e-6), name
+    assert len({scores["val/loss"] for scores in candidates.values()}) == 3
+    # the derived checkpoints are the newest, but they hold no training state: resuming takes last.ckpt
+    train(compose([*config, "trainer.max_steps=40", f"resume={tmp_path}"]), tmp_path)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 40
+
+
 def _record_weights(monkeypatch) -> list[dict[str, torch.Tensor]]:
     seen = []
 
