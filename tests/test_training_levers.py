@@ -20,9 +20,9 @@ def _cpu(monkeypatch, avx512_bf16: bool, amx: bool) -> None:
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
 
 
-@pytest.mark.parametrize(("avx512_bf16", "amx", "chosen"), [(True, False, "bf16-mixed"), (False, True, "bf16-mixed"),
+@pytest.mark.parametrize(("avx512_bf16", "amx", "chosen"), [(True, False, "32-true"), (False, True, "bf16-mixed"),
                                                              (False, False, "32-true")])
-def test_auto_precision_is_bf16_mixed_where_the_cpu_computes_bf16(monkeypatch, avx512_bf16, amx, chosen):
+def test_auto_precision_is_bf16_mixed_only_where_the_cpu_has_amx(monkeypatch, avx512_bf16, amx, chosen):
     _cpu(monkeypatch, avx512_bf16, amx)
     assert resolve_precision(TrainerSpec())[0] == chosen
     assert resolve_precision(TrainerSpec(accelerator="cpu"))[0] == chosen
