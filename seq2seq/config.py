@@ -46,8 +46,8 @@ class TrainerSpec:
     devices: Any = setting("auto", "devices per node: a count, a list of ids, or auto")
     strategy: str = setting("auto", "auto, ddp, ddp_spawn, fsdp, ... (Lightning's strategy)")
     num_nodes: int = setting(1, "nodes, for multi-node strategies", minimum=1)
-    precision: str = setting("auto", "numeric precision; auto: bf16-mixed where the device computes bf16 natively "
-                             "(a CUDA GPU of compute capability 8+, a CPU with AMX), else 32-true",
+    precision: str = setting("auto", "numeric precision; auto: bf16-mixed where the device computes bf16 faster than "
+                             "fp32 (a CUDA GPU of compute capability 8+, a CPU with AMX), else 32-true",
                              choices=PRECISIONS)
     max_epochs: int = setting(10, "stop after this many epochs (-1: no limit)", minimum=-1)
     max_steps: int = setting(-1, "stop after this many optimizer steps (-1: no limit)", minimum=-1)
@@ -350,8 +350,8 @@ def _component_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
-def native_bf16(accelerator: str) -> bool:
-    """Whether the device an accelerator setting resolves to computes bf16 in hardware (not emulated)."""
+def fast_bf16(accelerator: str) -> bool:
+    """Whether the device an accelerator setting resolves to computes bf16 faster than fp32."""
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8  # Ampere and later
     if accelerator not in ("cpu", "auto"):
@@ -366,9 +366,10 @@ def resolve_precision(trainer: TrainerSpec) -> tuple[str, str]:
     """`trainer.precision`, with auto chosen for the hardware; and why, for the log."""
     if trainer.precision != "auto":
         return trainer.precision, "trainer.precision"
-    if native_bf16(trainer.accelerator):
-        return "bf16-mixed", "auto: the device computes bf16 natively; trainer.precision=32-true to override"
-    return "32-true", "auto: the device has no native bf16"
+    if fast_bf16(trainer.accelerator):
+        return "bf16-mixed", "auto: the device computes bf16 faster than fp32; trainer.precision=32-true to override"
+    return "32-true", ("auto: the device computes bf16 no faster than fp32 (a GPU before Ampere, a CPU without AMX); "
+                       "trainer.precision=bf16-mixed to override")
 
 
 def _train_problems(config: TrainConfig) -> list[str]:

@@ -46,7 +46,7 @@ def test_the_trainer_runs_in_the_chosen_precision_and_logs_why(monkeypatch, tmp_
     with caplog.at_level(logging.INFO, logger="seq2seq"):
         assert _trainer(TrainerSpec(), tmp_path, [], False).precision == "bf16-mixed"
         assert _trainer(TrainerSpec(precision="32-true"), tmp_path, [], False).precision == "32-true"
-    assert "precision bf16-mixed (auto: the device computes bf16 natively" in caplog.text
+    assert "precision bf16-mixed (auto: the device computes bf16 faster than fp32" in caplog.text
     assert "precision 32-true (trainer.precision)" in caplog.text
 
 
