@@ -111,15 +111,15 @@ class EMAWeights(EMAWeightAveraging):
     Here it is swapped in for testing too, and the end of training leaves the trained weights in the module, so a
     checkpoint written then (last.ckpt) still resumes from them; `use_average` puts the EMA in for good.
 
-    With `warmup`, update n (from 1) uses the decay min(d, (1 + n) / (10 + n)), as TensorFlow's
-    ExponentialMovingAverage does given the step: with a fixed d the first weights, barely trained, keep a share
-    d^n of the average (15% after 950 steps at 0.998; translate_ko_en's test BLEU fell from 20.2 to 5.7)."""
+    With `warmup` w, update n (from 1) uses the decay min(d, (1 + n) / (w + n)), as TensorFlow's
+    ExponentialMovingAverage does given the step (w = 10): with a fixed d the first weights, barely trained, keep a
+    share d^n of the average (15% after 950 steps at 0.998; translate_ko_en's test BLEU fell from 20.2 to 5.7)."""
 
-    def __init__(self, decay: float, warmup: bool = True, **kwargs: Any) -> None:
+    def __init__(self, decay: float, warmup: int | None = 10, **kwargs: Any) -> None:
         super().__init__(decay=decay, **kwargs)
-        if warmup:
+        if warmup is not None:
             def avg_fn(ema: Tensor, current: Tensor, n: Tensor) -> Tensor:
-                d = min(decay, (1 + int(n)) / (10 + int(n)))
+                d = min(decay, (1 + int(n)) / (warmup + int(n)))
                 return ema + (current - ema) * (1 - d)
 
             self._kwargs["avg_fn"] = avg_fn

@@ -38,8 +38,10 @@ class OptimSpec:
     ema_decay: float | None = setting(None, "keep an exponential moving average of the weights, ema = d · ema + "
                                       "(1 - d) · w after each step (e.g. 0.999): validated, checkpointed and scored "
                                       "in place of the weights", minimum=0)
-    ema_warmup: bool = setting(True, "the EMA's decay ramps up as min(d, (1 + n) / (10 + n)) at update n, so the "
-                               "barely trained first weights fade out; false: d from the first update")
+    ema_warmup: int | None = setting(10, "the EMA's decay ramps up as min(d, (1 + n) / (w + n)) at update n, so "
+                                     "the barely trained first weights fade out and the weights averaged are on "
+                                     "average 1/w of training old until d caps the decay; null: d from the first "
+                                     "update", minimum=2)
 
     def __post_init__(self) -> None:
         check(self)

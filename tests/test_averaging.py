@@ -118,15 +118,16 @@ def _record_weights(monkeypatch) -> list[dict[str, torch.Tensor]]:
     return seen
 
 
-@pytest.mark.parametrize("warmup", [True, False])
+@pytest.mark.parametrize("warmup", [10, 20, None])
 def test_ema_weights_follow_the_update_rule_and_checkpoints_hold_them(tmp_path, monkeypatch, warmup):
     seen = _record_weights(monkeypatch)
-    train(compose([*BASE, "trainer.max_steps=5", "optim.ema_decay=0.5", f"optim.ema_warmup={warmup}",
+    ramp = "null" if warmup is None else warmup
+    train(compose([*BASE, "trainer.max_steps=5", "optim.ema_decay=0.5", f"optim.ema_warmup={ramp}",
                    "save_every_n_steps=1"]), tmp_path)
     assert len(seen) == 5
     ema = dict(seen[0])  # the first update copies the weights
     for n, weights in enumerate(seen[1:], 1):
-        d = min(0.5, (1 + n) / (10 + n)) if warmup else 0.5  # warm-up: 0.18, 0.25, 0.31, 0.36
+        d = 0.5 if warmup is None else min(0.5, (1 + n) / (warmup + n))  # warm-up 10: 0.18, 0.25, 0.31, 0.36
         ema = {name: d * ema[name] + (1 - d) * weights[name] for name in ema}
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 5
