@@ -237,6 +237,8 @@ class ServeConfig(InferenceConfig):
     max_inputs: int = setting(64, "most sources in one request", minimum=1)
     max_chars: int = setting(2000, "longest source, in characters", minimum=1)
     max_body: int = setting(1_000_000, "largest request body, in bytes", minimum=1)
+    glossary: str | None = setting(None, "a `source term<TAB>target term` file: a source containing a source term "
+                                         "gets its target term in the output, beside the request's own include")
 
 
 SCHEMAS: dict[str, type] = {"train": TrainConfig, "prepare": PrepareConfig, "backtest": BacktestConfig,
@@ -249,7 +251,8 @@ ELSEWHERE = {"folds": "backtest", "block_years": "backtest", "val_years": "backt
              "shard_size": "prepare", "beam": "translate", "length_penalty": "translate",
              "n_best": "translate", "attention": "translate", "ckpt": "evaluate, predict, translate, export and serve",
              "ckpts": "average",
-             "input": "predict and translate", "format": "export", "quantization": "export", "port": "serve"}
+             "input": "predict and translate", "format": "export", "quantization": "export", "port": "serve",
+             "glossary": "evaluate, translate and serve"}
 
 
 def _groups() -> dict[str, list[str]]:

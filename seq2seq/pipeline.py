@@ -588,4 +588,5 @@ def serve(config: ServeConfig) -> None:
 
     limits = Limits(config.max_batch, config.max_wait_ms / 1000, config.max_inputs, config.max_chars,
                     config.max_body)
-    run(_translator(config), limits, config.host, config.port)
+    run(_translator(config), limits, config.host, config.port,
+        read_glossary(config.glossary) if config.glossary else [])

@@ -5,7 +5,8 @@
                      (n_best > 1: a list of {"text", "score"} per source, best first)
                      optional, one entry per source (for a single "text", the entry itself): "prefix" (a string or
                      null: the output starts with it), "include" and "exclude" (lists of phrases it must and must
-                     not contain; `seq2seq.guides`)
+                     not contain; `seq2seq.guides`); with a glossary, a source containing a source term must
+                     contain its target term too, as if it were in "include"
     GET  /health  -> {"status": "ok", "backend": ..., "queued": sources waiting}
 
 FastAPI with uvicorn rather than LitServe: the service is one model in one process, and what it needs beyond HTTP is
@@ -34,7 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from seq2seq.errors import DataError
-from seq2seq.guides import Guide
+from seq2seq.guides import Guide, Term, matching_terms
 from seq2seq.translate import Translator
 
 log = logging.getLogger(__name__)
@@ -163,12 +164,17 @@ def _guide_problem(data: dict) -> str | None:
     return None
 
 
-def _guides(translator: Translator, data: dict, n: int) -> list[Guide] | None:
-    if not any(name in data for name in GUIDES):
-        return None
+def _guides(translator: Translator, data: dict, texts: list[str], glossary: list[Term]) -> list[Guide] | None:
     given = {name: ([data[name]] if isinstance(data["text"], str) else data[name]) if name in data else None
              for name in GUIDES}
-    return translator.guides(n, given["prefix"], given["include"], given["exclude"])
+    terms = matching_terms(texts, glossary)
+    if any(terms):
+        own = given["include"] or [[] for _ in texts]
+        given["include"] = [list(dict.fromkeys([*mine, *(t.target for t in found)]))
+                            for mine, found in zip(own, terms, strict=True)]
+    if all(value is None for value in given.values()):
+        return None
+    return translator.guides(len(texts), given["prefix"], given["include"], given["exclude"])
 
 
 def _problem(data: Any, limits: Limits) -> tuple[int, str] | None:
@@ -201,8 +207,8 @@ async def _body(request: Request, limit: int) -> bytes | None:
     return body
 
 
-def create_app(translator: Translator, limits: Limits = Limits()) -> FastAPI:
-    """The FastAPI application serving `translator`."""
+def create_app(translator: Translator, limits: Limits = Limits(), glossary: list[Term] = ()) -> FastAPI:
+    """The FastAPI application serving `translator`; `glossary`'s terms constrain every request's sources."""
     batcher = Batcher(translator, limits)
 
     @contextlib.asynccontextmanager
@@ -234,7 +240,7 @@ def create_app(translator: Translator, limits: Limits = Limits()) -> FastAPI:
         texts = [data["text"]] if isinstance(data["text"], str) else data["text"]
         try:
             translator.encode(texts)  # too many tokens for the model: this request's error alone
-            guides = _guides(translator, data, len(texts))
+            guides = _guides(translator, data, texts, list(glossary))
         except DataError as err:
             return error(422, str(err))
         try:
@@ -246,24 +252,25 @@ def create_app(translator: Translator, limits: Limits = Limits()) -> FastAPI:
     return app
 
 
-def _server(translator: Translator, limits: Limits, host: str, port: int) -> uvicorn.Server:
-    config = uvicorn.Config(create_app(translator, limits), host=host, port=port, log_level="info",
+def _server(translator: Translator, limits: Limits, host: str, port: int, glossary: list[Term]) -> uvicorn.Server:
+    config = uvicorn.Config(create_app(translator, limits, glossary), host=host, port=port, log_level="info",
                             timeout_graceful_shutdown=60, access_log=False)
     return uvicorn.Server(config)
 
 
-def run(translator: Translator, limits: Limits, host: str, port: int) -> None:
+def run(translator: Translator, limits: Limits, host: str, port: int, glossary: list[Term] = ()) -> None:
     """Serve until SIGINT or SIGTERM; requests in flight are answered before it stops."""
-    log.info("serving %s on http://%s:%d (POST /translate, GET /health)", translator.backend.name, host, port)
-    _server(translator, limits, host, port).run()
+    log.info("serving %s on http://%s:%d (POST /translate, GET /health)%s", translator.backend.name, host, port,
+             f" with a glossary of {len(glossary)} terms" if glossary else "")
+    _server(translator, limits, host, port, list(glossary)).run()
 
 
 @contextlib.contextmanager
-def background(translator: Translator, limits: Limits = Limits(), host: str = "127.0.0.1"
-               ) -> Iterator[tuple[Any, str]]:
+def background(translator: Translator, limits: Limits = Limits(), host: str = "127.0.0.1",
+               glossary: list[Term] = ()) -> Iterator[tuple[Any, str]]:
     """A server on a free port in a thread, for tests: (server, base URL). Leaving the block shuts it down as a
     signal would (in-flight requests are answered first)."""
-    server = _server(translator, limits, host, 0)
+    server = _server(translator, limits, host, 0, list(glossary))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

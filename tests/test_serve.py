@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from seq2seq import Translator
+from seq2seq.guides import Term
 from seq2seq.serve import Batcher, Limits, background
 from seq2seq.testing import _fit, build
 
@@ -50,6 +51,22 @@ def test_translations_come_back_as_the_translator_gives_them(trained):
         assert guided[0].startswith("9 9") and "5 5" in guided[1] and "9" not in guided[2].split()
         one = client.post("/translate", json={"text": SOURCES[0], "prefix": "7"}).json()["translations"]
         assert one == translator.translate(SOURCES[:1], translator.guides(1, ["7"])) and one[0].startswith("7")
+
+
+def test_a_glossary_constrains_the_sources_that_contain_a_source_term(trained):
+    _, translator = trained
+    beam = translator.with_decoding(beam=3)
+    glossary = [Term("3", "6 6")]  # a target term a reversal of these sources never holds
+    with background(beam, glossary=glossary) as (_, url), httpx.Client(base_url=url) as client:
+        reply = client.post("/translate", json={"text": SOURCES, "include": [[], ["5 5"], [], ["6 6"], [], []]})
+        steered = reply.json()["translations"]
+    # "3" is in sources 0 and 3; source 3 asked for the term itself, and source 1 for a phrase of its own
+    include = [["6 6"], ["5 5"], [], ["6 6"], [], []]
+    assert steered == beam.translate(SOURCES, beam.guides(len(SOURCES), include=include))
+    plain = beam.translate(SOURCES)
+    assert all("6 6" not in out for out in plain)
+    assert "6 6" in steered[0] and "6 6" in steered[3] and "5 5" in steered[1]
+    assert [steered[i] for i in (2, 4, 5)] == [plain[i] for i in (2, 4, 5)]  # no term: unchanged
 
 
 BAD = [
