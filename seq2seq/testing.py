@@ -236,7 +236,7 @@ def check_export(overrides: list[str], tmp_path: Path, n_pairs: int = 8) -> None
         raise AssertionError("CTranslate2 export of a feature-value source was not refused")
 
 
-def check_must_learn(overrides: list[str], tmp_path: Path, n_examples: int = 16, steps: int = 300,
+def check_must_learn(overrides: list[str], tmp_path: Path, n_examples: int = 16, steps: int = 600,
                      min_exact_match: float = 0.9) -> float:
     """A model trained on `n_examples` training pairs (one batch, constant learning rate 3e-3 after 20 warm-up
     steps) reproduces at least `min_exact_match` of their targets; returns the share it reproduces."""
