@@ -20,6 +20,7 @@ candidates per row, V output vocabulary.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,7 +211,7 @@ def read_glossary(path: str | Path) -> list[Term]:
     return terms
 
 
-def matching_terms(sources: list[str], glossary: list[Term]) -> list[list[Term]]:
+def matching_terms(sources: list[str], glossary: Sequence[Term]) -> list[list[Term]]:
     """The glossary entries whose source term occurs in each source."""
     return [[t for t in glossary if t.occurs_in(text)] for text in sources]
 

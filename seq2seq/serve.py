@@ -26,7 +26,7 @@ import itertools
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,7 +164,7 @@ def _guide_problem(data: dict) -> str | None:
     return None
 
 
-def _guides(translator: Translator, data: dict, texts: list[str], glossary: list[Term]) -> list[Guide] | None:
+def _guides(translator: Translator, data: dict, texts: list[str], glossary: Sequence[Term]) -> list[Guide] | None:
     given = {name: ([data[name]] if isinstance(data["text"], str) else data[name]) if name in data else None
              for name in GUIDES}
     terms = matching_terms(texts, glossary)
@@ -207,8 +207,18 @@ async def _body(request: Request, limit: int) -> bytes | None:
     return body
 
 
-def create_app(translator: Translator, limits: Limits = Limits(), glossary: list[Term] = ()) -> FastAPI:
-    """The FastAPI application serving `translator`; `glossary`'s terms constrain every request's sources."""
+def _check_glossary(translator: Translator, glossary: Sequence[Term]) -> None:
+    for i, term in enumerate(glossary, 1):
+        try:
+            translator.guides(1, include=[[term.target]])
+        except DataError as err:
+            raise DataError(f"glossary term {i} ({term.source!r} -> {term.target!r}): {err}") from None
+
+
+def create_app(translator: Translator, limits: Limits = Limits(), glossary: Sequence[Term] = ()) -> FastAPI:
+    """The FastAPI application serving `translator`; `glossary`'s terms constrain every request's sources (a target
+    term the model cannot spell is an error here, not in the requests whose sources hold its source term)."""
+    _check_glossary(translator, glossary)
     batcher = Batcher(translator, limits)
 
     @contextlib.asynccontextmanager
@@ -240,7 +250,7 @@ def create_app(translator: Translator, limits: Limits = Limits(), glossary: list
         texts = [data["text"]] if isinstance(data["text"], str) else data["text"]
         try:
             translator.encode(texts)  # too many tokens for the model: this request's error alone
-            guides = _guides(translator, data, texts, list(glossary))
+            guides = _guides(translator, data, texts, glossary)
         except DataError as err:
             return error(422, str(err))
         try:
@@ -252,25 +262,25 @@ def create_app(translator: Translator, limits: Limits = Limits(), glossary: list
     return app
 
 
-def _server(translator: Translator, limits: Limits, host: str, port: int, glossary: list[Term]) -> uvicorn.Server:
+def _server(translator: Translator, limits: Limits, host: str, port: int, glossary: Sequence[Term]) -> uvicorn.Server:
     config = uvicorn.Config(create_app(translator, limits, glossary), host=host, port=port, log_level="info",
                             timeout_graceful_shutdown=60, access_log=False)
     return uvicorn.Server(config)
 
 
-def run(translator: Translator, limits: Limits, host: str, port: int, glossary: list[Term] = ()) -> None:
+def run(translator: Translator, limits: Limits, host: str, port: int, glossary: Sequence[Term] = ()) -> None:
     """Serve until SIGINT or SIGTERM; requests in flight are answered before it stops."""
     log.info("serving %s on http://%s:%d (POST /translate, GET /health)%s", translator.backend.name, host, port,
              f" with a glossary of {len(glossary)} terms" if glossary else "")
-    _server(translator, limits, host, port, list(glossary)).run()
+    _server(translator, limits, host, port, glossary).run()
 
 
 @contextlib.contextmanager
 def background(translator: Translator, limits: Limits = Limits(), host: str = "127.0.0.1",
-               glossary: list[Term] = ()) -> Iterator[tuple[Any, str]]:
+               glossary: Sequence[Term] = ()) -> Iterator[tuple[Any, str]]:
     """A server on a free port in a thread, for tests: (server, base URL). Leaving the block shuts it down as a
     signal would (in-flight requests are answered first)."""
-    server = _server(translator, limits, host, 0, list(glossary))
+    server = _server(translator, limits, host, 0, glossary)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

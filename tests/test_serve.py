@@ -12,8 +12,9 @@ import httpx
 import pytest
 
 from seq2seq import Translator
+from seq2seq.errors import DataError
 from seq2seq.guides import Term
-from seq2seq.serve import Batcher, Limits, background
+from seq2seq.serve import Batcher, Limits, background, create_app
 from seq2seq.testing import _fit, build
 
 SOURCES = ["1 2 3", "4 5 6 7", "8 9", "3 1 4 1 5", "2 7 1 8 2 8", "9 9 9"]
@@ -67,6 +68,12 @@ def test_a_glossary_constrains_the_sources_that_contain_a_source_term(trained):
     assert all("6 6" not in out for out in plain)
     assert "6 6" in steered[0] and "6 6" in steered[3] and "5 5" in steered[1]
     assert [steered[i] for i in (2, 4, 5)] == [plain[i] for i in (2, 4, 5)]  # no term: unchanged
+
+
+def test_a_glossary_target_term_the_model_cannot_spell_is_refused_at_startup(trained):
+    _, translator = trained
+    with pytest.raises(DataError, match=r"glossary term 2 \('4' -> '4 x'\): .*symbol 'x'"):
+        create_app(translator, glossary=[Term("3", "6 6"), Term("4", "4 x")])
 
 
 BAD = [
