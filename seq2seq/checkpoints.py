@@ -8,6 +8,8 @@ import os
 import pickle
 import warnings
 import zipfile
+from datetime import datetime
+from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,21 @@ def newest_checkpoint(run_dir: Path) -> Path:
     if not found:
         raise ConfigError(f"`resume={run_dir}`: no checkpoint in {run_dir / 'checkpoints'}")
     return found[-1]
+
+
+def claim_run_dir(root: Path, now: datetime) -> Path:
+    """Creates and returns a new run directory `root/<date>/<time>`: runs started in the same second (a shell loop,
+    a job array on a shared disk) each get their own, the later ones `<time>-2`, `<time>-3`, ... (creating a
+    directory is atomic: of two processes claiming one name, one gets it and the other tries the next)."""
+    base = root / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")
+    for n in count(1):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")
 
 
 def refuse_reuse(run_dir: Path) -> None:

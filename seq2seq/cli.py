@@ -13,6 +13,7 @@ import json
 import shutil
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from seq2seq import pipeline
-from seq2seq.checkpoints import refuse_reuse
+from seq2seq.checkpoints import claim_run_dir, refuse_reuse
 from seq2seq.config import TrainConfig, help_text, prepare_overrides, validate
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.export import ExportError
@@ -70,6 +71,11 @@ def _remove_failed_run(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
     for name in ("logs", "prepared"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
+    _remove_if_empty(run_dir)
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """Removes `run_dir` and its parents below the working directory while they are empty."""
     cwd = Path.cwd().resolve()
     for folder in [run_dir.resolve(), *run_dir.resolve().parents]:
         if folder == cwd or cwd not in folder.parents or not folder.is_dir() or any(folder.iterdir()):
@@ -108,8 +114,9 @@ def _task(command: str, cfg: DictConfig) -> None:
         _fail(err)
 
 
-def _hydra_argv(command: str, args: list[str]) -> list[str]:
-    """The overrides checked and prepared for Hydra, with the plugins' config folders and the run directory."""
+def _hydra_argv(command: str, args: list[str]) -> tuple[list[str], Path | None]:
+    """The overrides checked and prepared for Hydra, with the plugins' config folders and the run directory; and
+    the run directory created here for a new run (None when the command line names one, or has none)."""
     args = prepare_overrides(args, command)
     extra = [] if any(a.startswith("hydra.searchpath=") for a in args) else searchpath_override()
     experiment = next((a.split("=", 1)[1] for a in args if a.startswith("experiment=")), None)
@@ -117,17 +124,22 @@ def _hydra_argv(command: str, args: list[str]) -> list[str]:
         default = Path("prepared") / experiment  # where `prepare` writes; `train` uses it when it is there
         if command == "prepare" or (default / "meta.json").is_file():
             extra.append(f"prepared={default}")
-    if command == "train":
-        run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
-        resume = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
-        if run_dir is None and resume is not None:  # `resume=DIR` continues in that run dir
-            extra.append(f"hydra.run.dir={resume}")
-        elif run_dir is not None and resume is None and "-m" not in args and "--multirun" not in args \
-                and rank_zero_only.rank == 0:  # re-launched ranks join the run their rank 0 started
-            refuse_reuse(Path(run_dir))  # before Hydra starts the job in it
+    claimed = None
+    run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
+    resume = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
+    # Multirun jobs go to the sweep dir; re-launched ranks join the run their rank 0 started (Lightning names it).
+    new_run = command in ("train", "backtest") and "-m" not in args and "--multirun" not in args \
+        and rank_zero_only.rank == 0
+    if command == "train" and run_dir is None and resume is not None:  # `resume=DIR` continues in that run dir
+        extra.append(f"hydra.run.dir={resume}")
+    elif new_run and run_dir is None:
+        claimed = claim_run_dir(Path("runs"), datetime.now())
+        extra.append(f"hydra.run.dir={claimed}")
+    elif new_run and command == "train" and resume is None:
+        refuse_reuse(Path(run_dir))  # before Hydra starts the job in it
     # Hydra's overrides must stay one block among its flags (`-m`, `--cfg job`): join the user's.
     at = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), 0)
-    return [*args[:at], *extra, *args[at:]]
+    return [*args[:at], *extra, *args[at:]], claimed
 
 
 def main() -> None:
@@ -145,8 +157,12 @@ def main() -> None:
         print(help_text(command))
         return
     try:
-        sys.argv[1:] = _hydra_argv(command, args[1:])  # Hydra reads the overrides alone
+        sys.argv[1:], claimed = _hydra_argv(command, args[1:])  # Hydra reads the overrides alone
     except ConfigError as err:
         _fail(err)
     task = _train_task if command == "train" else functools.partial(_task, command)
-    hydra.main(config_path="pkg://seq2seq_conf", config_name=command, version_base="1.3")(task)()
+    try:
+        hydra.main(config_path="pkg://seq2seq_conf", config_name=command, version_base="1.3")(task)()
+    finally:  # Hydra stopped before the job wrote anything (a bad override): the claimed directory goes
+        if claimed is not None:
+            _remove_if_empty(claimed)

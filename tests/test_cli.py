@@ -3,12 +3,15 @@
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import torch
 
-from seq2seq import Translator, compose, train
+from seq2seq import Translator, cli, compose, train
+from seq2seq.checkpoints import claim_run_dir
 from seq2seq.errors import ConfigError
 from seq2seq.module import Seq2SeqModule
 from seq2seq_plugins.synthetic import SyntheticTask
@@ -89,6 +92,36 @@ def test_a_used_run_directory_is_refused_before_anything_is_written(tmp_path):
     assert result.returncode == 2
     assert f"resume={tmp_path}" in result.stderr and "hydra.run.dir=" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_runs_started_in_the_same_second_get_a_directory_each(tmp_path):
+    now = datetime(2026, 12, 3, 18, 52, 27)
+    with ThreadPoolExecutor(8) as pool:
+        claimed = list(pool.map(lambda _: claim_run_dir(tmp_path / "runs", now), range(8)))
+    names = sorted(p.name for p in claimed)
+    assert names == sorted(["18-52-27", *(f"18-52-27-{n}" for n in range(2, 9))])
+    assert all(p.parent == tmp_path / "runs" / "2026-12-03" and p.is_dir() for p in claimed)
+
+
+def test_the_command_line_claims_a_new_run_directory_and_names_it_for_hydra(tmp_path, monkeypatch):
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 3, 18, 52, 27)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "datetime", Frozen)
+    first, second = (cli._hydra_argv("train", ["experiment=reverse"]) for _ in range(2))
+    assert first[1] == Path("runs/2026-12-03/18-52-27") and second[1] == Path("runs/2026-12-03/18-52-27-2")
+    assert all(f"hydra.run.dir={claimed}" in argv and claimed.is_dir() for argv, claimed in (first, second))
+    named = cli._hydra_argv("train", ["experiment=reverse", f"hydra.run.dir={tmp_path / 'mine'}"])
+    assert named[1] is None and sum(a.startswith("hydra.run.dir=") for a in named[0]) == 1
+
+
+def test_a_run_that_hydra_refuses_leaves_no_run_directory(tmp_path):
+    result = _run("train", "experiment=reverse", "hydra.job.nope=1", cwd=tmp_path)
+    assert result.returncode != 0 and "nope" in result.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.fixture(scope="module")
