@@ -443,6 +443,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         raise ConfigError(f"`seq2seq evaluate` scores checkpoints; {config.ckpt} is an exported model, whose "
                           "agreement with its checkpoint is in its seq2seq_export.json (or `translate` with it)")
     translator = _translator(config)
+    glossary = _glossary(translator, config.glossary) if config.glossary else None  # its mistakes before any work
     module = translator.module
     module.decoder = translator.decoder
     first = module.model
@@ -468,8 +469,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         module.model = first  # the domain's report decodes through the translator; its plots show `ckpt`'s model
         if trainer.is_global_zero:
             results.update(reader.report(translator, root))
-            if config.glossary:
-                results.update(_glossary_scores(translator, reader, read_glossary(config.glossary)))
+            if glossary:
+                results.update(_glossary_scores(translator, reader, glossary))
     results.update(_signatures(module))
     results["checkpoint"] = config.ckpt
     if config.ensemble:
@@ -479,6 +480,13 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         sys.stdout.write(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _glossary(translator: Translator, path: str) -> list[Term]:
+    """The glossary file's terms, each target checked against the model's vocabulary."""
+    glossary = read_glossary(path)
+    translator.check_glossary(glossary)
+    return glossary
 
 
 def _glossary_scores(translator: Translator, reader: Reader, glossary: list[Term]) -> dict[str, float]:
@@ -536,7 +544,7 @@ def translate(config: TranslateConfig) -> None:
     guides, terms = None, None
     if config.prefix or config.glossary:
         prefixes = _read_prefixes(config.prefix, len(lines)) if config.prefix else None
-        terms = matching_terms(lines, read_glossary(config.glossary)) if config.glossary else None
+        terms = matching_terms(lines, _glossary(translator, config.glossary)) if config.glossary else None
         guides = translator.guides(len(lines), prefixes, [[t.target for t in found] for found in terms]
                                    if terms else None)
     if config.n_best == 1:
@@ -589,4 +597,4 @@ def serve(config: ServeConfig) -> None:
     limits = Limits(config.max_batch, config.max_wait_ms / 1000, config.max_inputs, config.max_chars,
                     config.max_body)
     run(_translator(config), limits, config.host, config.port,
-        read_glossary(config.glossary) if config.glossary else [])
+        read_glossary(config.glossary) if config.glossary else [])  # the server checks it against the model

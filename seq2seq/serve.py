@@ -207,18 +207,10 @@ async def _body(request: Request, limit: int) -> bytes | None:
     return body
 
 
-def _check_glossary(translator: Translator, glossary: Sequence[Term]) -> None:
-    for i, term in enumerate(glossary, 1):
-        try:
-            translator.guides(1, include=[[term.target]])
-        except DataError as err:
-            raise DataError(f"glossary term {i} ({term.source!r} -> {term.target!r}): {err}") from None
-
-
 def create_app(translator: Translator, limits: Limits = Limits(), glossary: Sequence[Term] = ()) -> FastAPI:
     """The FastAPI application serving `translator`; `glossary`'s terms constrain every request's sources (a target
     term the model cannot spell is an error here, not in the requests whose sources hold its source term)."""
-    _check_glossary(translator, glossary)
+    translator.check_glossary(glossary)
     batcher = Batcher(translator, limits)
 
     @contextlib.asynccontextmanager

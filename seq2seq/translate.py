@@ -13,7 +13,7 @@ Shapes: N inputs, L decoded length, C labels.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,7 +24,7 @@ from torch import Tensor
 from seq2seq.data import Batch, Collate
 from seq2seq.decoding import Decoder, Hypotheses, strip
 from seq2seq.errors import ConfigError, DataError
-from seq2seq.guides import Guide
+from seq2seq.guides import Guide, Term
 from seq2seq.module import Seq2SeqModule
 
 
@@ -178,6 +178,16 @@ class Translator:
             except DataError as err:
                 raise DataError(f"input {i + 1}: {err}") from None
         return guides
+
+    def check_glossary(self, glossary: Sequence[Term]) -> None:
+        """A DataError naming the first term whose target this model cannot write (a symbol its vocabulary lacks):
+        found once, before any input asks for it."""
+        for i, term in enumerate(glossary, 1):
+            try:
+                self.guides(1, include=[[term.target]])
+            except DataError as err:
+                raise DataError(f"glossary term {i} ({term.source!r} -> {term.target!r}): "
+                                f"{str(err).removeprefix('input 1: ')}") from None
 
     def tokens(self, sources: list[Any], guides: list[Guide] | None = None) -> list[list[int]]:
         """The decoded token ids of each source, cut at EOS, in input order; `guides` (one per source, see

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,9 +18,9 @@ DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.e
 REVERSE = ["experiment=reverse", "data.n_val=64", "data.n_test=64", "trainer.log_every_n_steps=1"]
 
 
-def _cli(*args: str, env: dict | None = None, ok: bool = True) -> subprocess.CompletedProcess:
+def _cli(*args: str, env: dict | None = None, ok: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "seq2seq", *args], capture_output=True, text=True, timeout=300,
-                            env=env)
+                            env=env, cwd=cwd)
     assert (result.returncode == 0) == ok, result.stderr[-3000:]
     return result
 
@@ -31,12 +32,14 @@ def _state(run_dir):
 
 def test_two_ranks_share_one_run_dir_and_stay_in_step_on_uneven_token_batches(tmp_path):
     # 509 examples of 1-12 symbols in batches of at most 300 tokens: batch counts and sizes vary by length. The
-    # dataset is prepared first into a directory that stands in for a shared file system every node mounts.
-    run, shared = tmp_path / "run", tmp_path / "shared" / "reverse"
+    # dataset is prepared first into a directory that stands in for a shared file system every node mounts. The
+    # run directory is the default one rank 0 creates (runs/<date>/<time>): rank 1 must join it, not make its own.
+    shared = tmp_path / "shared" / "reverse"
     _cli("prepare", *REVERSE, "data.n_train=509", f"prepared={shared}", "workers=2")
     _cli("train", *REVERSE, *DDP, "data.n_train=509", "loader.max_tokens=300", "trainer.max_epochs=2",
-         f"hydra.run.dir={run}", f"prepared={shared}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "shared"]
+         f"prepared={shared}", cwd=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "shared"]
+    (run,) = (tmp_path / "runs").glob("*/*")
     assert not (run / "prepared").exists()
     assert json.loads((run / "data_report.json").read_text())["train"]["kept"] == 509
     assert sorted(p.name for p in run.glob("*.yaml")) == ["config.yaml"]

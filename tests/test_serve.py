@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from seq2seq import Translator
+from seq2seq import Translator, compose, pipeline
 from seq2seq.errors import DataError
 from seq2seq.guides import Term
 from seq2seq.serve import Batcher, Limits, background, create_app
@@ -74,6 +74,18 @@ def test_a_glossary_target_term_the_model_cannot_spell_is_refused_at_startup(tra
     _, translator = trained
     with pytest.raises(DataError, match=r"glossary term 2 \('4' -> '4 x'\): .*symbol 'x'"):
         create_app(translator, glossary=[Term("3", "6 6"), Term("4", "4 x")])
+
+
+@pytest.mark.parametrize("command", ["translate", "evaluate"])
+def test_translate_and_evaluate_refuse_such_a_term_before_decoding(trained, tmp_path, command):
+    ckpt, _ = trained
+    (tmp_path / "terms.tsv").write_text("3\t6 6\n4\t4 x\n")
+    (tmp_path / "in.txt").write_text("1 2 3\n")  # no input holds the bad term's source
+    extra = [f"input={tmp_path / 'in.txt'}", f"output={tmp_path / 'out.txt'}"] if command == "translate" else []
+    config = compose([f"ckpt={ckpt}", f"glossary={tmp_path / 'terms.tsv'}", *extra], command=command)
+    with pytest.raises(DataError, match=r"^glossary term 2 \('4' -> '4 x'\): .*symbol 'x'"):
+        getattr(pipeline, command)(config)
+    assert not (tmp_path / "out.txt").exists()
 
 
 BAD = [
