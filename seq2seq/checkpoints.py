@@ -90,15 +90,13 @@ def claim_run_dir(root: Path, now: datetime) -> Path:
     """Creates and returns a new run directory `root/<date>/<time>`: runs started in the same second (a shell loop,
     a job array on a shared disk) each get their own, the later ones `<time>-2`, `<time>-3`, ... (creating a
     directory is atomic: of two processes claiming one name, one gets it and the other tries the next)."""
-    base = root / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")
-    for n in count(1):
-        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+    path = base = root / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")
+    for n in count(2):
         try:
             path.mkdir(parents=True)
+            return path
         except FileExistsError:
-            continue
-        return path
-    raise AssertionError("unreachable")
+            path = base.with_name(f"{base.name}-{n}")
 
 
 def refuse_reuse(run_dir: Path) -> None:
