@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import warnings
-import zipfile
 from datetime import datetime
 from itertools import count
 from pathlib import Path
@@ -48,12 +46,21 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         raise ConfigError(f"`ckpt={path}`: no such file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
+    except Exception as err:  # the unpickler fails in many ways on a file it cannot read
         raise ConfigError(f"`ckpt={path}` is not a readable checkpoint (truncated, or not written by seq2seq): "
-                          f"{str(err).splitlines()[0]}") from None
+                          f"{(str(err).splitlines() or [type(err).__name__])[0][:200]}") from None
     if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt:
         raise ConfigError(f"`ckpt={path}` is not a seq2seq checkpoint (it holds no config)")
     return ckpt
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` is a checkpoint seq2seq wrote (readable, and holding a config)."""
+    try:
+        read_checkpoint(path)
+    except ConfigError:
+        return False
+    return True
 
 
 class InterruptCheckpoint(OnExceptionCheckpoint):
@@ -99,11 +106,20 @@ def claim_run_dir(root: Path, now: datetime) -> Path:
             path = base.with_name(f"{base.name}-{n}")
 
 
+HYDRA_WRITES = (".hydra", "cli.log")  # what Hydra puts in a run directory before the run starts
+
+
 def refuse_reuse(run_dir: Path) -> None:
-    """A new run must not write into a directory that holds a run: it would mix or overwrite the two."""
+    """A new run must not write into a directory that holds a run (it would mix or overwrite the two), nor into one
+    that holds anything else (a run removes what it wrote when it fails: a user's `prepared/` would go too)."""
     if (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} already holds a run. Continue it with `resume={run_dir}`, or start a new one "
                           "in another directory (`hydra.run.dir=...`, or leave it out for a fresh runs/<date>/<time>)")
+    found = sorted(p.name for p in run_dir.iterdir() if p.name not in HYDRA_WRITES) if run_dir.is_dir() else []
+    if found:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise ConfigError(f"`hydra.run.dir={run_dir}` holds files that are not a run's ({shown}); a new run needs "
+                          "a new or empty directory (leave `hydra.run.dir` out for a fresh runs/<date>/<time>)")
 
 
 def resume_point(config: dict[str, Any], run_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -117,7 +133,7 @@ def resume_point(config: dict[str, Any], run_dir: Path) -> tuple[Path, dict[str,
     stored = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     assert isinstance(stored, dict)
     changed = sorted(k for k in config.keys() | stored.keys()
-                     if k not in ("trainer", "resume") and config.get(k) != stored.get(k))
+                     if k not in ("trainer", "resume", "force") and config.get(k) != stored.get(k))
     if changed:
         raise ConfigError(f"resuming {run_dir} with a config that differs in {', '.join(changed)}: pass the run's "
                           "overrides again (only `trainer.*` may change), or start a new run")

@@ -26,6 +26,7 @@ from seq2seq.data import LoaderSpec
 from seq2seq.decoding import DecodeSpec
 from seq2seq.errors import ConfigError
 from seq2seq.model import ModelSpec
+from seq2seq.outputs import FORCE_HELP
 from seq2seq.plugins import import_plugins, search_path, searchpath_override
 from seq2seq.registry import DATASETS, EMBEDDINGS, HEADS, METRICS, TOKENIZERS
 from seq2seq.schedule import OptimSpec
@@ -125,6 +126,7 @@ class TrainConfig:
     resume: str | None = setting(None, "continue the run in this run directory from its newest checkpoint")
     prepared: str | None = setting(None, "the prepared dataset to train on (`seq2seq prepare` writes it; prepared "
                                    "here first if absent). null: prepared/<experiment> if there, else the run's own")
+    force: bool = setting(False, f"`prepared=`: {FORCE_HELP}")
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,8 @@ class EvaluateConfig(InferenceConfig):
 
     data: dict[str, Any] = setting({}, "reader options over the checkpoint's `data:` block, e.g. data.path=other.tsv")
     trainer: TrainerSpec = dataclasses.field(default_factory=TrainerSpec)
-    output: str | None = setting(None, "also write the metrics as JSON to this file")
+    output: str | None = setting(None, "also write metrics.json and the domain's report (plots) into this folder")
+    force: bool = setting(False, FORCE_HELP)
     glossary: str | None = setting(None, "a `source term<TAB>target term` file: also decode the test split with "
                                          "its terms as constraints and report term usage with and without them")
 
@@ -184,6 +187,7 @@ class PredictConfig(InferenceConfig):
 
     input: str = setting(REQUIRED, "file of sources, as the domain reads them (required)")
     output: str | None = setting(None, "where predictions go (default: standard output)")
+    force: bool = setting(False, FORCE_HELP)
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,7 @@ class TranslateConfig(InferenceConfig):
 
     input: str | None = setting(None, "file of sources, one per line (default: standard input)")
     output: str | None = setting(None, "where outputs go (default: standard output)")
+    force: bool = setting(False, FORCE_HELP)
     n_best: int = setting(1, "outputs per input; above 1, lines are input_number<TAB>score<TAB>output", minimum=1)
     attention: str | None = setting(None, "also save cross-attention heatmaps of the first inputs to this PNG")
     prefix: str | None = setting(None, "a file of target prefixes, line by line with the inputs (an empty line: "
@@ -209,6 +214,7 @@ class ExportConfig:
     ckpt: str = setting(REQUIRED, "the checkpoint to export (required)")
     format: str = setting(REQUIRED, "the engine (required)", choices=("ctranslate2", "onnx"))
     output: str = setting(REQUIRED, "the folder to write (required); an earlier export there is replaced")
+    force: bool = setting(False, FORCE_HELP)
     quantization: str = setting("none", "precision of the weights (ctranslate2; onnx: none)",
                                 choices=("none", "int8", "int8_float32", "bfloat16"))
     check: str | None = setting("val", "the split whose pairs the parity check decodes (null: no check)")
@@ -223,6 +229,7 @@ class AverageConfig:
     ckpts: list[str] = setting([], "the checkpoints to average: files or glob patterns (required), e.g. "
                                "'ckpts=[runs/x/checkpoints/step*.ckpt]'")
     output: str = setting(REQUIRED, "the checkpoint file to write (required)")
+    force: bool = setting(False, FORCE_HELP)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from seq2seq.checkpoints import (
     AtomicCheckpointIO,
     InterruptCheckpoint,
     average_checkpoints,
+    is_checkpoint,
     read_checkpoint,
     refuse_reuse,
     resume_point,
@@ -62,6 +63,16 @@ from seq2seq.export import is_export, require
 from seq2seq.guides import Term, matching_terms, read_glossary, term_usage
 from seq2seq.metrics import signatures
 from seq2seq.module import Seq2SeqModule
+from seq2seq.outputs import (
+    atomic_write,
+    check_file,
+    check_folder,
+    is_our_text,
+    json_sidecar,
+    read_json,
+    refuse_inputs,
+    write_text,
+)
 from seq2seq.prepared import Prepared, obtain, prepare_dataset
 from seq2seq.registry import DATASETS, METRICS
 from seq2seq.schema import to_data
@@ -216,7 +227,7 @@ def prepare(config: PrepareConfig) -> Prepared:
 
 def _write_metrics(trainer: L.Trainer, path: Path, results: dict[str, Any]) -> None:
     if trainer.is_global_zero:
-        path.write_text(json.dumps(results, indent=2) + "\n")
+        write_text(path, json.dumps(results, indent=2) + "\n")
         log.info("metrics: %s", json.dumps(results))
 
 
@@ -423,17 +434,43 @@ def _translator(config: InferenceConfig) -> Translator:
                                     max_len_a=config.max_len_a, max_len_b=config.max_len_b)
 
 
+def _checked_output(config: PredictConfig | TranslateConfig, inputs: list[str | None]) -> Path | None:
+    """The output file of `predict` or `translate`, checked before any work (`seq2seq.outputs`), and its input."""
+    given = [path for path in inputs if path is not None]
+    for path in given[:1]:
+        if not Path(path).is_file():
+            raise ConfigError(f"`input={path}`: no such file")
+    if config.output is None:
+        return None
+    refuse_inputs("output", config.output, [*given, config.ckpt, *config.ensemble])
+    refuse_inputs("output", json_sidecar(Path(config.output)), [*given, config.ckpt, *config.ensemble])
+    return check_file("output", config.output, is_our_text, config.force)
+
+
 @contextmanager
-def _output(path: str | None, translator: Translator, ckpt: str) -> Iterator[TextIO]:
-    """A text file to write (with `<file>.json` beside it: the model, backend and decoding settings), or standard
-    output."""
+def _output(path: Path | None, translator: Translator, ckpt: str) -> Iterator[TextIO]:
+    """A text file to write whole (with `<file>.json` beside it: the model, backend and decoding settings), or
+    standard output."""
     if path is None:
         yield sys.stdout
         return
-    with open(path, "w", encoding="utf-8", newline="") as f:
+    with atomic_write(path) as f:
         yield f
-    meta = {"checkpoint": ckpt, **translator.settings()}
-    Path(f"{path}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_text(json_sidecar(path), json.dumps({"checkpoint": ckpt, **translator.settings()}, indent=2) + "\n")
+
+
+def _checked_folder(config: EvaluateConfig) -> Path | None:
+    """`evaluate`'s output folder, checked before any work (`seq2seq.outputs`)."""
+    if config.output is None:
+        return None
+    refuse_inputs("output", config.output, [config.ckpt, *config.ensemble])
+    return check_folder("output", config.output, _evaluation_files, config.force)
+
+
+def _evaluation_files(folder: Path) -> set[str]:
+    """Everything in `folder` when an evaluation wrote it (its metrics.json names the checkpoint)."""
+    metrics = read_json(folder / "metrics.json")
+    return {p.name for p in folder.iterdir()} if metrics is not None and "checkpoint" in metrics else set()
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
@@ -442,6 +479,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if is_export(config.ckpt):
         raise ConfigError(f"`seq2seq evaluate` scores checkpoints; {config.ckpt} is an exported model, whose "
                           "agreement with its checkpoint is in its seq2seq_export.json (or `translate` with it)")
+    out_dir = _checked_folder(config)
     translator = _translator(config)
     glossary = _glossary(translator, config.glossary) if config.glossary else None  # its mistakes before any work
     module = translator.module
@@ -453,7 +491,6 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     DATASETS.check(data, (), "data")  # an option of another reader is refused here, naming the accepted ones
     reader: Reader = DATASETS.build(data, "data")
     held_out = tuple(name for name in reader.splits if name in ("val", "test"))
-    out_dir = Path(config.output) if config.output else None
     with tempfile.TemporaryDirectory() as scratch:
         root = out_dir or Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
@@ -528,16 +565,18 @@ def _read_prefixes(path: str, n: int) -> list[str]:
 
 def predict(config: PredictConfig) -> None:
     """Decode every source in `config.input` with nothing but the checkpoint, in the domain's output format."""
+    output = _checked_output(config, [config.input])
     translator = _translator(config)
     reader: Reader = DATASETS.build(translator.module.config.data, "data")
     sources = reader.read_inputs(config.input)
-    with _output(config.output, translator, config.ckpt) as out:
+    with _output(output, translator, config.ckpt) as out:
         n = reader.write_predictions(translator, sources, out)
     log.info("wrote predictions for %d inputs to %s", n, config.output or "standard output")
 
 
 def translate(config: TranslateConfig) -> None:
     """Lines from `input` (default: standard input) to `output` (default: standard output)."""
+    output = _checked_output(config, [config.input, config.prefix, config.glossary])
     translator = _translator(config)
     reader: Reader = DATASETS.build(translator.module.config.data, "data")
     lines = reader.read_inputs(config.input or "/dev/stdin")
@@ -556,7 +595,7 @@ def translate(config: TranslateConfig) -> None:
     else:
         found = translator.n_best(lines, config.n_best, guides)
         text = "".join(f"{i}\t{score:.4f}\t{out}\n" for i, best in enumerate(found, 1) for score, out in best)
-    with _output(config.output, translator, config.ckpt) as out:
+    with _output(output, translator, config.ckpt) as out:
         out.write(text)
     if config.attention:
         if translator.backend.name != "eager":
@@ -567,7 +606,7 @@ def translate(config: TranslateConfig) -> None:
 def export(config: ExportConfig) -> None:
     """Write `config.ckpt` as an exported model folder, checked for parity; the manifest goes to standard output."""
     manifest = export_model(config.ckpt, config.format, config.output, config.quantization, config.check,
-                            config.check_limit)
+                            config.check_limit, config.force)
     sys.stdout.write(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -583,7 +622,8 @@ def average(config: AverageConfig) -> Path:
     if len(paths) < 2:
         raise ConfigError(f"`ckpts` names {len(paths)} checkpoint(s); averaging needs two or more, e.g. "
                           "'ckpts=[runs/x/checkpoints/step*.ckpt]'")
-    output = Path(config.output)
+    refuse_inputs("output", config.output, paths)
+    output = check_file("output", config.output, is_checkpoint, config.force)
     AtomicCheckpointIO().save_checkpoint(average_checkpoints(paths), output)
     log.info("averaged %d checkpoints into %s: %s", len(paths), output, ", ".join(map(str, paths)))
     return output

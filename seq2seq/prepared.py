@@ -46,6 +46,7 @@ from seq2seq.config import TrainConfig
 from seq2seq.domain import Encoder, Reader, Rows, Tokenizer
 from seq2seq.errors import DataError
 from seq2seq.module import fit_tokenizers, load_tokenizers
+from seq2seq.outputs import check_folder, read_json, refuse_inputs, replace_folder
 from seq2seq.plugins import import_plugins
 from seq2seq.registry import DATASETS, TOKENIZERS
 from seq2seq.schema import to_data
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 2  # bumped when the layout changes: an older dataset is then re-prepared, never misread
 META = "meta.json"
+REPORT = "data_report.json"  # per split and file: rows read, kept, rejected by reason
 
 
 def digest(data: Any) -> str:
@@ -282,7 +284,9 @@ def prepare_dataset(config: TrainConfig, reader: Reader, dest: Path, tokenizers:
                 "tokenizers_digest": digest(tokenizers), "corpus_weights": list(reader.corpus_weights),
                 "splits": report}
         (partial / META).write_text(json.dumps(meta, indent=1) + "\n")
-        _swap(partial, dest)
+        counts = {split: {k: v for k, v in entry.items() if k != "shards"} for split, entry in report.items()}
+        (partial / REPORT).write_text(json.dumps(counts, indent=2) + "\n")
+        replace_folder(partial, dest)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -292,13 +296,14 @@ def prepare_dataset(config: TrainConfig, reader: Reader, dest: Path, tokenizers:
     return Prepared(dest)
 
 
-def _swap(partial: Path, dest: Path) -> None:
-    """Put a complete dataset in place of the one at `dest`, if any, which is removed only afterwards."""
-    old = dest.with_name(f"{dest.name}.old-{os.getpid()}")
-    if dest.exists():
-        dest.rename(old)
-    partial.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
+def owned(dest: Path) -> set[str]:
+    """The files of `dest` that a preparation wrote (its meta.json and the shards it lists)."""
+    meta = read_json(dest / META)
+    if meta is None or meta.get("format") is None:
+        return set()
+    shards = (s["file"] for entry in meta.get("splits", {}).values() for c in entry.get("shards", {}).values()
+              for s in c)
+    return {META, REPORT, *shards}
 
 
 def obtain(config: TrainConfig, reader: Reader, dest: Path, tokenizers: dict[str, Any] | None = None,
@@ -306,7 +311,9 @@ def obtain(config: TrainConfig, reader: Reader, dest: Path, tokenizers: dict[str
            ) -> Prepared:
     """The prepared dataset at `dest` for this config and tokenizers: the one there if it matches, else prepared
     there by global rank 0 while the other processes wait for it. With `strict`, one that does not match is an
-    error (a dataset the user named is never replaced behind their back); otherwise it is prepared again."""
+    error (a dataset the user named is never replaced behind their back); otherwise it is prepared again. A
+    folder holding files a preparation did not write is replaced only with `config.force`, and one holding the
+    data never (`seq2seq.outputs`)."""
     meta = dest / META
     try:
         inputs = inputs_of(config, reader)
@@ -315,6 +322,7 @@ def obtain(config: TrainConfig, reader: Reader, dest: Path, tokenizers: dict[str
             raise
         log.warning("the data files cannot be checked here (%s); using %s as it was prepared", err, dest)
         inputs = inputs_of(config, reader, files=False)
+    refuse_inputs("prepared", dest, [f["path"] for f in inputs["files"] or []])
     if rank_zero_only.rank != 0:
         waited = 0
         while not (meta.is_file() and not changes(json.loads(meta.read_text())["inputs"], inputs)):
@@ -333,6 +341,7 @@ def obtain(config: TrainConfig, reader: Reader, dest: Path, tokenizers: dict[str
             if strict:
                 raise
             log.info("preparing again: %s", err)
+    check_folder("prepared", dest, owned, config.force)
     workers = max(1, config.loader.num_workers) if workers is None else workers
     return prepare_dataset(config, reader, dest, tokenizers, workers=workers, shard_size=shard_size)
 

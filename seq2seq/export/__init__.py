@@ -35,6 +35,7 @@ from seq2seq.config import load_train_config
 from seq2seq.domain import FeatureEncoder, Reader
 from seq2seq.errors import ConfigError
 from seq2seq.module import Seq2SeqModule
+from seq2seq.outputs import check_folder, read_json, refuse_inputs, replace_folder
 from seq2seq.plugins import import_plugins
 from seq2seq.registry import DATASETS
 from seq2seq.translate import Stepped, Translator
@@ -183,19 +184,26 @@ def _check(report: dict[str, Any], fmt: str) -> None:
                           f"on {report['examples']} examples")
 
 
+def exported_files(folder: Path) -> set[str]:
+    """The files of `folder` that an export wrote (its manifest and the files the manifest lists)."""
+    manifest = read_json(folder / MANIFEST)
+    files = manifest.get("files") if manifest is not None else None
+    return {MANIFEST, *files} if isinstance(files, list) else set()
+
+
 def export(ckpt: str | Path, fmt: str, output: str | Path, quantization: str = "none", check: str | None = "val",
-           check_limit: int = 200) -> dict[str, Any]:
+           check_limit: int = 200, force: bool = False) -> dict[str, Any]:
     """Export the checkpoint `ckpt` to the folder `output`; returns the manifest. `check` names the split whose
-    first `check_limit` pairs the parity check decodes (None: no check)."""
+    first `check_limit` pairs the parity check decodes (None: no check). An earlier export at `output` is replaced
+    once the new one is complete; anything else there only with `force` (`seq2seq.outputs`)."""
     if fmt not in FORMATS:
         raise ConfigError(f"`format` must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if quantization not in QUANTIZATIONS[fmt]:
         raise ConfigError(f"`quantization` for {fmt} must be one of {', '.join(QUANTIZATIONS[fmt])}, "
                           f"got {quantization!r}")
     require(ENGINES[fmt], "deploy")
-    output = Path(output)
-    if output.exists() and not is_export(output) and (not output.is_dir() or any(output.iterdir())):
-        raise ConfigError(f"`output` {output} exists and is not an exported model; name a new folder")
+    refuse_inputs("output", output, [ckpt])
+    output = check_folder("output", output, exported_files, force)
     eager = Translator.from_checkpoint(ckpt)
     module = eager.module
     staging = output.with_name(f"{output.name}.partial-{os.getpid()}")
@@ -222,9 +230,7 @@ def export(ckpt: str | Path, fmt: str, output: str | Path, quantization: str = "
             if quantization == "none":
                 _check(manifest["parity"], fmt)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
+        replace_folder(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s to %s (%s): %s", ckpt, output, fmt, json.dumps(manifest.get("parity", {})))

@@ -1,0 +1,137 @@
+"""What writing commands may replace: for each one, a user's file at or under the path it is told to write
+survives unless `force=true`, an output that is one of its inputs is refused even forced, and a refusal comes
+before any work."""
+
+import json
+
+import pytest
+
+from seq2seq import compose, train
+from seq2seq.checkpoints import refuse_reuse
+from seq2seq.errors import ConfigError
+from seq2seq.pipeline import average, evaluate, export, predict, prepare, translate
+
+TEXT = ["experiment=translate_ko_en", "tokenizer.src.vocab_size=300", "model=tiny", "trainer.max_steps=2",
+        "trainer.max_time=null", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+        "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "optim.ema_decay=null", "decode.max_len_b=4",
+        "decode.max_len_a=0", "decode.beam=1"]
+USER = "a user's notes\n"
+
+
+def _corpus(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "corpus.tsv"
+    path.write_text("ko\ten\tsplit\n" + "".join(
+        f"문장 {i} 번{'입니다' * (i % 4)}\tsentence {i}{' again' * (i % 5)}\t{('train', 'val', 'test')[i % 3]}\n"
+        for i in range(120)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A text model trained two steps: (its checkpoint, its corpus, a file of sources)."""
+    root = tmp_path_factory.mktemp("outputs")
+    corpus = _corpus(root / "data")
+    train(compose([*TEXT, f"data.path={corpus}"]), root / "run")
+    sources = root / "sources.ko"
+    sources.write_text("문장 1 번\n문장 2 번입니다\n")
+    return str(root / "run" / "checkpoints" / "last.ckpt"), corpus, sources
+
+
+def _user_file(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(USER)
+    return path
+
+
+def _survives(path):
+    return path.read_text() == USER
+
+
+def test_prepare_keeps_a_users_folder_unless_forced_and_never_replaces_the_folder_of_its_corpus(tmp_path):
+    corpus = _corpus(tmp_path / "corpus")
+    mine = _user_file(tmp_path / "mine" / "notes.txt")
+    base = [*TEXT, f"data.path={corpus}"]
+    with pytest.raises(ConfigError, match=r"`prepared=.*mine` holds 1 file\(s\) seq2seq did not write there "
+                                          r"\(notes.txt\).*force=true"):
+        prepare(compose([*base, f"prepared={mine.parent}"], "prepare"))
+    assert _survives(mine)
+    for force in ("false", "true"):
+        with pytest.raises(ConfigError, match=r"`prepared=.*corpus` holds the input .*corpus.tsv"):
+            prepare(compose([*base, f"prepared={corpus.parent}", f"force={force}"], "prepare"))
+        assert corpus.stat().st_size > 1000
+    prepared = prepare(compose([*base, f"prepared={mine.parent}", "force=true"], "prepare"))
+    assert not mine.exists() and (prepared.path / "meta.json").is_file()
+    report = json.loads((prepared.path / "data_report.json").read_text())  # what `prepare` read, kept, rejected
+    assert sum(entry["examples_read"] for entry in report.values()) == 120
+    prepare(compose([*base, f"prepared={mine.parent}", "seed=3"], "prepare"))  # its own: replaced, not refused
+
+
+def test_a_new_run_refuses_a_directory_holding_anything_but_what_hydra_writes_first(tmp_path):
+    _user_file(tmp_path / "prepared" / "meta.json")
+    with pytest.raises(ConfigError, match=r"holds files that are not a run's \(prepared\)"):
+        refuse_reuse(tmp_path)
+    assert _survives(tmp_path / "prepared" / "meta.json")
+    (tmp_path / "prepared" / "meta.json").unlink()
+    (tmp_path / "prepared").rmdir()
+    _user_file(tmp_path / "cli.log")
+    refuse_reuse(tmp_path)  # Hydra's log of this run
+
+
+@pytest.mark.parametrize("command", ["predict", "translate"])
+def test_predict_and_translate_refuse_their_input_as_output_and_a_users_file_unless_forced(run, tmp_path, command):
+    ckpt, _, sources = run
+    act = {"predict": predict, "translate": translate}[command]
+    text = sources.read_text()
+    with pytest.raises(ConfigError, match=r"`output=.*sources.ko` is the input"):
+        act(compose([f"ckpt={ckpt}", f"input={sources}", f"output={sources}", "force=true"], command))
+    assert sources.read_text() == text
+    mine = _user_file(tmp_path / "out.en")
+    with pytest.raises(ConfigError, match=r"exists and was not written by seq2seq.*force=true"):
+        act(compose([f"ckpt={ckpt}", f"input={sources}", f"output={mine}"], command))
+    assert _survives(mine)
+    with pytest.raises(ConfigError, match=r"the folder .*nowhere does not exist"):
+        act(compose([f"ckpt={ckpt}", f"input={sources}", f"output={tmp_path / 'nowhere' / 'out'}"], command))
+    with pytest.raises(ConfigError, match=r"`input=.*missing.ko`: no such file"):
+        act(compose([f"ckpt={ckpt}", f"input={tmp_path / 'missing.ko'}", f"output={tmp_path / 'o'}"], command))
+    act(compose([f"ckpt={ckpt}", f"input={sources}", f"output={mine}", "force=true"], command))
+    assert len(mine.read_text().splitlines()) == 2
+    act(compose([f"ckpt={ckpt}", f"input={sources}", f"output={mine}"], command))  # its own output now
+    assert json.loads((tmp_path / "out.en.json").read_text())["checkpoint"] == ckpt
+
+
+def test_export_keeps_a_users_file_beside_an_earlier_export_unless_forced(run, tmp_path):
+    ckpt = run[0]
+    out = tmp_path / "ct2"
+    args = [f"ckpt={ckpt}", "format=ctranslate2", f"output={out}", "check=null"]
+    export(compose(args, "export"))
+    export(compose(args, "export"))  # an earlier export alone: replaced
+    mine = _user_file(out / "README.txt")
+    with pytest.raises(ConfigError, match=r"holds 1 file\(s\) seq2seq did not write there \(README.txt\)"):
+        export(compose(args, "export"))
+    assert _survives(mine) and (out / "seq2seq_export.json").is_file()
+    export(compose([*args, "force=true"], "export"))
+    assert not mine.exists() and (out / "seq2seq_export.json").is_file()
+
+
+def test_average_refuses_a_users_file_and_its_own_inputs(run, tmp_path):
+    ckpt = run[0]
+    mine = _user_file(tmp_path / "avg.ckpt")
+    with pytest.raises(ConfigError, match=r"exists and was not written by seq2seq"):
+        average(compose([f"ckpts=[{ckpt},{ckpt}]", f"output={mine}"], "average"))
+    assert _survives(mine)
+    with pytest.raises(ConfigError, match=r"is the input"):
+        average(compose([f"ckpts=[{ckpt},{ckpt}]", f"output={ckpt}", "force=true"], "average"))
+    average(compose([f"ckpts=[{ckpt},{ckpt}]", f"output={mine}", "force=true"], "average"))
+    average(compose([f"ckpts=[{ckpt},{ckpt}]", f"output={mine}"], "average"))  # a checkpoint now: replaced
+
+
+def test_evaluate_refuses_a_file_or_a_users_folder_as_its_output_folder(run, tmp_path):
+    ckpt = run[0]
+    mine = _user_file(tmp_path / "scores.json")
+    with pytest.raises(ConfigError, match=r"`output=.*scores.json` is a file; name a folder"):
+        evaluate(compose([f"ckpt={ckpt}", f"output={mine}"], "evaluate"))
+    assert _survives(mine)
+    with pytest.raises(ConfigError, match=r"holds 1 file\(s\) seq2seq did not write there \(scores.json\)"):
+        evaluate(compose([f"ckpt={ckpt}", f"output={tmp_path}"], "evaluate"))
+    assert _survives(mine)
