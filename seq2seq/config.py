@@ -27,7 +27,7 @@ from seq2seq.decoding import DecodeSpec
 from seq2seq.errors import ConfigError
 from seq2seq.model import ModelSpec
 from seq2seq.outputs import FORCE_HELP
-from seq2seq.plugins import import_plugins, search_path, searchpath_override
+from seq2seq.plugins import import_plugins, search_path, searchpath_override, trust
 from seq2seq.registry import DATASETS, EMBEDDINGS, HEADS, METRICS, TOKENIZERS
 from seq2seq.schedule import OptimSpec
 from seq2seq.schema import build, check, describe, field_type, hint, join, setting, to_data
@@ -36,6 +36,8 @@ PRECISIONS = ("auto", "64-true", "64", "32-true", "32", "bf16-mixed", "bf16-true
               "transformer-engine", "transformer-engine-float16")
 LOGGERS = ("csv", "tensorboard")
 REQUIRED = "???"  # a value the command line must give
+PLUGINS_HELP = ("plugin modules to import that are not installed as seq2seq plugins (a checkpoint's own are "
+                "imported only when they are)")
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,7 @@ class InferenceConfig:
     """What every command that loads a checkpoint takes."""
 
     ckpt: str = setting(REQUIRED, "the checkpoint to load (required)")
+    plugins: list[str] = setting([], PLUGINS_HELP)
     batch_size: int | None = setting(None, "sources per batch (default: the checkpoint's loader.batch_size)",
                                      minimum=1)
     beam: int | None = setting(None, "beam size (default: the checkpoint's decode.beam)", minimum=1)
@@ -212,6 +215,7 @@ class ExportConfig:
     the eager model (see `seq2seq.export`)."""
 
     ckpt: str = setting(REQUIRED, "the checkpoint to export (required)")
+    plugins: list[str] = setting([], PLUGINS_HELP)
     format: str = setting(REQUIRED, "the engine (required)", choices=("ctranslate2", "onnx"))
     output: str = setting(REQUIRED, "the folder to write (required); an earlier export there is replaced")
     force: bool = setting(False, FORCE_HELP)
@@ -415,6 +419,8 @@ def validate(cfg: DictConfig | dict[str, Any], command: str = "train") -> Any:
     assert isinstance(data, dict)
     config, problems = build(SCHEMAS[command], data)
     problems = _required_problems(data) + problems
+    if command not in TRAINING and "plugins" in data:
+        trust(list(config.plugins))  # what the user names, before a checkpoint asks for it
     if command in TRAINING:
         try:
             import_plugins(list(config.plugins))

@@ -30,7 +30,7 @@ from seq2seq.embeddings import TokenEmbedding
 from seq2seq.errors import ConfigError
 from seq2seq.heads import TiedHead
 from seq2seq.model import EncoderDecoder
-from seq2seq.plugins import import_plugins, plugin_versions
+from seq2seq.plugins import import_recorded, plugin_versions
 from seq2seq.registry import DATASETS, EMBEDDINGS, HEADS, METRICS, TOKENIZERS
 from seq2seq.schedule import configure
 from seq2seq.schema import to_data
@@ -284,7 +284,7 @@ class Seq2SeqModule(L.LightningModule):
         components it was built from are imported first."""
         ckpt = read_checkpoint(path, map_location)
         recorded = ckpt.get("seq2seq", {}).get("plugins", {})
-        import_plugins(list(recorded))
+        import_recorded(list(recorded), path)
         for name, saved in recorded.items():
             if (now := plugin_versions([name])[name]) != saved:
                 log.warning("%s: plugin %s was %s when the checkpoint was written, and is %s now", path, name, saved,

@@ -40,6 +40,28 @@ def import_plugins(modules: list[str]) -> None:
                               f"Is it installed (`pip install ...`)? Its provider: {provider(name)}") from err
 
 
+_TRUSTED: set[str] = set()  # modules the user named for this process (`plugins=` of the inference commands)
+
+
+def trust(modules: list[str]) -> None:
+    """Import plugin modules the user named, and let checkpoints that record them import them too."""
+    import_plugins(modules)
+    _TRUSTED.update(modules)
+
+
+def import_recorded(modules: list[str], source: str | Path) -> None:
+    """Import the plugin modules a checkpoint or export records, refusing any that is neither installed as a seq2seq
+    plugin (the entry-point group, or a module inside one) nor named by the user: a file must not choose what code
+    runs."""
+    allowed = {ep.value for ep in announced()} | _TRUSTED
+    for name in modules:
+        if not any(name == root or name.startswith(f"{root}.") for root in allowed):
+            raise ConfigError(f"{source} records the plugin module `{name}`, which is not installed as a seq2seq "
+                              f"plugin (entry-point group `{GROUP}`); it is not imported, since a checkpoint must "
+                              f"not choose what code runs. If you trust it, name it: `plugins=[{name}]`")
+    import_plugins(modules)
+
+
 def import_announced() -> None:
     """Import every installed plugin (`seq2seq plugins` lists them all)."""
     import_plugins([ep.value for ep in announced()])

@@ -36,7 +36,7 @@ from seq2seq.domain import FeatureEncoder, Reader
 from seq2seq.errors import ConfigError
 from seq2seq.module import Seq2SeqModule
 from seq2seq.outputs import check_folder, read_json, refuse_inputs, replace_folder
-from seq2seq.plugins import import_plugins
+from seq2seq.plugins import import_recorded
 from seq2seq.registry import DATASETS
 from seq2seq.translate import Stepped, Translator
 
@@ -69,7 +69,7 @@ def _module(path: Path) -> Seq2SeqModule:
     """The exported model's config and tokenizers; its weights live in the backend, so the model is built on the
     meta device (no memory, no initialisation)."""
     saved = torch.load(path / MODULE, weights_only=True)
-    import_plugins(list(saved["config"].get("plugins", [])))
+    import_recorded(list(saved["config"].get("plugins", [])), path)
     config = load_train_config(saved["config"])
     with torch.device("meta"):
         return Seq2SeqModule(config, saved["tokenizers"]).eval()

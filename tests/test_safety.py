@@ -1,14 +1,18 @@
-"""What writing commands may replace: for each one, a user's file at or under the path it is told to write
-survives unless `force=true`, an output that is one of its inputs is refused even forced, and a refusal comes
-before any work."""
+"""Nothing lost, nothing trusted blindly. What writing commands may replace: for each one, a user's file at or
+under the path it is told to write survives unless `force=true`, an output that is one of its inputs is refused even
+forced, and a refusal comes before any work. What a checkpoint may import: installed plugins, and what the user
+names."""
 
 import json
+import sys
 
 import pytest
+import torch
 
-from seq2seq import compose, train
+from seq2seq import compose, plugins, train
 from seq2seq.checkpoints import refuse_reuse
 from seq2seq.errors import ConfigError
+from seq2seq.module import Seq2SeqModule
 from seq2seq.pipeline import average, evaluate, export, predict, prepare, translate
 
 TEXT = ["experiment=translate_ko_en", "tokenizer.src.vocab_size=300", "model=tiny", "trainer.max_steps=2",
@@ -135,3 +139,19 @@ def test_evaluate_refuses_a_file_or_a_users_folder_as_its_output_folder(run, tmp
     with pytest.raises(ConfigError, match=r"holds 1 file\(s\) seq2seq did not write there \(scores.json\)"):
         evaluate(compose([f"ckpt={ckpt}", f"output={tmp_path}"], "evaluate"))
     assert _survives(mine)
+
+
+def test_a_checkpoint_imports_only_installed_plugins_or_those_the_user_names(run, tmp_path, monkeypatch):
+    ckpt = torch.load(run[0], weights_only=True)
+    ckpt["seq2seq"]["plugins"]["calendar"] = "python"  # an installed module that is no seq2seq plugin
+    edited = tmp_path / "edited.ckpt"
+    torch.save(ckpt, edited)
+    monkeypatch.delitem(sys.modules, "calendar", raising=False)
+    monkeypatch.setattr(plugins, "_TRUSTED", set())  # what this test trusts ends with it
+    with pytest.raises(ConfigError, match=r"records the plugin module `calendar`, which is not installed as a "
+                                          r"seq2seq plugin .* name it: `plugins=\[calendar\]`"):
+        Seq2SeqModule.from_checkpoint(edited)
+    assert "calendar" not in sys.modules
+    out = tmp_path / "out.en"
+    translate(compose([f"ckpt={edited}", f"input={run[2]}", f"output={out}", "plugins=[calendar]"], "translate"))
+    assert "calendar" in sys.modules and len(out.read_text().splitlines()) == 2
