@@ -9,6 +9,7 @@ constructors' signatures. `validate` reports every mistake of a config at once, 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass
 from importlib import resources
@@ -69,6 +70,16 @@ class TrainerSpec:
 
     def __post_init__(self) -> None:
         check(self)
+        if self.max_steps == 0:
+            raise ConfigError("`trainer.max_steps=0` trains nothing; give -1 (no limit) or a number of steps")
+        if self.max_time is not None and not re.fullmatch(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}", str(self.max_time)):
+            raise ConfigError(f"`trainer.max_time` must be DD:HH:MM:SS (e.g. 00:00:30:00 for 30 minutes), got "
+                              f"{self.max_time!r}")
+        interval = self.val_check_interval
+        if interval is not None and not (
+                (type(interval) is int and interval >= 1) or (type(interval) is float and 0 < interval <= 1)):
+            raise ConfigError("`trainer.val_check_interval` must be a number of training batches (an integer of at "
+                              f"least 1) or a fraction of an epoch (0 < x <= 1), got {interval!r}")
 
 
 @dataclass(frozen=True)
@@ -242,12 +253,14 @@ class ServeConfig(InferenceConfig):
     model, batching concurrent requests."""
 
     host: str = setting("127.0.0.1", "the address to listen on (0.0.0.0: every interface)")
-    port: int = setting(8080, "the port to listen on", minimum=0)
+    port: int = setting(8080, "the port to listen on (0: any free one)", minimum=0, maximum=65535)
     max_batch: int = setting(32, "most sources decoded together from concurrent requests", minimum=1)
     max_wait_ms: float = setting(5.0, "how long a request waits for others to share its batch", minimum=0)
     max_inputs: int = setting(64, "most sources in one request", minimum=1)
     max_chars: int = setting(2000, "longest source, in characters", minimum=1)
     max_body: int = setting(1_000_000, "largest request body, in bytes", minimum=1)
+    max_queue: int = setting(256, "most sources waiting; beyond them requests get 503 with Retry-After", minimum=1)
+    max_work: int = setting(512, "most sources × beam × n_best in one request", minimum=1)
     glossary: str | None = setting(None, "a `source term<TAB>target term` file: a source containing a source term "
                                          "gets its target term in the output, beside the request's own include")
 
@@ -386,6 +399,32 @@ def resolve_precision(trainer: TrainerSpec) -> tuple[str, str]:
                        "trainer.precision=bf16-mixed to override")
 
 
+def _available_memory(accelerator: str) -> int | None:
+    """Bytes the run's device may hold: a CUDA GPU's memory, or the memory Linux says is available; None if unknown."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    found = re.search(r"MemAvailable:\s+(\d+) kB", meminfo)
+    return int(found.group(1)) * 1024 if found else None
+
+
+def _memory_problem(config: TrainConfig) -> str | None:
+    """Whether the model's layers alone (no embeddings, no activations) fit the device: fp32 weights, gradients and
+    Adam's two moments, 16 bytes a parameter. A lower bound, checked before anything is built."""
+    m = config.model
+    params = (m.n_encoder_layers * (4 * m.d_model**2 + 2 * m.d_model * m.d_ff)
+              + m.n_decoder_layers * (8 * m.d_model**2 + 2 * m.d_model * m.d_ff))
+    available = _available_memory(config.trainer.accelerator)
+    if available is None or 16 * params <= available:
+        return None
+    return (f"the model's layers alone have {params / 1e6:,.0f}M parameters, which with their gradients and "
+            f"optimizer state need at least {16 * params / 2**30:,.1f} GiB, and the device has "
+            f"{available / 2**30:,.1f} GiB available; lower `model.d_model`, `model.d_ff` or the layer counts")
+
+
 def _train_problems(config: TrainConfig) -> list[str]:
     trainer, monitor, problems = config.trainer, config.monitor, []
     on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
@@ -395,7 +434,9 @@ def _train_problems(config: TrainConfig) -> list[str]:
     if on_cpu and trainer.strategy.startswith("fsdp"):
         problems.append(f"`trainer.strategy={trainer.strategy}` (Lightning's FSDP) needs CUDA GPUs, and this run is "
                         "on the CPU; use `trainer=ddp` for several CPU processes")
-    monitored = ["val/loss", *(f"val/{name}" for name in config.metrics)]
+    if (memory := _memory_problem(config)) is not None:
+        problems.append(memory)
+    monitored = ["val/loss", *(f"val/{name}" for name in config.metrics if name in METRICS.names())]
     if monitor.metric not in monitored:
         problems.append(f"`monitor.metric={monitor.metric}` is not logged in validation."
                         f"{hint(monitor.metric, monitored)} Logged: {', '.join(monitored)} (from `metrics`)")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
@@ -95,6 +96,14 @@ class Collate:
         return Batch(src, src_keep, tgt_in, tgt_out)  # tgt_* (B, T)
 
 
+def check_token_budget(lengths: np.ndarray, max_tokens: int | None) -> None:
+    """A ConfigError when an example is longer than a batch may be."""
+    too_long = int(lengths.max(initial=0))
+    if max_tokens is not None and too_long > max_tokens:
+        raise ConfigError(f"`loader.max_tokens` ({max_tokens}) is below the longest example ({too_long} "
+                          "tokens); raise it or cap lengths with `loader.max_src_len` / `loader.max_tgt_len`")
+
+
 class TrainingBatches(Sampler[list[int]]):
     """The training batches of an epoch, drawn from `seed + epoch` alone, so every process and every resumed run
     draws the same ones.
@@ -113,10 +122,7 @@ class TrainingBatches(Sampler[list[int]]):
                  seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0,
                  corpora: list[tuple[int, int, float]] | None = None) -> None:
         self.lengths = np.asarray(lengths, dtype=np.int32)
-        too_long = int(self.lengths.max(initial=0))
-        if max_tokens is not None and too_long > max_tokens:
-            raise ConfigError(f"`loader.max_tokens` ({max_tokens}) is below the longest example ({too_long} "
-                              "tokens); raise it or cap lengths with `loader.max_src_len` / `loader.max_tgt_len`")
+        check_token_budget(self.lengths, max_tokens)
         self.max_tokens, self.batch_size, self.corpora = max_tokens, batch_size, corpora
         self.seed, self.shuffle, self.num_replicas, self.rank = seed, shuffle, num_replicas, rank
         self.epoch, self.skip = 0, (0, 0)  # skip: (epoch, batches to leave out at its start)
@@ -271,6 +277,8 @@ class Seq2SeqDataModule(L.LightningDataModule):
             self.examples[name] = examples
             np.add(tgt_len, 1, out=tgt_len)
             self.sizes[name] = np.maximum(src_len, tgt_len, out=src_len)[keep]
+            if name == "train":
+                check_token_budget(self.sizes[name], self.loader.max_tokens)
             del src_len, tgt_len
             self.report[name] = {"lines_read": report["lines_read"], "examples_read": report["examples_read"],
                                  "kept": len(keep), "rejected": dict(rejected),
@@ -279,7 +287,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
             if rejected:
                 log.warning("%s split: rejected %d of %d examples: %s", name, report["examples_read"] - len(keep),
                             report["examples_read"], dict(rejected))
-        if self.report_path is not None and (self.trainer is None or self.trainer.is_global_zero):
+        if self.report_path is not None and rank_zero_only.rank == 0:
             self.report_path.write_text(json.dumps(self.report, indent=2) + "\n")
 
     def _ranks(self) -> tuple[int, int]:

@@ -280,11 +280,12 @@ class Decoder:
     pad: int
     vocab_size: int
     label_ids: tuple[int, ...] | None = None
+    max_positions: int | None = None  # the model's: no search runs longer
 
     @classmethod
-    def for_tokenizer(cls, spec: DecodeSpec, tok: Tokenizer) -> Decoder:
+    def for_tokenizer(cls, spec: DecodeSpec, tok: Tokenizer, max_positions: int | None = None) -> Decoder:
         labels = None if tok.label_ids is None else tuple(tok.label_ids)
-        return cls(spec, tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size, labels)
+        return cls(spec, tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size, labels, max_positions)
 
     def allowed(self, device: torch.device) -> Tensor:
         """(V,) True for the tokens a search may emit."""
@@ -304,11 +305,12 @@ class Decoder:
         return torch.cat([torch.full_like(tokens[:, :1], self.bos), tokens[:, :-1]], dim=1)
 
     def max_len(self, src_keep: Tensor, guides: list[Guide] | None = None) -> int:
-        """The decoding budget; with guides, room for the longest prefix and then every required token."""
+        """The decoding budget; with guides, room for the longest prefix and then every required token; never more
+        than the model's positions."""
         budget = max_length(src_keep, self.spec.max_len_a, self.spec.max_len_b)
-        if not guides:
-            return budget
-        return max(budget, 1 + max(len(g.prefix) for g in guides)) + max(g.required_tokens for g in guides)
+        if guides:
+            budget = max(budget, 1 + max(len(g.prefix) for g in guides)) + max(g.required_tokens for g in guides)
+        return budget if self.max_positions is None else min(budget, self.max_positions)
 
     def __call__(self, model: EncoderDecoder, src: Tensor, src_keep: Tensor,
                  guides: list[Guide] | None = None) -> Tensor:

@@ -42,10 +42,11 @@ class ModelSpec:
     n_decoder_layers: int = setting(6, "decoder layers", minimum=1)
     d_ff: int = setting(2048, "inner width of the position-wise feed-forward", minimum=1)
     dropout: float = setting(0.1, "the paper's residual dropout: sublayer outputs and embedding + position sums",
-                             minimum=0)
-    attention_dropout: float = setting(0.0, "dropout on attention probabilities (not in the paper)", minimum=0)
+                             minimum=0, maximum=1)
+    attention_dropout: float = setting(0.0, "dropout on attention probabilities (not in the paper)", minimum=0,
+                                       maximum=1)
     activation_dropout: float = setting(0.0, "dropout after the feed-forward activation (not in the paper)",
-                                        minimum=0)
+                                        minimum=0, maximum=1)
     activation: str = setting("relu", "feed-forward activation", choices=ACTIVATIONS)
     norm_first: bool = setting(False, "false: post-norm Add & Norm as in the paper; true: pre-norm")
     positions: str = setting("sinusoidal", "position encoding: added to the embeddings (sinusoidal, learned) or "

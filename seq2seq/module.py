@@ -176,7 +176,7 @@ class Seq2SeqModule(L.LightningModule):
         self.config = config
         self.src_tok, self.tgt_tok = load_tokenizers(config, tokenizers)
         self.model = build_model(config, self.src_tok, self.tgt_tok)
-        self.decoder = Decoder.for_tokenizer(config.decode, self.tgt_tok)
+        self.decoder = Decoder.for_tokenizer(config.decode, self.tgt_tok, config.model.max_positions)
         weights = token_weights(self.tgt_tok, config.optim.token_weights)
         self.register_buffer("token_weight", weights, persistent=False)
         self._rng_to_restore: dict[str, Any] | None = None

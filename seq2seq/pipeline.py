@@ -252,6 +252,7 @@ def train(config: TrainConfig, run_dir: Path) -> Seq2SeqModule:
                        "path": str(prepared.path)}
     splits = prepared.splits
     datamodule = _datamodule(config, module, prepared, run_dir / "data_report.json")
+    datamodule.setup("fit")  # what the data and the loader settings refuse, before training starts
     trainer = _fit_trainer(config, run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     best, results = _held_out_scores(config, trainer, module, datamodule, run_dir, splits)
@@ -634,7 +635,6 @@ def serve(config: ServeConfig) -> None:
     require(("fastapi", "uvicorn"), "serve")
     from seq2seq.serve import Limits, run
 
-    limits = Limits(config.max_batch, config.max_wait_ms / 1000, config.max_inputs, config.max_chars,
-                    config.max_body)
+    limits = Limits(**{f.name: getattr(config, f.name) for f in dataclasses.fields(Limits)})
     run(_translator(config), limits, config.host, config.port,
         read_glossary(config.glossary) if config.glossary else [])  # the server checks it against the model

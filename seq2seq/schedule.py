@@ -25,12 +25,12 @@ class OptimSpec:
     name: str = setting("adam", "optimizer", choices=OPTIMIZERS)
     lr: float = setting(1.0, "noam: multiplier of the paper's schedule; constant/cosine: the peak learning rate",
                         minimum=0)
-    betas: list[float] = setting([0.9, 0.98], "Adam's beta1, beta2")
+    betas: list[float] = setting([0.9, 0.98], "Adam's beta1, beta2, each in [0, 1)", minimum=0, maximum=0.9999)
     eps: float = setting(1e-9, "Adam's epsilon", minimum=0)
     weight_decay: float = setting(0.0, "decoupled weight decay (adamw) or L2 penalty (adam)", minimum=0)
     schedule: str = setting("noam", "learning-rate schedule", choices=SCHEDULES)
     warmup_steps: int = setting(4000, "steps of linear warm-up", minimum=1)
-    label_smoothing: float = setting(0.1, "label smoothing of the training loss", minimum=0)
+    label_smoothing: float = setting(0.1, "label smoothing of the training loss", minimum=0, maximum=1)
     token_weights: dict[str, float] = setting({}, "loss weight of target tokens by their piece, e.g. {'1': 8.0} "
                                               "for a rare positive label (others weigh 1)")
     focal_gamma: float = setting(0.0, "focal loss: scale each token's loss by (1 - p)^gamma; 0 = cross-entropy",
@@ -45,6 +45,8 @@ class OptimSpec:
 
     def __post_init__(self) -> None:
         check(self)
+        if len(self.betas) != 2:
+            raise ConfigError(f"`optim.betas` must be two numbers [beta1, beta2], got {self.betas}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f"`optim.ema_decay` must lie between 0 and 1 (e.g. 0.999), got {self.ema_decay}")
         bad = {k: w for k, w in self.token_weights.items() if not isinstance(w, (int, float)) or w <= 0}

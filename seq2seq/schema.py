@@ -1,9 +1,9 @@
 """Typed config schemas: frozen dataclasses whose fields carry their one default, help, choices and bounds.
 
-`setting(default, help, choices=..., minimum=...)` declares a field. A spec dataclass calls `check(self)` in
-`__post_init__`, so a spec built in code is checked like one built from YAML. `build(schema, data, path)` turns
-plain data into the frozen tree and reports every problem it finds at once: unknown keys (with a close match), wrong
-types, values outside their choices or bounds, and what each spec's own checks refuse.
+`setting(default, help, choices=..., minimum=..., maximum=...)` declares a field. A spec dataclass calls
+`check(self)` in `__post_init__`, so a spec built in code is checked like one built from YAML. `build(schema, data,
+path)` turns plain data into the frozen tree and reports every problem it finds at once: unknown keys (with a close
+match), wrong types, values outside their choices or bounds, and what each spec's own checks refuse.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import math
 import types
 import typing
 from collections.abc import Iterable
@@ -22,10 +23,12 @@ from seq2seq.errors import ConfigError
 S = TypeVar("S")
 
 
-def setting(default: Any, help: str, *, choices: Iterable[Any] | None = None, minimum: float | None = None) -> Any:
+def setting(default: Any, help: str, *, choices: Iterable[Any] | None = None, minimum: float | None = None,
+            maximum: float | None = None) -> Any:
     """A schema field: its default, a one-line help (shown by `seq2seq <command> --help` and in errors), and the
-    values it accepts."""
-    meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "minimum": minimum}
+    values it accepts (numbers: finite, and within the bounds given; for a list of numbers, each of them)."""
+    meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "minimum": minimum,
+            "maximum": maximum}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -77,8 +80,14 @@ def _wrong(where: str, value: Any, annotation: object, meta: typing.Mapping[str,
     if choices is not None and value is not None and value not in choices:
         accepted = [str(c) for c in choices]
         return [f"`{where}` must be one of {', '.join(accepted)}, got {value!r}{hint(str(value), accepted)}"]
-    if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
-        return [f"`{where}` must be at least {minimum}, got {value!r}"]
+    numbers = value if isinstance(value, (list, tuple)) else [value]
+    for number in (n for n in numbers if isinstance(n, (int, float)) and not isinstance(n, bool)):
+        if not math.isfinite(number):
+            return [f"`{where}` must be a finite number, got {value!r}"]
+        if minimum is not None and number < minimum:
+            return [f"`{where}` must be at least {minimum}, got {value!r}"]
+        if meta.get("maximum") is not None and number > meta["maximum"]:
+            return [f"`{where}` must be at most {meta['maximum']}, got {value!r}"]
     return []
 
 
@@ -109,10 +118,10 @@ def unknown_key(key: str, accepted: Iterable[str], path: str) -> str:
 
 def field_type(schema: type, key: str, path: str) -> Any:
     """The annotation of `key` in a schema dataclass, or a ConfigError naming the closest accepted key."""
-    hints = typing.get_type_hints(schema)
-    if key not in hints:
-        raise ConfigError(unknown_key(key, hints, path))
-    return hints[key]
+    fields = [f.name for f in dataclasses.fields(schema)]  # not its class variables (`block`)
+    if key not in fields:
+        raise ConfigError(unknown_key(key, fields, path))
+    return typing.get_type_hints(schema)[key]
 
 
 def build(schema: type[S], data: typing.Mapping[str, Any], path: str = "") -> tuple[S, list[str]]:

@@ -7,15 +7,18 @@
                      null: the output starts with it), "include" and "exclude" (lists of phrases it must and must
                      not contain; `seq2seq.guides`); with a glossary, a source containing a source term must
                      contain its target term too, as if it were in "include"
-    GET  /health  -> {"status": "ok", "backend": ..., "queued": sources waiting}
+    GET  /health  -> {"status": "ok", "backend": ..., "queued": sources waiting, "max_queue": ...}
 
 FastAPI with uvicorn rather than LitServe: the service is one model in one process, and what it needs beyond HTTP is
 a batching queue, which is a few lines of asyncio here; LitServe's worker processes and request loop would sit
-between the two with nothing to add on a CPU. Requests wait up to `max_wait` for others to share a batch of at most
+between the two with nothing to add on a CPU. Requests wait up to `max_wait_ms` for others to share a batch of at most
 `max_batch` sources (requests with other decoding settings share a wait, not a batch); one thread decodes. A bad
-request (malformed JSON, a wrong type, an empty or over-long source, too many sources, too big a body) gets a 4xx
-with a message saying what is wrong and where, and touches no one else's. On SIGINT or SIGTERM uvicorn stops taking
-connections, lets the requests in flight finish (they are answered), then stops.
+request (malformed JSON, invalid Unicode, a wrong type, an empty or over-long source, too many sources, too much
+search work, too big a body, constraints longer than the model writes) gets a 4xx with a message saying what is wrong
+and where, before it joins a batch; if decoding a batch still fails, its requests are decoded one by one, so only
+the failing one gets the 500. When `max_queue` sources wait already, a request gets 503 with `Retry-After`; a
+request whose client disconnects is dropped from the queue. On SIGINT or SIGTERM uvicorn stops taking connections,
+lets the requests in flight finish (they are answered), then stops.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import contextlib
 import itertools
 import json
 import logging
+import socket
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +38,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from seq2seq.errors import DataError
+from seq2seq.errors import ConfigError, DataError
 from seq2seq.guides import Guide, Term, matching_terms
 from seq2seq.translate import Translator
 
@@ -44,10 +48,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Limits:
     max_batch: int = 32
-    max_wait: float = 0.005  # seconds
+    max_wait_ms: float = 5.0
     max_inputs: int = 64
     max_chars: int = 2000
     max_body: int = 1_000_000  # bytes
+    max_queue: int = 256  # sources waiting, beyond which requests get 503
+    max_work: int = 512  # sources × beam × n_best in one request
 
 
 @dataclass
@@ -68,20 +74,29 @@ class Batcher:
         self.queued = 0
         self._by_beam: dict[int | None, Translator] = {None: translator}
 
-    async def submit(self, sources: list[str], beam: int | None, n_best: int,
-                     guides: list[Guide] | None = None) -> list[Any]:
+    def submit(self, sources: list[str], beam: int | None, n_best: int,
+               guides: list[Guide] | None = None) -> asyncio.Future | None:
+        """Queue a request; its future holds the outputs. None when the queue is full."""
+        if self.queued + len(sources) > self.limits.max_queue:
+            return None
         job = _Job(sources, beam, n_best, guides)
         self.queued += len(sources)
-        await self.queue.put(job)
-        return await job.done
+        self.queue.put_nowait(job)
+        return job.done
+
+    async def _next(self) -> _Job:
+        """The next queued job whose client still waits for it (a cancelled one leaves the queue here)."""
+        while (job := await self.queue.get()).done.cancelled():
+            self.queued -= len(job.sources)
+        return job
 
     async def _gather(self) -> list[_Job]:
-        jobs = [await self.queue.get()]
+        jobs = [await self._next()]
         size, loop = len(jobs[0].sources), asyncio.get_running_loop()
-        deadline = loop.time() + self.limits.max_wait
+        deadline = loop.time() + self.limits.max_wait_ms / 1000
         while size < self.limits.max_batch and (left := deadline - loop.time()) > 0:
             try:
-                job = await asyncio.wait_for(self.queue.get(), left)
+                job = await asyncio.wait_for(self._next(), left)
             except TimeoutError:
                 break
             jobs.append(job)
@@ -97,31 +112,43 @@ class Batcher:
         return [[{"text": text, "score": score} for score, text in found]
                 for found in translator.n_best(sources, n_best, guides)]
 
+    async def _decode_group(self, group: list[_Job]) -> None:
+        """Decode jobs of one beam and n_best together; if that fails, each alone, so only a failing one fails."""
+        sources = [s for job in group for s in job.sources]
+        guides = None  # requests without guides share a batch with those with them, as Guide()s
+        if any(job.guides for job in group):
+            guides = [g for job in group for g in (job.guides or [Guide()] * len(job.sources))]
+        try:
+            outputs = await asyncio.to_thread(self._decode, group[0].beam, group[0].n_best, sources, guides)
+        except Exception as err:
+            if len(group) > 1:
+                log.warning("decoding a batch of %d requests failed (%s); decoding them one by one", len(group),
+                            err)
+                for job in group:
+                    await self._decode_group([job])
+                return
+            log.exception("decoding a request of %d sources failed", len(sources))
+            if not group[0].done.done():  # its request may have been cancelled meanwhile
+                group[0].done.set_exception(err)
+            return
+        at = 0
+        for job in group:
+            if not job.done.done():
+                job.done.set_result(outputs[at : at + len(job.sources)])
+            at += len(job.sources)
+
     async def run(self) -> None:
         while True:
             jobs = await self._gather()
             key = lambda job: (job.beam or 0, job.n_best)  # noqa: E731
-            for (_, n_best), group in itertools.groupby(sorted(jobs, key=key), key=key):
-                group = list(group)
-                sources = [s for job in group for s in job.sources]
-                guides = None  # requests without guides share a batch with those with them, as Guide()s
-                if any(job.guides for job in group):
-                    guides = [g for job in group for g in (job.guides or [Guide()] * len(job.sources))]
+            for _, grouped in itertools.groupby(sorted(jobs, key=key), key=key):
+                grouped = list(grouped)
                 try:
-                    outputs = await asyncio.to_thread(self._decode, group[0].beam, n_best, sources, guides)
-                except Exception as err:
-                    log.exception("decoding a batch of %d sources failed", len(sources))
-                    for job in group:
-                        if not job.done.done():  # its request may have been cancelled meanwhile
-                            job.done.set_exception(err)
-                else:
-                    at = 0
-                    for job in group:
-                        if not job.done.done():
-                            job.done.set_result(outputs[at : at + len(job.sources)])
-                        at += len(job.sources)
+                    group = [job for job in grouped if not job.done.cancelled()]  # clients gone meanwhile
+                    if group:
+                        await self._decode_group(group)
                 finally:
-                    self.queued -= len(sources)
+                    self.queued -= sum(len(job.sources) for job in grouped)
 
 
 def _text_problem(data: dict, limits: Limits) -> tuple[int, str] | None:
@@ -177,10 +204,21 @@ def _guides(translator: Translator, data: dict, texts: list[str], glossary: Sequ
     return translator.guides(len(texts), given["prefix"], given["include"], given["exclude"])
 
 
-def _problem(data: Any, limits: Limits) -> tuple[int, str] | None:
+def _unicode_problem(data: Any) -> str | None:
+    """What makes a parsed body invalid Unicode (JSON's `\\ud800` escapes decode to lone surrogates), or None."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"the body holds a lone surrogate ({err.object[err.start:err.end]!a}), which is not Unicode text"
+    return None
+
+
+def _problem(data: Any, limits: Limits, default_beam: int) -> tuple[int, str] | None:
     """(status, message) for a request body that cannot be served, else None."""
     if not isinstance(data, dict):
         return 422, 'the body must be a JSON object, e.g. {"text": ["..."]}'
+    if (message := _unicode_problem(data)) is not None:
+        return 422, message
     unknown = sorted(set(data) - {"text", "beam", "n_best", *GUIDES})
     if unknown:
         return 422, f"unknown field(s) {unknown}; the fields are text, beam, n_best, prefix, include, exclude"
@@ -190,6 +228,11 @@ def _problem(data: Any, limits: Limits) -> tuple[int, str] | None:
             return 422, f'"{name}" must be an integer from 1 to {top}, got {value!r}'
     if (problem := _text_problem(data, limits)) is not None:
         return problem
+    n = 1 if isinstance(data["text"], str) else len(data["text"])
+    work = n * (data.get("beam") or default_beam) * (data.get("n_best") or 1)
+    if work > limits.max_work:
+        return 413, (f"{n} sources × beam {data.get('beam') or default_beam} × n_best {data.get('n_best') or 1} = "
+                     f"{work} hypotheses; at most {limits.max_work} per request: send fewer sources")
     message = _guide_problem(data)
     return None if message is None else (422, message)
 
@@ -205,6 +248,27 @@ async def _body(request: Request, limit: int) -> bytes | None:
         if len(body) > limit:
             return None
     return body
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client disconnects (the body is read: what the server receives next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _answer(request: Request, done: asyncio.Future, backend: str) -> JSONResponse:
+    """The outputs of a queued request once decoded; if its client disconnects first, it leaves the queue."""
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not done.done():  # nobody reads the answer: the batcher skips it
+        done.cancel()
+        return JSONResponse({"error": "the client disconnected"}, status_code=499)
+    if (err := done.exception()) is not None:
+        return JSONResponse({"error": f"decoding failed: {type(err).__name__}: {err}"}, status_code=500)
+    return JSONResponse({"translations": done.result(), "backend": backend})
 
 
 def create_app(translator: Translator, limits: Limits = Limits(), glossary: Sequence[Term] = ()) -> FastAPI:
@@ -226,7 +290,8 @@ def create_app(translator: Translator, limits: Limits = Limits(), glossary: Sequ
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "backend": translator.backend.name, "queued": batcher.queued}
+        return {"status": "ok", "backend": translator.backend.name, "queued": batcher.queued,
+                "max_queue": limits.max_queue}
 
     @app.post("/translate")
     async def translate(request: Request) -> JSONResponse:
@@ -237,7 +302,7 @@ def create_app(translator: Translator, limits: Limits = Limits(), glossary: Sequ
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             return error(400, f"the body is not JSON: {err}")
-        if (problem := _problem(data, limits)) is not None:
+        if (problem := _problem(data, limits, translator.decoder.spec.beam)) is not None:
             return error(*problem)
         texts = [data["text"]] if isinstance(data["text"], str) else data["text"]
         try:
@@ -245,26 +310,46 @@ def create_app(translator: Translator, limits: Limits = Limits(), glossary: Sequ
             guides = _guides(translator, data, texts, glossary)
         except DataError as err:
             return error(422, str(err))
-        try:
-            outputs = await batcher.submit(texts, data.get("beam"), data.get("n_best") or 1, guides)
-        except Exception as err:
-            return error(500, f"decoding failed: {type(err).__name__}: {err}")
-        return JSONResponse({"translations": outputs, "backend": translator.backend.name})
+        done = batcher.submit(texts, data.get("beam"), data.get("n_best") or 1, guides)
+        if done is None:
+            return JSONResponse({"error": f"the server has {batcher.queued} sources queued (at most "
+                                          f"{limits.max_queue}); try again shortly"},
+                                status_code=503, headers={"Retry-After": "1"})
+        return await _answer(request, done, translator.backend.name)
 
     return app
 
 
-def _server(translator: Translator, limits: Limits, host: str, port: int, glossary: Sequence[Term]) -> uvicorn.Server:
-    config = uvicorn.Config(create_app(translator, limits, glossary), host=host, port=port, log_level="info",
-                            timeout_graceful_shutdown=60, access_log=False)
+def _socket(host: str, port: int) -> socket.socket:
+    """A socket bound to `host`:`port`, or a ConfigError saying why it cannot be (before anything is served)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise ConfigError(f"`host={host}` cannot be resolved ({err}); give an address or a known host name") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror}; choose another `port=` (or `host=`)"
+                          ) from None
+    return sock
+
+
+def _server(translator: Translator, limits: Limits, glossary: Sequence[Term]) -> uvicorn.Server:
+    config = uvicorn.Config(create_app(translator, limits, glossary), log_level="info", timeout_graceful_shutdown=60,
+                            access_log=False)
     return uvicorn.Server(config)
 
 
 def run(translator: Translator, limits: Limits, host: str, port: int, glossary: Sequence[Term] = ()) -> None:
     """Serve until SIGINT or SIGTERM; requests in flight are answered before it stops."""
-    log.info("serving %s on http://%s:%d (POST /translate, GET /health)%s", translator.backend.name, host, port,
-             f" with a glossary of {len(glossary)} terms" if glossary else "")
-    _server(translator, limits, host, port, glossary).run()
+    sock = _socket(host, port)
+    server = _server(translator, limits, glossary)
+    log.info("serving %s on http://%s:%d (POST /translate, GET /health)%s", translator.backend.name, host,
+             sock.getsockname()[1], f" with a glossary of {len(glossary)} terms" if glossary else "")
+    server.run(sockets=[sock])
 
 
 @contextlib.contextmanager
@@ -272,8 +357,9 @@ def background(translator: Translator, limits: Limits = Limits(), host: str = "1
                glossary: Sequence[Term] = ()) -> Iterator[tuple[Any, str]]:
     """A server on a free port in a thread, for tests: (server, base URL). Leaving the block shuts it down as a
     signal would (in-flight requests are answered first)."""
-    server = _server(translator, limits, host, 0, glossary)
-    thread = threading.Thread(target=server.run, daemon=True)
+    server = _server(translator, limits, glossary)
+    sock = _socket(host, 0)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
         if not thread.is_alive():

@@ -169,14 +169,19 @@ class Translator:
         for name, given in (("prefixes", prefixes), ("include", include), ("exclude", exclude)):
             if given is not None and len(given) != n:
                 raise DataError(f"{len(given)} {name} for {n} inputs; give one per input (None or [] for none)")
-        guides = []
+        guides, most = [], self.module.model.spec.max_positions - 1  # target positions after BOS
         for i in range(n):
             try:
-                guides.append(Guide(prefix=ids(prefixes[i]) if prefixes else (),
-                                    include=tuple(ids(p) for p in include[i]) if include else (),
-                                    exclude=tuple(ids(p) for p in exclude[i]) if exclude else ()))
+                guide = Guide(prefix=ids(prefixes[i]) if prefixes else (),
+                              include=tuple(ids(p) for p in include[i]) if include else (),
+                              exclude=tuple(ids(p) for p in exclude[i]) if exclude else ())
             except DataError as err:
                 raise DataError(f"input {i + 1}: {err}") from None
+            needed = len(guide.prefix) + sum(map(len, guide.include))
+            if needed > most:
+                raise DataError(f"input {i + 1}: its prefix and include phrases take {needed} target tokens, and "
+                                f"this model writes at most {most}; shorten them")
+            guides.append(guide)
         return guides
 
     def check_glossary(self, glossary: Sequence[Term]) -> None:

@@ -141,7 +141,7 @@ def test_concurrent_requests_are_batched_and_every_one_is_answered(trained, monk
         async with httpx.AsyncClient(base_url=url) as client:
             return await asyncio.gather(*[client.post("/translate", json={"text": [s]}) for s in requests])
 
-    with background(translator, Limits(max_batch=16, max_wait=0.05)) as (_, url):
+    with background(translator, Limits(max_batch=16, max_wait_ms=50)) as (_, url):
         replies = asyncio.run(send_all(url))
     assert [r.json()["translations"][0] for r in replies] == translator.translate(requests)
     assert sum(batches) == 48 and max(batches) <= 16 and len(batches) < 48  # shared batches, within the limit
@@ -173,7 +173,7 @@ def test_a_cancelled_request_does_not_stop_the_batcher(trained):
     _, translator = trained
 
     async def scenario():
-        batcher = Batcher(translator, Limits(max_wait=0.05))
+        batcher = Batcher(translator, Limits(max_wait_ms=50))
         worker = asyncio.create_task(batcher.run())
         gone = asyncio.create_task(batcher.submit(SOURCES[:1], None, 1))
         await asyncio.sleep(0.01)

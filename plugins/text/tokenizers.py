@@ -22,6 +22,7 @@ from seq2seq.registry import TOKENIZERS
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 NORMALIZATIONS = ("none", "NFC", "NFKC")
+MIN_VOCAB = 8  # the special tokens and a few pieces
 
 
 class _TextTokenizer(Tokenizer):
@@ -38,6 +39,12 @@ class _TextTokenizer(Tokenizer):
     def normalize(self, text: str) -> str:
         return text if self.normalization == "none" else unicodedata.normalize(self.normalization, text)
 
+    @staticmethod
+    def check_vocab_size(vocab_size: int) -> None:
+        if vocab_size < MIN_VOCAB:
+            raise ConfigError(f"tokenizer `vocab_size` must be at least {MIN_VOCAB} (its special tokens and a few "
+                              f"pieces), got {vocab_size}")
+
     def _content(self, ids: list[int]) -> list[int]:
         return [i for i in ids if i >= len(SPECIALS) or i == self.unk_id]
 
@@ -48,6 +55,7 @@ class BPETokenizer(_TextTokenizer):
 
     def __init__(self, vocab_size: int = 8000, min_frequency: int = 2, normalization: str = "NFKC") -> None:
         super().__init__(normalization)
+        self.check_vocab_size(vocab_size)
         self.vocab_size_wanted, self.min_frequency = vocab_size, min_frequency
         self._tok: Any = None
 
@@ -94,6 +102,7 @@ class SentencePieceTokenizer(_TextTokenizer):
     def __init__(self, vocab_size: int = 8000, model_type: str = "unigram", character_coverage: float = 0.9995,
                  normalization: str = "NFKC") -> None:
         super().__init__(normalization)
+        self.check_vocab_size(vocab_size)
         self.vocab_size_wanted, self.model_type, self.coverage = vocab_size, model_type, character_coverage
         self._sp: Any = None
         self._model = b""
@@ -142,6 +151,7 @@ class _VocabTokenizer(_TextTokenizer):
 
     def __init__(self, max_vocab: int, min_frequency: int, normalization: str) -> None:
         super().__init__(normalization)
+        self.check_vocab_size(max_vocab)
         self.max_vocab, self.min_frequency = max_vocab, min_frequency
         self.itos: list[str] = list(SPECIALS)
         self.stoi: dict[str, int] = {}
