@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from seq2seq import Translator, compose, pipeline
-from seq2seq.errors import DataError
+from seq2seq import Translator, compose, pipeline, serve
+from seq2seq.errors import ConfigError, DataError
 from seq2seq.guides import Term
 from seq2seq.serve import Batcher, Limits, background, create_app
 from seq2seq.testing import _fit, build
@@ -32,7 +32,7 @@ def test_translations_come_back_as_the_translator_gives_them(trained):
     _, translator = trained
     with background(translator) as (_, url), httpx.Client(base_url=url) as client:
         health = client.get("/health").json()
-        assert health == {"status": "ok", "backend": "eager", "queued": 0}
+        assert health == {"status": "ok", "backend": "eager", "queued": 0, "max_queue": 256}
         reply = client.post("/translate", json={"text": SOURCES})
         assert reply.status_code == 200
         assert reply.json() == {"translations": translator.translate(SOURCES), "backend": "eager"}
@@ -106,17 +106,22 @@ BAD = [
     ({"text": "1 2", "include": "3"}, 422, '"include" must be a list of non-empty strings, got \'3\''),
     ({"text": ["1"], "exclude": [[""]]}, 422, '"exclude"[0] must be a list of non-empty strings'),
     ({"text": "1 2", "prefix": 3}, 422, '"prefix" must be a string or null, got 3'),
+    ({"text": ["1"] * 8, "beam": 8, "n_best": 2}, 413, "8 sources × beam 8 × n_best 2 = 128 hypotheses; at most 100"),
+    ({"text": "1 2", "include": [" ".join(["5"] * 30)]}, 422, "include phrases take 30 target tokens, and this model "
+                                                              "writes at most 27"),
 ]
 
 
 def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving():
     module, _ = build(["experiment=reverse", "model.d_model=32", "model.d_ff=64", "model.max_positions=28"])
     translator = Translator(module)
-    limits = Limits(max_inputs=8, max_chars=60, max_body=2000)
+    limits = Limits(max_inputs=8, max_chars=60, max_body=2000, max_work=100)
     with background(translator, limits) as (_, url), httpx.Client(base_url=url) as client:
         for body, status, message in BAD:
             reply = client.post("/translate", json=body)
             assert (reply.status_code, message in reply.json()["error"]) == (status, True), (body, reply.text)
+        reply = client.post("/translate", content=b'{"text": ["abc \\ud800"]}')  # JSON's escape, no Unicode
+        assert reply.status_code == 422 and "lone surrogate" in reply.json()["error"]
         reply = client.post("/translate", content=b'{"text": ["1 2"')
         assert reply.status_code == 400 and "not JSON" in reply.json()["error"]
         reply = client.post("/translate", content=b'{"text": "' + b"1 " * 1500 + b'"}')
@@ -175,7 +180,7 @@ def test_a_cancelled_request_does_not_stop_the_batcher(trained):
     async def scenario():
         batcher = Batcher(translator, Limits(max_wait_ms=50))
         worker = asyncio.create_task(batcher.run())
-        gone = asyncio.create_task(batcher.submit(SOURCES[:1], None, 1))
+        gone = batcher.submit(SOURCES[:1], None, 1)
         await asyncio.sleep(0.01)
         gone.cancel()  # its client went away while it waited for a batch
         answer = await asyncio.wait_for(batcher.submit(SOURCES[1:2], None, 1), 30)
@@ -206,3 +211,84 @@ def test_seq2seq_serve_runs_until_sigterm_and_shuts_down_cleanly(trained, tmp_pa
         out, _ = server.communicate(timeout=60)
     # uvicorn finishes its shutdown, then re-raises the signal it caught: the process ends as SIGTERM says
     assert server.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in out, out[-2000:]
+
+
+def _slow(monkeypatch, seconds, decoded=None, fail_on=None):
+    """Batcher._decode that waits first, records what it decodes, and fails on a batch holding `fail_on`."""
+    decode = Batcher._decode
+
+    def slow(self, beam, n_best, sources, guides):
+        time.sleep(seconds)
+        if decoded is not None:
+            decoded.extend(sources)
+        if fail_on in sources:
+            raise RuntimeError("this source breaks the search")
+        return decode(self, beam, n_best, sources, guides)
+
+    monkeypatch.setattr(Batcher, "_decode", slow)
+
+
+def test_a_request_that_fails_its_batch_fails_alone(trained, monkeypatch):
+    _, translator = trained
+    _slow(monkeypatch, 0.0, fail_on="9 9 9")
+    texts = [*SOURCES[:5], "9 9 9", *SOURCES[:3]]
+
+    async def send_all(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*[client.post("/translate", json={"text": [t]}) for t in texts])
+
+    with background(translator, Limits(max_batch=16, max_wait_ms=200)) as (_, url):
+        replies = asyncio.run(send_all(url))
+    assert [r.status_code for r in replies] == [200] * 5 + [500] + [200] * 3
+    # all shared one batch, which failed; then each was decoded alone
+    assert [r.json()["translations"] for r in replies if r.status_code == 200] == [
+        translator.translate([t]) for t in texts if t != "9 9 9"]
+    assert "this source breaks the search" in replies[5].json()["error"]
+
+
+def test_a_full_queue_answers_503_with_retry_after_then_recovers(trained, monkeypatch):
+    _, translator = trained
+    _slow(monkeypatch, 0.5)
+
+    async def flood(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*[client.post("/translate", json={"text": SOURCES[:2]}) for _ in range(8)])
+
+    with background(translator, Limits(max_batch=2, max_wait_ms=0, max_queue=4)) as (_, url):
+        replies = asyncio.run(flood(url))
+        codes = sorted(r.status_code for r in replies)
+        busy = [r for r in replies if r.status_code == 503]
+        after = httpx.post(f"{url}/translate", json={"text": SOURCES[:2]}, timeout=60)
+        health = httpx.get(f"{url}/health").json()
+    assert codes.count(200) >= 2 and codes.count(503) >= 4 and set(codes) == {200, 503}
+    assert busy[0].headers["retry-after"] == "1" and "at most 4" in busy[0].json()["error"]
+    assert after.status_code == 200 and health["queued"] == 0 and health["max_queue"] == 4
+
+
+def test_the_work_of_a_client_that_disconnected_is_dropped(trained, monkeypatch):
+    _, translator = trained
+    decoded = []
+    _slow(monkeypatch, 1.0, decoded)
+    with background(translator, Limits(max_batch=2, max_wait_ms=0)) as (_, url):
+        first = threading.Thread(target=lambda: httpx.post(f"{url}/translate", json={"text": ["1 2 3"]}, timeout=60))
+        first.start()  # occupies the decoder for a second
+        time.sleep(0.3)
+        with pytest.raises(httpx.ReadTimeout):  # this client gives up while its request waits in the queue
+            httpx.post(f"{url}/translate", json={"text": ["4 5 6 7"]}, timeout=0.3)
+        first.join()
+        time.sleep(0.5)
+        assert httpx.post(f"{url}/translate", json={"text": ["8 9"]}, timeout=60).status_code == 200
+        assert httpx.get(f"{url}/health").json()["queued"] == 0
+    assert decoded == ["1 2 3", "8 9"]  # never "4 5 6 7"
+
+
+def test_an_address_that_cannot_be_served_is_refused_before_serving(trained):
+    ckpt, translator = trained
+    with pytest.raises(ConfigError, match=r"`port` must be at most 65535, got 99999"):
+        compose([f"ckpt={ckpt}", "port=99999"], "serve")
+    with background(translator) as (_, url):
+        port = int(url.rsplit(":", 1)[1])
+        with pytest.raises(ConfigError, match=rf"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            serve.run(translator, Limits(), "127.0.0.1", port)
+    with pytest.raises(ConfigError, match=r"`host=no-such-host.invalid` cannot be resolved"):
+        serve.run(translator, Limits(), "no-such-host.invalid", 0)
