@@ -17,7 +17,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from omegaconf import OmegaConf
 
-from seq2seq.errors import ConfigError
+from seq2seq.errors import ConfigError, DataError
 
 log = logging.getLogger("seq2seq")
 
@@ -66,8 +66,13 @@ def is_checkpoint(path: Path) -> bool:
 class InterruptCheckpoint(OnExceptionCheckpoint):
     """On Ctrl-C or an error, saves checkpoints/interrupted.ckpt and says how to continue."""
 
-    def on_exception(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
-        super().on_exception(trainer, *args, **kwargs)
+    by_user = False  # whether a run stopped for Ctrl-C (the command then exits 130, as shells expect)
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        InterruptCheckpoint.by_user = isinstance(exception, KeyboardInterrupt)
+        if isinstance(exception, (ConfigError, DataError)):  # a mistake: nothing to continue (or diverged weights)
+            return
+        super().on_exception(trainer, module, exception)
         if trainer.is_global_zero:
             run_dir = Path(self.dirpath).parent
             log.warning("stopped at step %d; the weights are in %s. Continue with the same command and "

@@ -24,7 +24,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from seq2seq import pipeline
-from seq2seq.checkpoints import claim_run_dir, refuse_reuse
+from seq2seq.checkpoints import InterruptCheckpoint, claim_run_dir, refuse_reuse
 from seq2seq.config import TrainConfig, help_text, prepare_overrides, validate
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.export import ExportError
@@ -98,6 +98,10 @@ def _train_task(cfg: DictConfig) -> float | None:
         if owned:
             _remove_failed_run(run_dir)
         _fail(err)
+    except SystemExit:  # Lightning exits 1 after Ctrl-C; shells expect 130 (128 + SIGINT)
+        if InterruptCheckpoint.by_user:
+            sys.exit(130)
+        raise
     metrics = run_dir / "metrics.json"
     return json.loads(metrics.read_text()).get(config.monitor.metric) if metrics.is_file() else None
 

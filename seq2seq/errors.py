@@ -1,4 +1,5 @@
-"""The one error type for anything a user can fix in YAML or on the command line."""
+"""The error types for what a user can fix: in YAML or on the command line, in a data file, or in the settings
+that made training diverge."""
 
 
 class ConfigError(ValueError):
@@ -7,3 +8,7 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """A data file is malformed. The message names the file, the rows, and what is wrong."""
+
+
+class DivergedError(ConfigError):
+    """Training produced a non-finite loss: the settings (learning rate, warm-up, clipping) need changing."""

@@ -27,7 +27,7 @@ from seq2seq.data import IGNORE_INDEX, Batch, epoch_position
 from seq2seq.decoding import Decoder, strip
 from seq2seq.domain import Encoder, Tokenizer
 from seq2seq.embeddings import TokenEmbedding
-from seq2seq.errors import ConfigError
+from seq2seq.errors import ConfigError, DivergedError
 from seq2seq.heads import TiedHead
 from seq2seq.model import EncoderDecoder
 from seq2seq.plugins import import_recorded, plugin_versions
@@ -211,6 +211,15 @@ class Seq2SeqModule(L.LightningModule):
             real = batch.src_keep.sum() + batch.tgt_keep.sum()
             self.log("train/padding", 1 - real / (batch.src_keep.numel() + batch.tgt_keep.numel()), batch_size=B)
         world = trainer.world_size
+        finite = bool(torch.isfinite(loss.detach()))  # every step: a checkpoint must never hold diverged weights
+        if world > 1:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)  # every rank stops together
+        if not finite:
+            raise DivergedError(
+                f"training diverged: the loss is not finite at step {self.global_step + 1} "
+                f"({float(loss.detach())} on this process). The checkpoints written before it are intact; lower "
+                f"`optim.lr` (now {self.config.optim.lr}), lengthen `optim.warmup_steps` or clip gradients "
+                "(`trainer.gradient_clip_val`), and start again")
         if world > 1:
             # DDP averages gradients over ranks. Weighting each rank's per-token mean by its share of the global
             # batch's target tokens makes that average the gradient of the global per-token mean, as on one process.

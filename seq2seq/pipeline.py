@@ -79,6 +79,9 @@ from seq2seq.schema import to_data
 from seq2seq.translate import Translator
 
 log = logging.getLogger("seq2seq")
+# Lightning advertises its cloud services on every Trainer it builds; this project's runs have no use for them.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡 Tip:"))
 
 
 class ProgressLog(L.Callback):

@@ -1,6 +1,8 @@
 """End to end through the real Lightning Trainer and Hydra app."""
 
 import json
+import re
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +14,7 @@ import torch
 
 from seq2seq import Translator, cli, compose, train
 from seq2seq.checkpoints import claim_run_dir
-from seq2seq.errors import ConfigError
+from seq2seq.errors import ConfigError, DivergedError
 from seq2seq.module import Seq2SeqModule
 from seq2seq_plugins.synthetic import SyntheticTask
 
@@ -198,3 +200,30 @@ def test_a_refused_resume_leaves_the_run_it_names_untouched(tmp_path):
     result = _run("train", "experiment=reverse", f"resume={tmp_path}")
     assert result.returncode == 2 and "differs in" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "logs"]
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_checkpoints_before_it(tmp_path):
+    config = compose(["experiment=copy", "optim.lr=1e15", "save_every_n_steps=1", "data.n_train=256",
+                      "data.n_val=32", "data.n_test=32", "trainer.enable_progress_bar=false"])
+    with pytest.raises(DivergedError, match=r"training diverged: the loss is not finite at step (\d+)") as caught:
+        train(config, tmp_path)
+    step = int(re.search(r"at step (\d+)", str(caught.value)).group(1))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]  # no interrupted.ckpt
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == step - 1
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow  # a Python start
+def test_ctrl_c_saves_interrupted_ckpt_and_exits_130(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", "from seq2seq.cli import main; main()", "train", "experiment=copy",
+                             "data.n_train=100000", "trainer.log_every_n_steps=1", f"hydra.run.dir={run}"],
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "step 2," in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert (run / "checkpoints" / "interrupted.ckpt").is_file() and "Tip:" not in err

@@ -68,6 +68,21 @@ def test_overrides_reach_the_built_model():
     (["average_last=1"], r"`average_last` must be at least 2"),
     (["model.n_heads=5"], r"divisible"),
     (["plugins=[no_such_plugin]"], r"plugin module `no_such_plugin`.*failed to import"),
+    (["optim.lr=nan"], r"`optim\.lr` must be a finite number, got nan"),
+    (["optim.lr=inf"], r"`optim\.lr` must be a finite number, got inf"),
+    (["model.dropout=1.5"], r"`model\.dropout` must be at most 1, got 1\.5"),
+    (["optim.label_smoothing=1.5"], r"`optim\.label_smoothing` must be at most 1, got 1\.5"),
+    (["optim.betas=[2,3]"], r"`optim\.betas` must be at most 0\.9999, got \[2, 3\]"),
+    (["optim.betas=[0.9]"], r"`optim\.betas` must be two numbers"),
+    (["trainer.max_time=abc"], r"`trainer\.max_time` must be DD:HH:MM:SS .*got 'abc'"),
+    (["trainer.val_check_interval=-1"], r"`trainer\.val_check_interval` must be .* got -1"),
+    (["trainer.val_check_interval=1.5"], r"`trainer\.val_check_interval` must be .* got 1\.5"),
+    (["trainer.max_steps=0"], r"`trainer\.max_steps=0` trains nothing"),
+    (["model.d_model=100000000"], r"M parameters, which with their gradients and optimizer state need at least "
+                                  r"[\d,.]+ GiB, and the device has [\d,.]+ GiB available"),
+    (["model.block=x"], r"unknown config key `model\.block`\. Accepted keys under `model`: d_model, n_heads"),
+    (["metrics=[blue]"], r"unknown metric `blue`(?!.*val/blue)"),
+    (["experiment=translate_ko_en", "tokenizer.src.vocab_size=0"], r"tokenizer `vocab_size` must be at least 8"),
 ])
 def test_bad_config_is_rejected_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
