@@ -103,8 +103,16 @@ def searchpath_override() -> list[str]:
 
 
 def listing() -> str:
-    """Every registered component by kind: name, defining module, and the package and version it comes from."""
-    import_announced()
+    """Every registered component by kind: name, defining module, and the package and version it comes from; an
+    announced plugin that fails to import is named with its error, and the others are listed all the same."""
+    failed = []
+    for ep in announced():
+        try:
+            import_plugins([ep.value])
+        except ConfigError as err:
+            cause = err.__cause__
+            failed.append(f"  {ep.name:<16} {ep.value:<36} failed to import: {type(cause).__name__}: "
+                          f"{str(cause).splitlines()[0] if str(cause) else ''}")
     lines = []
     for registry in (TOKENIZERS, EMBEDDINGS, HEADS, DATASETS, METRICS):
         lines.append(f"{registry.kind}s:")
@@ -113,4 +121,6 @@ def listing() -> str:
             lines.append(f"  {name:<16} {module:<36} {provider(module)}")
     lines.append("announced plugins (entry-point group `seq2seq.plugins`):")
     lines += [f"  {ep.name:<16} {ep.value:<36} {provider(ep.value)}" for ep in announced()]
+    if failed:
+        lines += ["plugins that failed to import (their components are missing above):", *failed]
     return "\n".join(lines)

@@ -3,14 +3,15 @@
 import logging
 import subprocess
 import sys
+from importlib import metadata
 
 import pytest
 import torch
 
-from seq2seq import testing
+from seq2seq import plugins, testing
 from seq2seq.errors import ConfigError
 from seq2seq.module import Seq2SeqModule
-from seq2seq.plugins import announced, import_plugins, listing, plugin_versions, search_path
+from seq2seq.plugins import GROUP, announced, import_plugins, listing, plugin_versions, search_path
 
 
 def test_built_in_domains_are_announced_like_any_installed_plugin():
@@ -37,6 +38,17 @@ def test_a_plugin_that_fails_to_import_is_named(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(tmp_path)
     with pytest.raises(ConfigError, match="plugin module `broken_plugin` failed to import: RuntimeError: missing"):
         import_plugins(["broken_plugin"])
+
+
+def test_the_listing_names_a_plugin_that_fails_to_import_in_one_line_and_lists_the_others(tmp_path, monkeypatch):
+    (tmp_path / "broken_plugin.py").write_text("raise RuntimeError('missing weights file')\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    broken = metadata.EntryPoint("broken", "broken_plugin", GROUP)
+    monkeypatch.setattr(plugins, "announced", lambda: sorted([*announced(), broken], key=lambda ep: ep.name))
+    lines = listing().splitlines()
+    assert any(line.split()[:2] == ["bpe", "seq2seq_plugins.text.tokenizers"] for line in lines)
+    assert lines[-2:] == ["plugins that failed to import (their components are missing above):",
+                          f"  {'broken':<16} {'broken_plugin':<36} failed to import: RuntimeError: missing weights file"]
 
 
 def test_checkpoints_record_plugin_versions_and_warn_when_they_changed(tmp_path, caplog):
