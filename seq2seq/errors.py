@@ -2,6 +2,12 @@
 that made training diverge."""
 
 
+def excerpt(value: object, limit: int = 80) -> str:
+    """`repr(value)` for a message, cut to about `limit` characters and saying how long the whole is."""
+    shown = repr(value)
+    return shown if len(shown) <= limit else f"{shown[:limit]}... ({len(shown):,} characters)"
+
+
 class ConfigError(ValueError):
     """A setting is wrong. The message names the setting, the expected and actual value, and the fix."""
 

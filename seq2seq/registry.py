@@ -17,7 +17,7 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from seq2seq.errors import ConfigError
+from seq2seq.errors import ConfigError, excerpt
 from seq2seq.schema import hint, type_ok
 
 T = TypeVar("T", bound=Callable[..., Any])
@@ -79,7 +79,7 @@ class Registry:
                 )
             if not type_ok(value, params[key].annotation):
                 raise ConfigError(
-                    f"`{where}.{key}` must be {params[key].annotation}, got {value!r} ({type(value).__name__})"
+                    f"`{where}.{key}` must be {params[key].annotation}, got {excerpt(value)} ({type(value).__name__})"
                 )
         missing = [
             p for p, param in params.items()

@@ -18,7 +18,7 @@ import typing
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from seq2seq.errors import ConfigError
+from seq2seq.errors import ConfigError, excerpt
 
 S = TypeVar("S")
 
@@ -75,19 +75,19 @@ def _value_problems(where: str, value: Any, annotation: object, meta: typing.Map
 
 def _wrong(where: str, value: Any, annotation: object, meta: typing.Mapping[str, Any]) -> list[str]:
     if not type_ok(value, annotation):
-        return [f"`{where}` must be {_type_name(annotation)}, got {value!r}, a {type(value).__name__}"]
+        return [f"`{where}` must be {_type_name(annotation)}, got {excerpt(value)}, a {type(value).__name__}"]
     choices, minimum = meta.get("choices"), meta.get("minimum")
     if choices is not None and value is not None and value not in choices:
         accepted = [str(c) for c in choices]
-        return [f"`{where}` must be one of {', '.join(accepted)}, got {value!r}{hint(str(value), accepted)}"]
+        return [f"`{where}` must be one of {', '.join(accepted)}, got {excerpt(value)}{hint(str(value), accepted)}"]
     numbers = value if isinstance(value, (list, tuple)) else [value]
     for number in (n for n in numbers if isinstance(n, (int, float)) and not isinstance(n, bool)):
         if not math.isfinite(number):
-            return [f"`{where}` must be a finite number, got {value!r}"]
+            return [f"`{where}` must be a finite number, got {excerpt(value)}"]
         if minimum is not None and number < minimum:
-            return [f"`{where}` must be at least {minimum}, got {value!r}"]
+            return [f"`{where}` must be at least {minimum}, got {excerpt(value)}"]
         if meta.get("maximum") is not None and number > meta["maximum"]:
-            return [f"`{where}` must be at most {meta['maximum']}, got {value!r}"]
+            return [f"`{where}` must be at most {meta['maximum']}, got {excerpt(value)}"]
     return []
 
 
@@ -138,7 +138,7 @@ def build(schema: type[S], data: typing.Mapping[str, Any], path: str = "") -> tu
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
             if not isinstance(value, typing.Mapping):
-                problems.append(f"`{where}` must be a block of keys, got {value!r}")
+                problems.append(f"`{where}` must be a block of keys, got {excerpt(value)}")
                 continue
             values[name], sub = build(annotation, value, where)  # type: ignore[arg-type]
             problems += sub

@@ -47,8 +47,8 @@ def test_the_listing_names_a_plugin_that_fails_to_import_in_one_line_and_lists_t
     monkeypatch.setattr(plugins, "announced", lambda: sorted([*announced(), broken], key=lambda ep: ep.name))
     lines = listing().splitlines()
     assert any(line.split()[:2] == ["bpe", "seq2seq_plugins.text.tokenizers"] for line in lines)
-    assert lines[-2:] == ["plugins that failed to import (their components are missing above):",
-                          f"  {'broken':<16} {'broken_plugin':<36} failed to import: RuntimeError: missing weights file"]
+    failure = f"  {'broken':<16} {'broken_plugin':<36} failed to import: RuntimeError: missing weights file"
+    assert lines[-2:] == ["plugins that failed to import (their components are missing above):", failure]
 
 
 def test_checkpoints_record_plugin_versions_and_warn_when_they_changed(tmp_path, caplog):

@@ -1,7 +1,7 @@
 import pytest
 
 from seq2seq.errors import ConfigError, DataError
-from seq2seq_plugins.synthetic import SyntheticTask
+from seq2seq_plugins.synthetic import SymbolTokenizer, SyntheticTask
 
 
 def test_splits_are_deterministic_and_distinct():
@@ -41,3 +41,12 @@ def test_bad_options_and_blank_input_lines_are_clear_errors(tmp_path):
     path.write_text("1 2\n\n3\n")
     with pytest.raises(DataError, match=r"line\(s\) \[2\]"):
         SyntheticTask().read_inputs(str(path))
+
+
+def test_an_error_quotes_a_short_excerpt_of_a_huge_input():
+    tok = SymbolTokenizer()
+    tok.fit(["1 2 3"])
+    with pytest.raises(DataError) as caught:
+        tok.encode("1 " * 500_000 + "x")
+    message = str(caught.value)
+    assert len(message) < 300 and "symbol 'x' in '1 1 1" in message and "(1,000,003 characters)" in message

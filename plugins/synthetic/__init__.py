@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from seq2seq.domain import Reader, Rows, Tokenizer, read_lines
-from seq2seq.errors import ConfigError, DataError
+from seq2seq.errors import ConfigError, DataError, excerpt
 from seq2seq.registry import DATASETS, TOKENIZERS
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")
@@ -44,7 +44,7 @@ class SymbolTokenizer(Tokenizer):
         try:
             return torch.tensor([self.stoi[s] for s in item.split()], dtype=torch.long)  # (L,)
         except KeyError as err:
-            raise DataError(f"symbol {err} in {item!r} is not in the vocabulary {self.itos[3:]}") from None
+            raise DataError(f"symbol {err} in {excerpt(item)} is not in the vocabulary {self.itos[3:]}") from None
 
     def decode(self, ids: list[int]) -> str:
         return " ".join(self.itos[i] for i in ids if i >= len(SPECIALS))
