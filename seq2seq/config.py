@@ -347,6 +347,15 @@ def _check_key(schema_root: type, key: str, command: str, value: Any) -> bool:
     return typing.get_origin(schema) is dict  # a mapping setting takes keys its default lacks
 
 
+def _length_problems(decode: DecodeSpec, length: int | None) -> list[str]:
+    """A reader whose targets all have one length (a label per step of a horizon) against the decoding length."""
+    if length is None or (decode.max_len_a == 0 and decode.max_len_b == length):
+        return []
+    return [f"the reader's targets are {length} labels long (e.g. `data.horizon`), but `decode.max_len_a="
+            f"{decode.max_len_a}` and `decode.max_len_b={decode.max_len_b}` decode another length; set "
+            f"`decode.max_len_a=0 decode.max_len_b={length}`"]
+
+
 def _component_problems(config: TrainConfig) -> list[str]:
     """Each plugin block against its constructor's signature, then built, so that the constructor's own checks of
     its values run too (constructors check their options and read nothing)."""
@@ -371,7 +380,9 @@ def _component_problems(config: TrainConfig) -> list[str]:
         try:
             registry.check(spec, ctx, where)
             if not ctx:  # readers and tokenizers need no framework values to be built
-                registry.build(spec, where)
+                built = registry.build(spec, where)
+                if registry is DATASETS:
+                    problems += _length_problems(config.decode, built.target_length())
         except ConfigError as err:
             problems.append(str(err))
     return problems

@@ -197,6 +197,12 @@ class Reader(ABC):
         (`read`); merged into metrics.json."""
         return {}
 
+    def target_length(self) -> int | None:
+        """The length of every target, when the domain fixes it (a label for each step of a horizon): decoding must
+        then produce exactly that many tokens (`decode.max_len_a=0`, `decode.max_len_b` equal to it), which
+        `validate` checks. None: targets vary in length."""
+        return None
+
     def year_span(self) -> tuple[int, int] | None:
         """The first and last year of the data, for a reader that splits by year through `val_from`, `test_from`
         and `test_to` (exclusive) options: what `seq2seq backtest` cuts into folds. None: it does not."""

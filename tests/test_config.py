@@ -81,7 +81,9 @@ def test_overrides_reach_the_built_model():
     (["model.d_model=100000000"], r"M parameters, which with their gradients and optimizer state need at least "
                                   r"[\d,.]+ GiB, and the device has [\d,.]+ GiB available"),
     (["model.block=x"], r"unknown config key `model\.block`\. Accepted keys under `model`: d_model, n_heads"),
-    (["metrics=[blue]"], r"unknown metric `blue`(?!.*val/blue)"),
+    (["metrics=[blue]"], r"(?s)unknown metric `blue`(?!.*val/blue)"),
+    (["experiment=typhoon_onset", "data.horizon=3"], r"targets are 3 labels long .* set `decode\.max_len_a=0 "
+                                                     r"decode\.max_len_b=3`"),
     (["experiment=translate_ko_en", "tokenizer.src.vocab_size=0"], r"tokenizer `vocab_size` must be at least 8"),
 ])
 def test_bad_config_is_rejected_naming_the_key(overrides, message):

@@ -446,6 +446,9 @@ class SeriesWindows(Reader):
                             "`data.window`, `data.horizon` and the split years")
         return Rows(split, pairs, rejected, self.path, lines=self._in_split(frame, split))
 
+    def target_length(self) -> int:
+        return self.horizon
+
     def read_inputs(self, path: str) -> list[Window]:
         """Every complete window of a CSV with the feature columns (labels optional). Problems of the file are one
         DataError naming every line; windows left out (a gap in the dates, readings still missing after
