@@ -46,8 +46,14 @@ def test_a_window_crossing_a_split_boundary_is_rejected_once(tmp_path):
     assert train.rejected == {"crosses a split boundary": 3}
     assert train.examples_read + val.examples_read == 20 - 4 + 1
     assert all(w.end.year == 2001 for w, _ in val.pairs)
-    with pytest.raises(DataError, match=r"no test window of 3 \+ 1 consecutive `D` steps .*no rows in those years"):
+    with pytest.raises(DataError, match=r"no test window of 3 \+ 1 consecutive `D` steps .*: its 0 row\(s\) in "
+                                        r"those years are fewer than the 4 one window needs"):
         reader.read("test")
+    short = _csv(tmp_path / "short.csv", _frame(20, start="2000-12-30"))  # two days of 2000
+    reader = SeriesWindows(path=short, features=["x"], label="y", window=3, horizon=1, calendar=False,
+                           val_from=2001, test_from=2002)
+    with pytest.raises(DataError, match=r"no train window .*: its 2 row\(s\) in those years are fewer than the 4"):
+        reader.read("train")
 
 
 def test_the_error_nan_policy_names_the_csv_lines(tmp_path):

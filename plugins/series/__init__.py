@@ -439,12 +439,15 @@ class SeriesWindows(Reader):
                 rejected["missing reading after imputation"] += 1
             else:
                 pairs.append((source, [int(v) for v in target]))
+        rows = self._in_split(frame, split)
         if not pairs:
+            span = self.window + self.horizon
+            why = (f"its {rows} row(s) in those years are fewer than the {span} one window needs" if rows < span
+                   else f"its {rows} rows there make only rejected windows: {dict(rejected)}")
             raise DataError(f"{self.path}: no {split} window of {self.window} + {self.horizon} consecutive "
-                            f"`{self.freq}` steps in its years {self.bounds[split]}; rejected: "
-                            f"{dict(rejected) or 'none (no rows in those years)'}. Check `data.freq`, "
+                            f"`{self.freq}` steps in its years {self.bounds[split]}: {why}. Check `data.freq`, "
                             "`data.window`, `data.horizon` and the split years")
-        return Rows(split, pairs, rejected, self.path, lines=self._in_split(frame, split))
+        return Rows(split, pairs, rejected, self.path, lines=rows)
 
     def target_length(self) -> int:
         return self.horizon
