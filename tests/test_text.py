@@ -189,6 +189,25 @@ def test_every_advertised_table_format_reads_the_same_rows(tmp_path, suffix):
     assert ParallelCorpus(path=str(path)).read("train").pairs == [("표", "table"), ("셀", "cell"), ("NA", "null")]
 
 
+def test_a_null_parquet_cell_is_an_empty_side_rejected_by_reason_and_a_cut_short_file_is_named(tmp_path):
+    import gzip
+
+    import pandas as pd
+
+    frame = pd.DataFrame({"ko": ["표", None, "셀"], "en": ["table", "x", "cell"], "split": ["train"] * 3})
+    frame.to_parquet(tmp_path / "c.parquet")
+    rows = ParallelCorpus(path=str(tmp_path / "c.parquet")).read("train")
+    assert rows.pairs == [("표", "table"), ("셀", "cell")] and rows.rejected == {"empty source": 1}
+    text = "ko\ten\tsplit\n" + "".join(f"문장 {i}\tsentence {i}\ttrain\n" for i in range(3000))
+    packed = gzip.compress(text.encode())
+    (tmp_path / "cut.tsv.gz").write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(DataError, match=r"cut.tsv.gz: .*the file is damaged or cut short"):
+        ParallelCorpus(path=str(tmp_path / "cut.tsv.gz")).read("train")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"bad.parquet: not a readable Parquet file"):
+        ParallelCorpus(path=str(tmp_path / "bad.parquet")).read("train")
+
+
 def test_globs_and_lists_read_every_file_and_name_what_is_wrong(tmp_path):
     for name in ("a", "b"):
         (tmp_path / f"{name}.tsv").write_text(f"ko\ten\tsplit\n{name}\t{name}{name}\ttrain\n")

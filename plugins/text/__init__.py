@@ -130,10 +130,13 @@ def table_chunks(path: str, columns: list[str]) -> Iterator[pd.DataFrame]:
     if not Path(path).is_file():
         raise DataError(f"{path}: no such file; set `data.path` (and `data.val_path`, `data.test_path`)")
     if _table_kind(path) == ".parquet":
-        parquet = pq.ParquetFile(path)
-        _check_columns(path, columns, parquet.schema_arrow.names)
-        for batch in parquet.iter_batches(CHUNK, columns=columns):
-            yield batch.to_pandas().astype(str)
+        try:
+            parquet = pq.ParquetFile(path)
+            _check_columns(path, columns, parquet.schema_arrow.names)
+            for batch in parquet.iter_batches(CHUNK, columns=columns):
+                yield batch.to_pandas().fillna("").astype(str)  # a null cell is empty text, rejected by reason
+        except (OSError, pa.ArrowException) as err:
+            raise DataError(f"{path}: not a readable Parquet file ({err})") from None
         return
     tsv = _table_kind(path) == ".tsv"
     with _open(path) as stream:
@@ -146,6 +149,9 @@ def table_chunks(path: str, columns: list[str]) -> Iterator[pd.DataFrame]:
                 yield chunk
         except pd.errors.EmptyDataError:
             raise DataError(f"{path}: the file is empty; it needs a header row naming the columns") from None
+        except OSError as err:  # a compressed file cut short, or a failing disk
+            raise DataError(f"{path}: {err}: the file is damaged or cut short (an interrupted download or copy?); "
+                            "get it again") from None
         except pd.errors.ParserError as err:
             detail = str(err).split("C error: ")[-1].strip()
             raise DataError(f"{path}: {detail}. A row must have one field per header column"
