@@ -17,7 +17,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from omegaconf import OmegaConf
 
-from seq2seq.errors import ConfigError, DataError
+from seq2seq.errors import ConfigError, DataError, StorageError
+from seq2seq.outputs import storage
 
 log = logging.getLogger("seq2seq")
 
@@ -28,13 +29,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
+        kept = "the checkpoint there before is intact" if path.exists() else "no checkpoint was written there"
+        try:
+            with storage("the checkpoint", path, kept):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(partial, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(partial, path)
+        except StorageError:
+            partial.unlink(missing_ok=True)  # the room it took
+            raise
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)

@@ -1,5 +1,5 @@
-"""The error types for what a user can fix: in YAML or on the command line, in a data file, or in the settings
-that made training diverge."""
+"""The error types for what a user can fix: in YAML or on the command line, in a data file, in the settings that
+made training diverge, or in where outputs go."""
 
 
 def excerpt(value: object, limit: int = 80) -> str:
@@ -18,3 +18,7 @@ class DataError(ValueError):
 
 class DivergedError(ConfigError):
     """Training produced a non-finite loss: the settings (learning rate, warm-up, clipping) need changing."""
+
+
+class StorageError(ConfigError):
+    """A file cannot be written where the user pointed: the disk is full, or the folder read-only."""

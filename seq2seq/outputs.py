@@ -12,6 +12,7 @@ The rules every writing command follows (prepare, train, export, average, transl
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -20,9 +21,29 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-from seq2seq.errors import ConfigError
+from seq2seq.errors import ConfigError, StorageError
 
 FORCE_HELP = "replace what is at the output even when seq2seq did not write it"
+
+
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+@contextmanager
+def storage(what: str, path: str | Path, kept: str) -> Iterator[None]:
+    """Turns a write that the disk refuses (full, over quota, read-only) into one message naming the path, how much
+    room is left there, and `kept`: what the failed write left as it was."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in STORAGE_ERRORS:
+            raise
+        folder = Path(path).resolve()
+        while not folder.exists():
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free
+        raise StorageError(f"cannot write {what} {path}: {err.strerror} ({free / 2**20:,.0f} MiB free there); "
+                           f"{kept}. Free some space, or write elsewhere") from None
 
 
 def _described(names: list[str]) -> str:
@@ -109,12 +130,14 @@ def atomic_write(path: str | Path, binary: bool = False) -> Iterator[TextIO]:
     """A file written beside `path` and renamed onto it when the block ends without an error."""
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    kept = "the file there before is intact" if path.exists() else "nothing was written"
     try:
-        with open(partial, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
+        with storage("the file", path, kept), \
+                open(partial, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(partial, path)
+            os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
 

@@ -46,7 +46,7 @@ from seq2seq.config import TrainConfig
 from seq2seq.domain import Encoder, Reader, Rows, Tokenizer
 from seq2seq.errors import DataError
 from seq2seq.module import fit_tokenizers, load_tokenizers
-from seq2seq.outputs import check_folder, read_json, refuse_inputs, replace_folder
+from seq2seq.outputs import check_folder, read_json, refuse_inputs, replace_folder, storage
 from seq2seq.plugins import import_plugins
 from seq2seq.registry import DATASETS, TOKENIZERS
 from seq2seq.schema import to_data
@@ -287,6 +287,11 @@ def prepare_dataset(config: TrainConfig, reader: Reader, dest: Path, tokenizers:
         counts = {split: {k: v for k, v in entry.items() if k != "shards"} for split, entry in report.items()}
         (partial / REPORT).write_text(json.dumps(counts, indent=2) + "\n")
         replace_folder(partial, dest)
+    except OSError as err:  # a full disk is named with the path; anything else goes on as it is
+        shutil.rmtree(partial, ignore_errors=True)
+        with storage("the prepared dataset", dest, "the dataset there before is intact" if dest.exists()
+                     else "nothing was written there"):
+            raise err from None
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -12,7 +12,7 @@ import torch
 
 from seq2seq import compose
 from seq2seq.data import TrainingBatches
-from seq2seq.errors import DataError
+from seq2seq.errors import DataError, StorageError
 from seq2seq.module import load_tokenizers
 from seq2seq.prepared import Prepared, _Shards, inputs_of, obtain, prepare_dataset
 from seq2seq.registry import DATASETS
@@ -126,7 +126,8 @@ def test_a_failed_preparation_leaves_the_previous_dataset_whole(tmp_path, monkey
         write(self, key, batch)
 
     monkeypatch.setattr(_Shards, "write", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StorageError, match=r"cannot write the prepared dataset .*p: No space left on device "
+                                           r"\([\d,]+ MiB free there\); the dataset there before is intact"):
         _prepare(_config(tmp_path, "data.max_chars=60"), tmp_path / "p")
     assert sorted(os.listdir(tmp_path / "p")) == files and sorted(os.listdir(tmp_path)) == ["corpus.tsv", "p"]
     assert Prepared(tmp_path / "p").fingerprint == before.fingerprint

@@ -1,5 +1,6 @@
 """Exact resume: stop a run at any step, resume it, and land on the same parameters as a run that never stopped."""
 
+import errno
 import os
 import signal
 import time
@@ -9,7 +10,7 @@ import torch
 
 from seq2seq import compose, train
 from seq2seq.checkpoints import AtomicCheckpointIO, newest_checkpoint
-from seq2seq.errors import ConfigError
+from seq2seq.errors import ConfigError, StorageError
 from seq2seq.module import Seq2SeqModule
 
 # Dropout on, shuffled token-budget batches, 12 batches per epoch: step 17 stops mid-epoch 2 of 3.
@@ -101,6 +102,21 @@ def test_an_interrupted_write_leaves_the_previous_checkpoint_whole(tmp_path):
     assert io.load_checkpoint(path)["step"] == 1
     assert path.with_name("last.ckpt.partial").exists()  # the cut-short write, never named *.ckpt
     assert newest_checkpoint(tmp_path) == path
+
+
+def test_a_full_disk_names_the_checkpoint_and_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    io, path = AtomicCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+
+    def full(obj, f):
+        f.write(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(StorageError, match=r"cannot write the checkpoint .*last.ckpt: No space left on device "
+                                           r"\([\d,]+ MiB free there\); the checkpoint there before is intact"):
+        io.save_checkpoint({"step": torch.tensor(2)}, path)
+    assert io.load_checkpoint(path)["step"] == 1 and sorted(os.listdir(path.parent)) == ["last.ckpt"]
 
 
 def test_resume_picks_the_newest_checkpoint(tmp_path):
