@@ -197,6 +197,12 @@ class Reader(ABC):
         (`read`); merged into metrics.json."""
         return {}
 
+    def write_sample(self, folder: Path) -> tuple[dict[str, Any], dict[str, int]] | None:
+        """For the conformance kit (`testing.check_rows`): write a small data file in this reader's format into
+        `folder`, with rows the reader must reject among them, and return the `data.*` options that read it and the
+        file rows each split holds (what `lines_read` must add up to). None: the kit reads the configured data."""
+        return None
+
     def target_length(self) -> int | None:
         """The length of every target, when the domain fixes it (a label for each step of a horizon): decoding must
         then produce exactly that many tokens (`decode.max_len_a=0`, `decode.max_len_b` equal to it), which

@@ -8,6 +8,7 @@ with (`experiment=...` plus size overrides), each check a plain function that ra
     def test_my_domain(tmp_path):
         overrides = ["experiment=g2p", "model=tiny"]
         testing.check_tokenizers(overrides)
+        testing.check_rows(overrides, tmp_path)
         testing.check_contracts(overrides)
         testing.check_checkpoint(overrides, tmp_path)
         testing.check_export(overrides, tmp_path)
@@ -191,6 +192,34 @@ sources = pickle.load(open(sys.argv[2], "rb"))
 torch.save(module.state_dict(), sys.argv[3])
 json.dump(Translator(module).translate(sources), open(sys.argv[4], "w"))
 """
+
+
+def check_rows(overrides: list[str], tmp_path: Path) -> None:
+    """The reader accounts for every row (the file rows each split reads are those its `write_sample` wrote, each
+    example kept or rejected by a named reason), and reading again puts every example in the same split."""
+    config = compose(overrides)
+    reader = DATASETS.build(config.data, "data")
+    sample = reader.write_sample(tmp_path)
+    expected = None
+    if sample is not None:
+        options, expected = sample
+        reader = DATASETS.build({**config.data, **options}, "data")
+    reads = []
+    for _ in range(2):
+        read = {split: list(reader.stream((split,))) for split in reader.splits}
+        reads.append({split: pickle.dumps([rows.pairs for rows in runs]) for split, runs in read.items()})
+        for split, runs in read.items():
+            lines = sum(rows.lines_read for rows in runs)
+            if expected is not None and lines != expected[split]:
+                raise AssertionError(f"the {split} split read {lines} rows of the sample, which holds "
+                                     f"{expected[split]}: rows were dropped without being counted as rejected")
+            reasons = [reason for rows in runs for reason in rows.rejected]
+            if not all(isinstance(r, str) and r.strip() for r in reasons):
+                raise AssertionError(f"the {split} split rejects rows without naming the reason: {reasons}")
+    if reads[0] != reads[1]:
+        changed = [split for split in reads[0] if reads[0][split] != reads[1][split]]
+        raise AssertionError(f"reading twice gave other examples in the {', '.join(changed)} split(s): split "
+                             "assignment must be stable")
 
 
 def check_checkpoint(overrides: list[str], tmp_path: Path) -> None:

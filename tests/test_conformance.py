@@ -1,10 +1,13 @@
 """Every built-in domain passes the conformance kit that plugin authors run (`seq2seq.testing`)."""
 
+import dataclasses
+
 import pytest
 
 from seq2seq import testing
 from seq2seq.registry import TOKENIZERS
 from seq2seq_plugins.synthetic import SymbolTokenizer
+from seq2seq_plugins.text import ParallelCorpus
 from seq2seq_plugins.text.tokenizers import BPETokenizer
 
 DOMAINS = {
@@ -27,6 +30,22 @@ ROUND_TRIPS = [pytest.param(DOMAINS[name], id=name, marks=() if name == "synthet
 
 def test_tokenizers(overrides):
     testing.check_tokenizers(overrides)
+
+
+def test_rows(overrides, tmp_path):
+    testing.check_rows(overrides, tmp_path)
+
+
+def test_the_kit_catches_a_reader_that_drops_rows_silently(tmp_path, monkeypatch):
+    stream = ParallelCorpus.stream
+
+    def dropping(self, splits):
+        for rows in stream(self, splits):
+            yield dataclasses.replace(rows, pairs=rows.pairs[1:])  # one row gone, counted nowhere
+
+    monkeypatch.setattr(ParallelCorpus, "stream", dropping)
+    with pytest.raises(AssertionError, match=r"the train split read 9 rows of the sample, which holds 10"):
+        testing.check_rows(DOMAINS["text"], tmp_path)
 
 
 def test_contracts(overrides):

@@ -449,6 +449,23 @@ class SeriesWindows(Reader):
                             "`data.window`, `data.horizon` and the split years")
         return Rows(split, pairs, rejected, self.path, lines=rows)
 
+    def write_sample(self, folder: Path) -> tuple[dict[str, Any], dict[str, int]]:
+        """Three years of random readings in a CSV with this reader's columns, a few readings missing."""
+        dates = pd.date_range("2001-01-01", "2004-01-01", freq=self.freq, inclusive="left")
+        rng = np.random.default_rng(0)
+        frame = pd.DataFrame({self.date_column: dates.strftime("%Y-%m-%d %H:%M:%S")})
+        for column in [*self.features, *self.static]:
+            frame[column] = rng.normal(size=len(dates)) if column in self.features else 1.0
+        frame.loc[[40, 41, 400], self.features[0]] = np.nan  # gaps a window must not cross unless imputed
+        frame[self.label] = rng.integers(0, 2, size=len(dates))
+        if self.series_column:
+            frame[self.series_column] = "a"
+        path = folder / "sample.csv"
+        frame.to_csv(path, index=False)
+        per_year = {year: int((dates.year == year).sum()) for year in (2001, 2002, 2003)}
+        options = {"path": str(path), "val_from": 2002, "test_from": 2003, "test_to": None}
+        return options, {"train": per_year[2001], "val": per_year[2002], "test": per_year[2003]}
+
     def target_length(self) -> int:
         return self.horizon
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Collection, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -120,6 +121,10 @@ class SyntheticTask(Reader):
                     ys = _target(self.task, xs, self.n_symbols)
                     pairs.append((" ".join(map(self._symbol, xs)), " ".join(map(self._symbol, ys))))
                 yield Rows(split, pairs)
+
+    def write_sample(self, folder: Path) -> tuple[dict[str, Any], dict[str, int]]:
+        """No file: the generator's own counts."""
+        return {"n_train": 20, "n_val": 10, "n_test": 10}, {"train": 20, "val": 10, "test": 10}
 
     def read_inputs(self, path: str) -> list[str]:
         """One source per line; a blank line is an error (it would silently become an empty output)."""

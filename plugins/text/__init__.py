@@ -358,6 +358,18 @@ class ParallelCorpus(Reader):
 
         plot_attention(translator, sources, path)
 
+    def write_sample(self, folder: Path) -> tuple[dict[str, Any], dict[str, int]]:
+        """A TSV of 10 rows per split, two of each with an empty side."""
+        split = self.split_column or "split"
+        rows = [f"{self.source}\t{self.target}\t{split}"]
+        for i in range(30):
+            src, tgt = f"문장 {i}", "" if i % 5 == 4 else f"sentence {i}"
+            rows.append(f"{src}\t{tgt}\t{('train', 'val', 'test')[i % 3]}")
+        path = folder / "sample.tsv"
+        path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+        options = {"path": str(path), "val_path": None, "test_path": None, "corpora": None, "split_column": split}
+        return options, {"train": 10, "val": 10, "test": 10}
+
     def read_inputs(self, path: str) -> list[str]:
         """One source sentence per line."""
         lines, bad = read_lines(path)
