@@ -1,21 +1,27 @@
 """seq2seq: one masked-attention encoder-decoder Transformer for every sequence-to-sequence domain.
 
-Importing the package registers the core's own components (the `token` embedding, the `linear` head, the
-`exact_match` metric); domains add theirs when the config's `plugins:` modules are imported.
+The names below are imported on first use, so that `import seq2seq.domain` (what a plugin does, in every encoding
+worker too) loads the contract alone, not Lightning and Hydra. The core's own components (the `token` embedding, the
+`linear` head, the `exact_match` metric) are registered by `seq2seq.config`, which every path that builds a model
+from a config goes through; domains add theirs when the config's `plugins:` modules are imported.
 """
 
-from seq2seq import embeddings, heads, metrics  # noqa: F401 - registers the core components
-from seq2seq.config import TrainConfig, compose, validate
-from seq2seq.data import Batch
-from seq2seq.domain import FeatureEncoder, Reader, Rows, Split, Tokenizer
-from seq2seq.errors import ConfigError, DataError
-from seq2seq.model import EncoderDecoder, ModelSpec
-from seq2seq.module import Seq2SeqModule
-from seq2seq.pipeline import evaluate, predict, prepare, train
-from seq2seq.translate import Translator
+from __future__ import annotations
 
-__all__ = [
-    "Batch", "ConfigError", "DataError", "EncoderDecoder", "FeatureEncoder", "ModelSpec", "Reader", "Rows",
-    "Seq2SeqModule", "Split", "Tokenizer", "TrainConfig", "Translator", "compose", "evaluate", "predict", "prepare",
-    "train", "validate",
-]
+import importlib
+from typing import Any
+
+_HOMES = {
+    "Batch": "data", "ConfigError": "errors", "DataError": "errors", "EncoderDecoder": "model",
+    "FeatureEncoder": "domain", "ModelSpec": "model", "Reader": "domain", "Rows": "domain",
+    "Seq2SeqModule": "module", "Split": "domain", "Tokenizer": "domain", "TrainConfig": "config",
+    "Translator": "translate", "compose": "config", "evaluate": "pipeline", "predict": "pipeline",
+    "prepare": "pipeline", "train": "pipeline", "validate": "config",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'seq2seq' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"seq2seq.{_HOMES[name]}"), name)

@@ -23,18 +23,19 @@ from hydra.types import RunMode
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from seq2seq import pipeline
 from seq2seq.checkpoints import InterruptCheckpoint, claim_run_dir, refuse_reuse
 from seq2seq.config import TrainConfig, help_text, prepare_overrides, validate
-from seq2seq.errors import ConfigError, DataError
-from seq2seq.export import ExportError
+from seq2seq.errors import ConfigError, DataError, ExportError
 from seq2seq.plugins import listing, searchpath_override
 
-COMMANDS: dict[str, Callable[..., Any]] = {
-    "train": pipeline.train, "prepare": pipeline.prepare, "backtest": pipeline.backtest, "evaluate": pipeline.evaluate,
-    "predict": pipeline.predict, "translate": pipeline.translate, "export": pipeline.export, "serve": pipeline.serve,
-    "average": pipeline.average,
-}
+COMMANDS = ("train", "prepare", "backtest", "evaluate", "predict", "translate", "export", "serve", "average")
+
+
+def _command(name: str) -> Callable[..., Any]:
+    """A command's function; `seq2seq.pipeline` (Lightning and the rest) is imported only to run one."""
+    from seq2seq import pipeline
+
+    return getattr(pipeline, name)
 
 # Strategies whose launcher re-runs the command line once per extra process (Lightning's subprocess launcher).
 RELAUNCHING = ("ddp", "fsdp", "deepspeed")
@@ -93,7 +94,7 @@ def _train_task(cfg: DictConfig) -> float | None:
     try:
         config = validate(cfg, "train")
         _check_multirun(config)
-        pipeline.train(config, run_dir)
+        _command("train")(config, run_dir)
     except (ConfigError, DataError, ExportError) as err:
         if owned:
             _remove_failed_run(run_dir)
@@ -111,9 +112,9 @@ def _task(command: str, cfg: DictConfig) -> None:
     try:
         config = validate(cfg, command)
         if command == "backtest":  # writes a run directory, as `train` does
-            pipeline.backtest(config, Path(HydraConfig.get().runtime.output_dir))
+            _command("backtest")(config, Path(HydraConfig.get().runtime.output_dir))
         else:
-            COMMANDS[command](config)
+            _command(command)(config)
     except (ConfigError, DataError, ExportError) as err:
         _fail(err)
 

@@ -22,3 +22,7 @@ class DivergedError(ConfigError):
 
 class StorageError(ConfigError):
     """A file cannot be written where the user pointed: the disk is full, or the folder read-only."""
+
+
+class ExportError(RuntimeError):
+    """An exported model that does not decode as the eager model does."""

@@ -13,7 +13,8 @@ from torch import nn
 
 from seq2seq import ConfigError, Translator, evaluate
 from seq2seq.config import EvaluateConfig
-from seq2seq.export import ExportError, _check, export, is_export, load, parity, require
+from seq2seq.errors import ExportError
+from seq2seq.export import _check, export, is_export, load, parity, require
 from seq2seq.export.ctranslate2 import convert
 from seq2seq.registry import DATASETS
 from seq2seq.testing import _fit, build
@@ -189,7 +190,7 @@ def test_export_options_are_checked(checkpoints, tmp_path):
         export(ckpt, "onnx", tmp_path / "x", quantization="int8")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(ConfigError, match="exists and is not an exported model"):
+    with pytest.raises(ConfigError, match=r"holds 1 file\(s\) seq2seq did not write there \(notes.txt\)"):
         export(ckpt, "ctranslate2", tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     export(ckpt, "ctranslate2", tmp_path / "again", check=None)

@@ -33,7 +33,7 @@ import torch
 
 from seq2seq.config import load_train_config
 from seq2seq.domain import FeatureEncoder, Reader
-from seq2seq.errors import ConfigError
+from seq2seq.errors import ConfigError, ExportError
 from seq2seq.module import Seq2SeqModule
 from seq2seq.outputs import check_folder, read_json, refuse_inputs, replace_folder
 from seq2seq.plugins import import_recorded
@@ -48,10 +48,6 @@ ENGINES = {"ctranslate2": ("ctranslate2",), "onnx": ("onnx", "onnxscript", "onnx
 QUANTIZATIONS = {"ctranslate2": ("none", "int8", "int8_float32", "bfloat16"), "onnx": ("none",)}
 LOGPROB_TOLERANCE = 1e-3  # largest |log p(eager) - log p(export)| of a reference token at full precision
 PROBABILITY_TOLERANCE = 1e-4  # largest |p(eager) - p(export)| of a label (label domains) at full precision
-
-
-class ExportError(RuntimeError):
-    """An export that does not decode as the eager model does."""
 
 
 def require(packages: tuple[str, ...], extra: str) -> None:
