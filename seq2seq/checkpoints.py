@@ -144,6 +144,8 @@ def resume_point(config: dict[str, Any], run_dir: Path) -> tuple[Path, dict[str,
         raise ConfigError(f"`resume={config['resume']}`: no run there to resume (it has no config.yaml)")
     stored = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     assert isinstance(stored, dict)
+    if (run_dir / "plan.json").is_file() and config["optim"].get("total_steps") is None:
+        stored["optim"]["total_steps"] = None  # the run planned it (`seq2seq.budget`); its checkpoints hold the plan
     changed = sorted(k for k in config.keys() | stored.keys()
                      if k not in ("trainer", "resume", "force") and config.get(k) != stored.get(k))
     if changed:

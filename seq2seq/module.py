@@ -9,6 +9,7 @@ rebuilds it.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from importlib import metadata
 from pathlib import Path
@@ -266,7 +267,8 @@ class Seq2SeqModule(L.LightningModule):
         self._log_metrics("test")
 
     def configure_optimizers(self) -> dict:
-        steps = int(self.trainer.estimated_stepping_batches)
+        estimated = self.trainer.estimated_stepping_batches  # infinite when only the time bounds the run
+        steps = int(estimated) if math.isfinite(estimated) else 2**31 - 1  # until `seq2seq.budget` plans it
         return configure(self.config.optim, self.model, self.model.spec.d_model, steps)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

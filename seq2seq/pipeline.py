@@ -31,6 +31,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import OmegaConf
 from torch import Tensor
 
+from seq2seq.budget import BudgetPlanner
 from seq2seq.checkpoints import (
     AtomicCheckpointIO,
     InterruptCheckpoint,
@@ -199,7 +200,13 @@ def _fit_trainer(config: TrainConfig, run_dir: Path) -> L.Trainer:
     if monitor.patience is not None:  # checked after validations only: training may end mid-epoch
         callbacks.append(EarlyStopping(monitor=monitor.metric, mode=monitor.mode, patience=monitor.patience,
                                        check_on_train_epoch_end=False))
-    return _trainer(config.trainer, run_dir, callbacks, loggers)
+    trainer = config.trainer
+    if config.optim.total_steps is not None and trainer.max_steps < 0:  # the schedule's end is the run's
+        trainer = dataclasses.replace(trainer, max_steps=config.optim.total_steps)
+    elif trainer.max_time is not None and config.optim.total_steps is None:  # steps planned from the pace
+        candidates = 1 + (config.optim.ema_decay is not None) + (config.average_last is not None)
+        callbacks.append(BudgetPlanner(trainer.max_time, run_dir, candidates))
+    return _trainer(trainer, run_dir, callbacks, loggers)
 
 
 def _datamodule(config: TrainConfig, module: Seq2SeqModule, prepared: Prepared, report: Path | None,

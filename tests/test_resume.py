@@ -1,6 +1,7 @@
 """Exact resume: stop a run at any step, resume it, and land on the same parameters as a run that never stopped."""
 
 import errno
+import json
 import os
 import signal
 import time
@@ -8,7 +9,7 @@ import time
 import pytest
 import torch
 
-from seq2seq import compose, train
+from seq2seq import budget, compose, train
 from seq2seq.checkpoints import AtomicCheckpointIO, newest_checkpoint
 from seq2seq.errors import ConfigError, StorageError
 from seq2seq.module import Seq2SeqModule
@@ -128,3 +129,37 @@ def test_resume_picks_the_newest_checkpoint(tmp_path):
     assert newest_checkpoint(tmp_path).name == "interrupted.ckpt"
     with pytest.raises(ConfigError, match="no checkpoint"):
         newest_checkpoint(tmp_path / "nothing")
+
+
+BUDGET = [*BASE, "trainer.max_time=00:01:00:00", "optim.schedule=linear", "optim.warmup_fraction=0.2",
+          "optim.lr=1e-3"]
+
+
+def test_a_time_budget_plans_the_steps_and_a_resumed_run_keeps_the_plan(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget, "plan_steps", lambda costs: (40, 0.0))  # what the measured pace would allow
+    straight = tmp_path / "straight"
+    train(compose(BUDGET), straight)
+    assert json.loads((straight / "plan.json").read_text())["total_steps"] == 40
+    assert json.loads((straight / "plan.json").read_text())["warmup_steps"] == 8  # a fifth of the plan
+    assert "total_steps: 40" in (straight / "config.yaml").read_text()  # `optim.total_steps=40` reproduces it
+    run = tmp_path / "run"
+    _interrupt_mid_step(monkeypatch, 30)  # after the decision (step 25)
+    with pytest.raises(SystemExit):
+        train(compose(BUDGET), run)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    monkeypatch.undo()
+    monkeypatch.setattr(budget, "plan_steps", lambda costs: (99, 0.0))  # a new decision would differ
+    train(compose([*BUDGET, f"resume={run}"]), run)
+    (step_a, a), (step_b, b) = _final(straight), _final(run)
+    assert step_a == step_b == 40
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_an_explicit_total_fixes_the_plan_without_measuring(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget, "plan_steps", lambda costs: pytest.fail("a total was given: nothing to measure"))
+    train(compose([*BUDGET, "optim.total_steps=12"]), tmp_path)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 12 and not (tmp_path / "plan.json").exists()
+    schedule = last["lr_schedulers"][0]["lr_lambdas"][0]
+    assert (schedule["total"], schedule["warmup"]) == (12, 2)
+    assert last["lr_schedulers"][0]["_last_lr"] == [0.0]  # decayed to zero at the end it was given
