@@ -189,6 +189,9 @@ class EvaluateConfig(InferenceConfig):
     """`seq2seq evaluate`: re-score a checkpoint on the val and test splits of its data, or of other data."""
 
     data: dict[str, Any] = setting({}, "reader options over the checkpoint's `data:` block, e.g. data.path=other.tsv")
+    source: str | None = setting(None, "a file of sources, one per line: decoded whole and scored against "
+                                       "`reference` (in place of the data's val and test splits)")
+    reference: str | None = setting(None, "the references of `source`, line by line")
     trainer: TrainerSpec = dataclasses.field(default_factory=TrainerSpec)
     output: str | None = setting(None, "also write metrics.json and the domain's report (plots) into this folder")
     force: bool = setting(False, FORCE_HELP)
@@ -276,7 +279,8 @@ ELSEWHERE = {"folds": "backtest", "block_years": "backtest", "val_years": "backt
              "shard_size": "prepare", "beam": "translate", "length_penalty": "translate",
              "n_best": "translate", "attention": "translate", "ckpt": "evaluate, predict, translate, export and serve",
              "ckpts": "average",
-             "input": "predict and translate", "format": "export", "quantization": "export", "port": "serve",
+             "input": "predict and translate", "source": "evaluate", "reference": "evaluate", "format": "export",
+             "quantization": "export", "port": "serve",
              "glossary": "evaluate, translate and serve"}
 
 

@@ -75,6 +75,7 @@ from seq2seq.outputs import (
     write_text,
 )
 from seq2seq.prepared import Prepared, obtain, prepare_dataset
+from seq2seq.references import read_pairs, score_files
 from seq2seq.registry import DATASETS, METRICS
 from seq2seq.schema import to_data
 from seq2seq.translate import Translator
@@ -470,11 +471,27 @@ def _output(path: Path | None, translator: Translator, ckpt: str) -> Iterator[Te
     write_text(json_sidecar(path), json.dumps({"checkpoint": ckpt, **translator.settings()}, indent=2) + "\n")
 
 
+def _evaluate_files(config: EvaluateConfig, out_dir: Path | None) -> dict[str, Any]:
+    """`evaluate source=... reference=...`: the whole source file decoded and scored against the references."""
+    if config.data or config.glossary:
+        raise ConfigError("`source=`/`reference=` score two files as they are: drop `data.*` and `glossary`")
+    pairs = read_pairs(config.source, config.reference)  # its mistakes before the checkpoint loads
+    translator = _translator(config)
+    results = {**score_files(translator, pairs), "checkpoint": config.ckpt, "source": config.source,
+               "reference": config.reference, **translator.settings()}
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(out_dir / "metrics.json", json.dumps(results, indent=2) + "\n")
+    sys.stdout.write(json.dumps(results, indent=2) + "\n")
+    return results
+
+
 def _checked_folder(config: EvaluateConfig) -> Path | None:
     """`evaluate`'s output folder, checked before any work (`seq2seq.outputs`)."""
     if config.output is None:
         return None
-    refuse_inputs("output", config.output, [config.ckpt, *config.ensemble])
+    inputs = [config.ckpt, *config.ensemble, *(p for p in (config.source, config.reference) if p)]
+    refuse_inputs("output", config.output, inputs)
     return check_folder("output", config.output, _evaluation_files, config.force)
 
 
@@ -486,11 +503,23 @@ def _evaluation_files(folder: Path) -> set[str]:
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Re-score a checkpoint on the val and test splits of its data, or of the data its reader reads with
-    `config.data` options over the checkpoint's; metrics go to standard output (and `output`/metrics.json)."""
-    if is_export(config.ckpt):
-        raise ConfigError(f"`seq2seq evaluate` scores checkpoints; {config.ckpt} is an exported model, whose "
-                          "agreement with its checkpoint is in its seq2seq_export.json (or `translate` with it)")
+    `config.data` options over the checkpoint's, or on a whole source file against its references; metrics go to
+    standard output (and `output`/metrics.json)."""
+    if (config.source is None) != (config.reference is None):
+        raise ConfigError("give both `source=FILE` and `reference=FILE` (a whole file scored line by line), or "
+                          "neither (the val and test splits of the checkpoint's data)")
     out_dir = _checked_folder(config)
+    if config.source is not None:
+        return _evaluate_files(config, out_dir)
+    return _evaluate_splits(config, out_dir)
+
+
+def _evaluate_splits(config: EvaluateConfig, out_dir: Path | None) -> dict[str, Any]:
+    """`evaluate`'s val and test splits, through the trainer as in training."""
+    if is_export(config.ckpt):
+        raise ConfigError(f"`seq2seq evaluate` scores the splits of checkpoints; {config.ckpt} is an exported "
+                          "model, whose agreement with its checkpoint is in its seq2seq_export.json (give it "
+                          "`source=` and `reference=` files to score)")
     translator = _translator(config)
     glossary = _glossary(translator, config.glossary) if config.glossary else None  # its mistakes before any work
     module = translator.module

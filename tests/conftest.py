@@ -1,7 +1,35 @@
 import pytest
 
+from seq2seq import compose, train
 from seq2seq.model import EncoderDecoder
 from seq2seq.testing import tiny_model
+
+# A text model trained two steps: as cheap as a real run through the pipeline gets.
+TINY_TEXT = ["experiment=translate_ko_en", "tokenizer.src.vocab_size=300", "model=tiny", "trainer.max_steps=2",
+             "trainer.max_time=null", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+             "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "optim.ema_decay=null",
+             "decode.max_len_b=4", "decode.max_len_a=0", "decode.beam=1"]
+
+
+def text_corpus(folder, n=120):
+    """A Korean-English TSV of `n` rows, a third of them in each split."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "corpus.tsv"
+    path.write_text("ko\ten\tsplit\n" + "".join(
+        f"문장 {i} 번{'입니다' * (i % 4)}\tsentence {i}{' again' * (i % 5)}\t{('train', 'val', 'test')[i % 3]}\n"
+        for i in range(n)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_run(tmp_path_factory):
+    """(its last checkpoint, its corpus, a file of two sources) of a text model trained two steps."""
+    root = tmp_path_factory.mktemp("text_run")
+    corpus = text_corpus(root / "data")
+    train(compose([*TINY_TEXT, f"data.path={corpus}"]), root / "run")
+    sources = root / "sources.ko"
+    sources.write_text("문장 1 번\n문장 2 번입니다\n")
+    return str(root / "run" / "checkpoints" / "last.ckpt"), corpus, sources
 
 
 @pytest.fixture

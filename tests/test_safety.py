@@ -8,38 +8,15 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY_TEXT, text_corpus
 
-from seq2seq import compose, plugins, train
+from seq2seq import compose, plugins
 from seq2seq.checkpoints import refuse_reuse
 from seq2seq.errors import ConfigError
 from seq2seq.module import Seq2SeqModule
 from seq2seq.pipeline import average, evaluate, export, predict, prepare, translate
 
-TEXT = ["experiment=translate_ko_en", "tokenizer.src.vocab_size=300", "model=tiny", "trainer.max_steps=2",
-        "trainer.max_time=null", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
-        "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "optim.ema_decay=null", "decode.max_len_b=4",
-        "decode.max_len_a=0", "decode.beam=1"]
 USER = "a user's notes\n"
-
-
-def _corpus(folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "corpus.tsv"
-    path.write_text("ko\ten\tsplit\n" + "".join(
-        f"문장 {i} 번{'입니다' * (i % 4)}\tsentence {i}{' again' * (i % 5)}\t{('train', 'val', 'test')[i % 3]}\n"
-        for i in range(120)))
-    return path
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A text model trained two steps: (its checkpoint, its corpus, a file of sources)."""
-    root = tmp_path_factory.mktemp("outputs")
-    corpus = _corpus(root / "data")
-    train(compose([*TEXT, f"data.path={corpus}"]), root / "run")
-    sources = root / "sources.ko"
-    sources.write_text("문장 1 번\n문장 2 번입니다\n")
-    return str(root / "run" / "checkpoints" / "last.ckpt"), corpus, sources
 
 
 def _user_file(path):
@@ -53,9 +30,9 @@ def _survives(path):
 
 
 def test_prepare_keeps_a_users_folder_unless_forced_and_never_replaces_the_folder_of_its_corpus(tmp_path):
-    corpus = _corpus(tmp_path / "corpus")
+    corpus = text_corpus(tmp_path / "corpus")
     mine = _user_file(tmp_path / "mine" / "notes.txt")
-    base = [*TEXT, f"data.path={corpus}"]
+    base = [*TINY_TEXT, f"data.path={corpus}"]
     with pytest.raises(ConfigError, match=r"`prepared=.*mine` holds 1 file\(s\) seq2seq did not write there "
                                           r"\(notes.txt\).*force=true"):
         prepare(compose([*base, f"prepared={mine.parent}"], "prepare"))
@@ -83,8 +60,9 @@ def test_a_new_run_refuses_a_directory_holding_anything_but_what_hydra_writes_fi
 
 
 @pytest.mark.parametrize("command", ["predict", "translate"])
-def test_predict_and_translate_refuse_their_input_as_output_and_a_users_file_unless_forced(run, tmp_path, command):
-    ckpt, _, sources = run
+def test_predict_and_translate_refuse_their_input_as_output_and_a_users_file_unless_forced(text_run, tmp_path,
+                                                                                         command):
+    ckpt, _, sources = text_run
     act = {"predict": predict, "translate": translate}[command]
     text = sources.read_text()
     with pytest.raises(ConfigError, match=r"`output=.*sources.ko` is the input"):
@@ -104,8 +82,8 @@ def test_predict_and_translate_refuse_their_input_as_output_and_a_users_file_unl
     assert json.loads((tmp_path / "out.en.json").read_text())["checkpoint"] == ckpt
 
 
-def test_export_keeps_a_users_file_beside_an_earlier_export_unless_forced(run, tmp_path):
-    ckpt = run[0]
+def test_export_keeps_a_users_file_beside_an_earlier_export_unless_forced(text_run, tmp_path):
+    ckpt = text_run[0]
     out = tmp_path / "ct2"
     args = [f"ckpt={ckpt}", "format=ctranslate2", f"output={out}", "check=null"]
     export(compose(args, "export"))
@@ -118,8 +96,8 @@ def test_export_keeps_a_users_file_beside_an_earlier_export_unless_forced(run, t
     assert not mine.exists() and (out / "seq2seq_export.json").is_file()
 
 
-def test_average_refuses_a_users_file_and_its_own_inputs(run, tmp_path):
-    ckpt = run[0]
+def test_average_refuses_a_users_file_and_its_own_inputs(text_run, tmp_path):
+    ckpt = text_run[0]
     mine = _user_file(tmp_path / "avg.ckpt")
     with pytest.raises(ConfigError, match=r"exists and was not written by seq2seq"):
         average(compose([f"ckpts=[{ckpt},{ckpt}]", f"output={mine}"], "average"))
@@ -130,8 +108,8 @@ def test_average_refuses_a_users_file_and_its_own_inputs(run, tmp_path):
     average(compose([f"ckpts=[{ckpt},{ckpt}]", f"output={mine}"], "average"))  # a checkpoint now: replaced
 
 
-def test_evaluate_refuses_a_file_or_a_users_folder_as_its_output_folder(run, tmp_path):
-    ckpt = run[0]
+def test_evaluate_refuses_a_file_or_a_users_folder_as_its_output_folder(text_run, tmp_path):
+    ckpt = text_run[0]
     mine = _user_file(tmp_path / "scores.json")
     with pytest.raises(ConfigError, match=r"`output=.*scores.json` is a file; name a folder"):
         evaluate(compose([f"ckpt={ckpt}", f"output={mine}"], "evaluate"))
@@ -141,8 +119,8 @@ def test_evaluate_refuses_a_file_or_a_users_folder_as_its_output_folder(run, tmp
     assert _survives(mine)
 
 
-def test_a_checkpoint_imports_only_installed_plugins_or_those_the_user_names(run, tmp_path, monkeypatch):
-    ckpt = torch.load(run[0], weights_only=True)
+def test_a_checkpoint_imports_only_installed_plugins_or_those_the_user_names(text_run, tmp_path, monkeypatch):
+    ckpt = torch.load(text_run[0], weights_only=True)
     ckpt["seq2seq"]["plugins"]["calendar"] = "python"  # an installed module that is no seq2seq plugin
     edited = tmp_path / "edited.ckpt"
     torch.save(ckpt, edited)
@@ -153,5 +131,5 @@ def test_a_checkpoint_imports_only_installed_plugins_or_those_the_user_names(run
         Seq2SeqModule.from_checkpoint(edited)
     assert "calendar" not in sys.modules
     out = tmp_path / "out.en"
-    translate(compose([f"ckpt={edited}", f"input={run[2]}", f"output={out}", "plugins=[calendar]"], "translate"))
+    translate(compose([f"ckpt={edited}", f"input={text_run[2]}", f"output={out}", "plugins=[calendar]"], "translate"))
     assert "calendar" in sys.modules and len(out.read_text().splitlines()) == 2
