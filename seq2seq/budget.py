@@ -5,7 +5,9 @@ seconds a training step takes (steps `MEASURE` to `MEASURE + WINDOW`), and the s
 sanity check decodes with the untrained model, whose outputs run to the longest the decoding allows: the slowest a
 validation gets). It then plans how many steps the budget allows, leaving time for the validations that fall inside
 the run and for the final scoring (every candidate's validation and test), and shapes the schedule to end there
-(`WarmupSchedule.plan`). The decision is one log line, `plan.json` in the run directory, the callback's state in
+(`WarmupSchedule`'s total and warm-up). Every `CHECK` steps after that the pace is measured again, and a run
+that has fallen behind (another process took the CPU) plans fewer steps so that it still ends in time; it never
+plans more. The decision is one log line, `plan.json` in the run directory, the callback's state in
 every checkpoint (a resumed run keeps it, and stays equal to the run it continues) and `optim.total_steps` in the
 run's config.yaml (how the same schedule is reproduced on another machine).
 """
@@ -24,12 +26,13 @@ from typing import Any
 import lightning as L
 from omegaconf import OmegaConf
 
-from seq2seq.schedule import WarmupSchedule
+from seq2seq.schedule import WarmupSchedule, warmup_for
 
 log = logging.getLogger("seq2seq")
 
 MEASURE = 5  # steps before the pace is measured (the first ones warm caches, allocators and compiled graphs)
 WINDOW = 20  # steps the pace is measured over
+CHECK = 10  # once planned, the pace is measured again every CHECK steps: a run falling behind plans fewer steps
 UNMEASURED_RESERVE = 0.1  # the share of the budget kept for scoring when no validation batch was timed
 
 
@@ -88,10 +91,19 @@ class BudgetPlanner(L.Callback):
     def __init__(self, max_time: str, run_dir: Path, candidates: int) -> None:
         self.budget, self.run_dir, self.candidates = seconds(max_time), run_dir, candidates
         self.plan: Plan | None = None
-        self._started = self._sanity = self._sanity_time = self._mark = self._batch_start = None
+        self._started = self._sanity = self._sanity_time = self._batch_start = self._validation_start = None
+        self._mark: tuple[int, float, float] | None = None  # (step, clock, time spent validating) at the mark
+        self._validating = 0.0
 
     def on_sanity_check_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._sanity = time.monotonic()
+
+    def on_validation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._validation_start = time.monotonic()
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:  # time not spent training, left out of the pace
+            self._validating += time.monotonic() - self._validation_start
 
     def on_validation_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         self._batch_start = time.monotonic()
@@ -106,20 +118,23 @@ class BudgetPlanner(L.Callback):
             self._apply(trainer, module)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
-        if self.plan is not None:
-            return
-        step = trainer.global_step
-        if step == MEASURE:
-            self._mark = time.monotonic()
-        elif step == MEASURE + WINDOW and self._mark is not None:
-            pace = (time.monotonic() - self._mark) / WINDOW
-            decision = trainer.strategy.broadcast(self._decide(trainer, module, pace))  # rank 0's clock decides
-            self.plan = Plan(**decision)
-            self._apply(trainer, module)
-            if trainer.is_global_zero:
-                self._record(module)
+        step, now = trainer.global_step, time.monotonic()
+        if self._mark is not None and step - self._mark[0] >= (WINDOW if self.plan is None else CHECK):
+            pace = (now - self._mark[1] - (self._validating - self._mark[2])) / (step - self._mark[0])
+            # rank 0's clock decides for every rank
+            decision = Plan(**trainer.strategy.broadcast(self._decide(trainer, module, pace)))
+            if self.plan is None or decision.total_steps < self.plan.total_steps:  # planned, or running late
+                late = self.plan is not None
+                self.plan = decision
+                self._apply(trainer, module)
+                if trainer.is_global_zero:
+                    self._record(module, late)
+            self._mark = None
+        if self._mark is None and (self.plan is not None or step >= MEASURE):
+            self._mark = (step, now, self._validating)
 
     def _decide(self, trainer: L.Trainer, module: L.LightningModule, pace: float) -> dict[str, Any]:
+        """The plan for what is left of the budget at `pace` seconds a step."""
         batches = trainer.num_training_batches
         every = trainer.check_val_every_n_epoch
         steps_per_validation = (int(batches * every) if trainer.val_check_interval == 1.0 and math.isfinite(batches)
@@ -130,25 +145,28 @@ class BudgetPlanner(L.Callback):
                       int(sum(trainer.num_val_batches)) if trainer.num_val_batches else 0, len(test),
                       steps_per_validation, self.candidates)
         total, reserve = plan_steps(costs)
-        spec = module.config.optim
-        schedule: WarmupSchedule = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
-        schedule.plan(spec, total)
         validations = (list(range(steps_per_validation, total + 1, steps_per_validation))
                        if steps_per_validation else [])
-        return asdict(Plan(total, schedule.warmup, pace, reserve, validations))
+        warmup = self.plan.warmup_steps if self.plan else warmup_for(module.config.optim, total)
+        return asdict(Plan(total, warmup, pace, reserve, validations))
 
     def _apply(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         schedule: WarmupSchedule = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
-        schedule.plan(module.config.optim, self.plan.total_steps)
+        schedule.total, schedule.warmup = self.plan.total_steps, self.plan.warmup_steps
         trainer.fit_loop.epoch_loop.max_steps = self.plan.total_steps
 
-    def _record(self, module: L.LightningModule) -> None:
+    def _record(self, module: L.LightningModule, late: bool) -> None:
         plan = self.plan
         shown = ", ".join(map(str, plan.validations[:8])) + (" ..." if len(plan.validations) > 8 else "")
-        log.info("budget %s: %.2f s a step measured over steps %d-%d; %d steps planned (warm-up %d, %s schedule "
-                 "ending there), %.0f s kept for final scoring; validations at steps %s", timedelta(
-                     seconds=self.budget), plan.seconds_per_step, MEASURE, MEASURE + WINDOW, plan.total_steps,
-                 plan.warmup_steps, module.config.optim.schedule, plan.reserved_seconds, shown or "the end only")
+        if late:
+            log.info("budget: steps now take %.2f s; %d steps planned instead, so that the run ends in time",
+                     plan.seconds_per_step, plan.total_steps)
+        else:
+            log.info("budget %s: %.2f s a step measured over steps %d-%d; %d steps planned (warm-up %d, %s schedule "
+                     "ending there), %.0f s kept for final scoring; validations at steps %s",
+                     timedelta(seconds=self.budget), plan.seconds_per_step, MEASURE, MEASURE + WINDOW,
+                     plan.total_steps, plan.warmup_steps, module.config.optim.schedule, plan.reserved_seconds,
+                     shown or "the end only")
         (self.run_dir / "plan.json").write_text(json.dumps(asdict(plan), indent=2) + "\n")
         config = OmegaConf.load(self.run_dir / "config.yaml")
         config.optim.total_steps = plan.total_steps

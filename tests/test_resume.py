@@ -163,3 +163,15 @@ def test_an_explicit_total_fixes_the_plan_without_measuring(tmp_path, monkeypatc
     schedule = last["lr_schedulers"][0]["lr_lambdas"][0]
     assert (schedule["total"], schedule["warmup"]) == (12, 2)
     assert last["lr_schedulers"][0]["_last_lr"] == [0.0]  # decayed to zero at the end it was given
+
+
+def test_a_run_that_falls_behind_its_plan_plans_fewer_steps(tmp_path, monkeypatch, caplog):
+    # planned at step 25; at step 35 more would fit (never taken); at step 45 fewer do
+    decisions = iter([(60, 0.0), (70, 0.0), (50, 0.0)])
+    monkeypatch.setattr(budget, "plan_steps", lambda costs: next(decisions, (50, 0.0)))
+    with caplog.at_level("INFO", logger="seq2seq"):
+        train(compose(BUDGET), tmp_path)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 50 and last["lr_schedulers"][0]["lr_lambdas"][0]["total"] == 50
+    assert json.loads((tmp_path / "plan.json").read_text())["total_steps"] == 50
+    assert "50 steps planned instead, so that the run ends in time" in caplog.text
