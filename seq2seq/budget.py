@@ -92,7 +92,8 @@ class BudgetPlanner(L.Callback):
         self.budget, self.run_dir, self.candidates = seconds(max_time), run_dir, candidates
         self.plan: Plan | None = None
         self._started = self._sanity = self._sanity_time = self._batch_start = self._validation_start = None
-        self._mark: tuple[int, float, float] | None = None  # (step, clock, time spent validating) at the mark
+        self._mark: tuple[int, float, float] | None = None
+        self._bound: int | None = None  # (step, clock, time spent validating) at the mark
         self._validating = 0.0
 
     def on_sanity_check_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -116,6 +117,8 @@ class BudgetPlanner(L.Callback):
         self._started = self._sanity or time.monotonic()  # the budget counts from the sanity check on
         if self.plan is not None:  # resumed: the plan the run made
             self._apply(trainer, module)
+        else:  # the run's other bounds (max_steps, max_epochs of batches): a plan never goes past them
+            self._bound = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0].total
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         step, now = trainer.global_step, time.monotonic()
@@ -145,6 +148,7 @@ class BudgetPlanner(L.Callback):
                       int(sum(trainer.num_val_batches)) if trainer.num_val_batches else 0, len(test),
                       steps_per_validation, self.candidates)
         total, reserve = plan_steps(costs)
+        total = min(total, self._bound or total)
         validations = (list(range(steps_per_validation, total + 1, steps_per_validation))
                        if steps_per_validation else [])
         warmup = self.plan.warmup_steps if self.plan else warmup_for(module.config.optim, total)

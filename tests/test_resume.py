@@ -175,3 +175,10 @@ def test_a_run_that_falls_behind_its_plan_plans_fewer_steps(tmp_path, monkeypatc
     assert last["global_step"] == 50 and last["lr_schedulers"][0]["lr_lambdas"][0]["total"] == 50
     assert json.loads((tmp_path / "plan.json").read_text())["total_steps"] == 50
     assert "50 steps planned instead, so that the run ends in time" in caplog.text
+
+
+def test_a_plan_never_goes_past_the_runs_step_bound(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget, "plan_steps", lambda costs: (60, 0.0))  # the time would allow more
+    train(compose([*BUDGET, "trainer.max_steps=30"]), tmp_path)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 30
+    assert json.loads((tmp_path / "plan.json").read_text())["total_steps"] == 30
