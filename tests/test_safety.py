@@ -133,3 +133,24 @@ def test_a_checkpoint_imports_only_installed_plugins_or_those_the_user_names(tex
     out = tmp_path / "out.en"
     translate(compose([f"ckpt={edited}", f"input={text_run[2]}", f"output={out}", "plugins=[calendar]"], "translate"))
     assert "calendar" in sys.modules and len(out.read_text().splitlines()) == 2
+
+
+def test_an_export_the_disk_refuses_is_one_message_and_leaves_the_earlier_export(text_run, tmp_path, monkeypatch):
+    import errno
+
+    from seq2seq.errors import StorageError
+    from seq2seq.export import ctranslate2
+
+    out = tmp_path / "ct2"
+    args = [f"ckpt={text_run[0]}", "format=ctranslate2", f"output={out}", "check=null"]
+    export(compose(args, "export"))
+    before = sorted(p.name for p in out.iterdir())
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(ctranslate2, "convert", read_only)
+    with pytest.raises(StorageError, match=r"cannot write the export .*ct2: Read-only file system .* the export "
+                                           r"there before is intact"):
+        export(compose(args, "export"))
+    assert sorted(p.name for p in out.iterdir()) == before and sorted(p.name for p in tmp_path.iterdir()) == ["ct2"]

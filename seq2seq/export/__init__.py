@@ -35,7 +35,7 @@ from seq2seq.config import load_train_config
 from seq2seq.domain import FeatureEncoder, Reader
 from seq2seq.errors import ConfigError, ExportError
 from seq2seq.module import Seq2SeqModule
-from seq2seq.outputs import check_folder, read_json, refuse_inputs, replace_folder
+from seq2seq.outputs import check_folder, read_json, refuse_inputs, replace_folder, storage
 from seq2seq.plugins import import_recorded
 from seq2seq.registry import DATASETS
 from seq2seq.translate import Stepped, Translator
@@ -204,16 +204,18 @@ def export(ckpt: str | Path, fmt: str, output: str | Path, quantization: str = "
     module = eager.module
     staging = output.with_name(f"{output.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    kept = "the export there before is intact" if output.exists() else "nothing was written there"
     try:
-        files = _write(module, fmt, quantization, staging)
-        torch.save({"config": module.hparams["config"], "tokenizers": module.hparams["tokenizers"]},
-                   staging / MODULE)
-        manifest: dict[str, Any] = {
-            "format": fmt, "quantization": quantization, "files": [*files, MODULE], "checkpoint": str(ckpt),
-            "version": metadata.version("seq2seq"),
-        }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        with storage("the export", output, kept):
+            staging.mkdir(parents=True)
+            files = _write(module, fmt, quantization, staging)
+            torch.save({"config": module.hparams["config"], "tokenizers": module.hparams["tokenizers"]},
+                       staging / MODULE)
+            manifest: dict[str, Any] = {
+                "format": fmt, "quantization": quantization, "files": [*files, MODULE], "checkpoint": str(ckpt),
+                "version": metadata.version("seq2seq"),
+            }
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if check is not None:
             reader: Reader = DATASETS.build(module.config.data, "data")
             if check not in reader.splits:
@@ -226,7 +228,8 @@ def export(ckpt: str | Path, fmt: str, output: str | Path, quantization: str = "
             if quantization == "none":
                 _check(manifest["parity"], fmt)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_folder(staging, output)
+        with storage("the export", output, kept):
+            replace_folder(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s to %s (%s): %s", ckpt, output, fmt, json.dumps(manifest.get("parity", {})))
