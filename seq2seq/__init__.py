@@ -2,8 +2,8 @@
 
 The names below are imported on first use, so that `import seq2seq.domain` (what a plugin does, in every encoding
 worker too) loads the contract alone, not Lightning and Hydra. The core's own components (the `token` embedding, the
-`linear` head, the `exact_match` metric) are registered by `seq2seq.config`, which every path that builds a model
-from a config goes through; domains add theirs when the config's `plugins:` modules are imported.
+`linear` head, the `exact_match` metric) are registered when their registry is first read (`seq2seq.registry`);
+domains add theirs when the config's `plugins:` modules are imported.
 """
 
 from __future__ import annotations

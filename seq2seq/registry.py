@@ -13,6 +13,7 @@ those values never get copied into YAML.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -28,11 +29,20 @@ def _origin(obj: object) -> str:
 
 
 class Registry:
-    """Named constructors of one kind of component (tokenizer, embedding, head, ...)."""
+    """Named constructors of one kind of component (tokenizer, embedding, head, ...). `builtins` names the core
+    module that registers the core's own components of this kind: imported the first time the registry is read,
+    so that `import seq2seq.domain` (a plugin, an encoding worker) does not pay for it."""
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
+    def __init__(self, kind: str, builtins: str | None = None) -> None:
+        self.kind, self._builtins = kind, builtins
         self._entries: dict[str, Callable[..., Any]] = {}
+
+    @property
+    def entries(self) -> dict[str, Callable[..., Any]]:
+        if self._builtins is not None:
+            module, self._builtins = self._builtins, None
+            importlib.import_module(module)
+        return self._entries
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(fn: T) -> T:
@@ -48,10 +58,10 @@ class Registry:
         return add
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted(self.entries)
 
     def get(self, name: str) -> Callable[..., Any]:
-        if name not in self._entries:
+        if name not in self.entries:
             raise ConfigError(
                 f"unknown {self.kind} `{name}`.{hint(name, self._entries)} "
                 f"Registered {self.kind}s: {', '.join(self.names()) or '(none)'}. "
@@ -98,14 +108,14 @@ class Registry:
         """Check `spec` then call the constructor with its options and the context values it asks for."""
         where = where or self.kind
         self.check(spec, context, where)
-        fn = self._entries[spec["name"]]
+        fn = self.get(spec["name"])
         params = inspect.signature(fn, eval_str=True).parameters
         options = {k: v for k, v in spec.items() if k != "name"}
         return fn(**{k: v for k, v in context.items() if k in params}, **options)
 
 
 TOKENIZERS = Registry("tokenizer")
-EMBEDDINGS = Registry("embedding")
-HEADS = Registry("head")
+EMBEDDINGS = Registry("embedding", builtins="seq2seq.embeddings")
+HEADS = Registry("head", builtins="seq2seq.heads")
 DATASETS = Registry("dataset")
-METRICS = Registry("metric")
+METRICS = Registry("metric", builtins="seq2seq.metrics")
