@@ -446,17 +446,22 @@ def _translator(config: InferenceConfig) -> Translator:
                                     max_len_a=config.max_len_a, max_len_b=config.max_len_b)
 
 
-def _checked_output(config: PredictConfig | TranslateConfig, inputs: list[str | None]) -> Path | None:
-    """The output file of `predict` or `translate`, checked before any work (`seq2seq.outputs`), and its input."""
-    given = [path for path in inputs if path is not None]
+def _inputs(config: PredictConfig | TranslateConfig, files: list[str | None]) -> list[str]:
+    """What `predict` or `translate` reads (its input checked first), which none of its outputs may be."""
+    given = [path for path in files if path is not None]
     for path in given[:1]:
         if not Path(path).is_file():
             raise ConfigError(f"`input={path}`: no such file")
-    if config.output is None:
+    return [*given, config.ckpt, *config.ensemble]
+
+
+def _checked_file(key: str, path: str | None, inputs: list[str], force: bool) -> Path | None:
+    """A file `predict` or `translate` writes (with `<file>.json` beside it), checked before any work."""
+    if path is None:
         return None
-    refuse_inputs("output", config.output, [*given, config.ckpt, *config.ensemble])
-    refuse_inputs("output", json_sidecar(Path(config.output)), [*given, config.ckpt, *config.ensemble])
-    return check_file("output", config.output, is_our_text, config.force)
+    for target in (Path(path), json_sidecar(Path(path))):
+        refuse_inputs(key, target, inputs)
+    return check_file(key, path, is_our_text, force)
 
 
 @contextmanager
@@ -605,7 +610,7 @@ def _read_prefixes(path: str, n: int) -> list[str]:
 
 def predict(config: PredictConfig) -> None:
     """Decode every source in `config.input` with nothing but the checkpoint, in the domain's output format."""
-    output = _checked_output(config, [config.input])
+    output = _checked_file("output", config.output, _inputs(config, [config.input]), config.force)
     translator = _translator(config)
     reader: Reader = DATASETS.build(translator.module.config.data, "data")
     sources = reader.read_inputs(config.input)
@@ -616,7 +621,10 @@ def predict(config: PredictConfig) -> None:
 
 def translate(config: TranslateConfig) -> None:
     """Lines from `input` (default: standard input) to `output` (default: standard output)."""
-    output = _checked_output(config, [config.input, config.prefix, config.glossary])
+    inputs = _inputs(config, [config.input, config.prefix, config.glossary])
+    output = _checked_file("output", config.output, inputs, config.force)
+    attention = _checked_file("attention", config.attention, [*inputs, *([config.output] if output else [])],
+                              config.force)
     translator = _translator(config)
     reader: Reader = DATASETS.build(translator.module.config.data, "data")
     lines = reader.read_inputs(config.input or "/dev/stdin")
@@ -637,10 +645,12 @@ def translate(config: TranslateConfig) -> None:
         text = "".join(f"{i}\t{score:.4f}\t{out}\n" for i, best in enumerate(found, 1) for score, out in best)
     with _output(output, translator, config.ckpt) as out:
         out.write(text)
-    if config.attention:
+    if attention is not None:
         if translator.backend.name != "eager":
             raise ConfigError("attention maps come from the eager model: give `ckpt=` a checkpoint, not an export")
-        reader.plot_attention(translator, lines[:4], Path(config.attention))
+        reader.plot_attention(translator, lines[:4], attention)
+        write_text(json_sidecar(attention), json.dumps({"checkpoint": config.ckpt, **translator.settings()},
+                                                       indent=2) + "\n")
 
 
 def export(config: ExportConfig) -> None:

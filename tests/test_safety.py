@@ -154,3 +154,14 @@ def test_an_export_the_disk_refuses_is_one_message_and_leaves_the_earlier_export
                                            r"there before is intact"):
         export(compose(args, "export"))
     assert sorted(p.name for p in out.iterdir()) == before and sorted(p.name for p in tmp_path.iterdir()) == ["ct2"]
+
+
+def test_translate_keeps_a_users_picture_at_the_attention_path_unless_forced(text_run, tmp_path):
+    ckpt, _, sources = text_run
+    mine = _user_file(tmp_path / "att.png")
+    with pytest.raises(ConfigError, match=r"`attention=.*att.png` exists and was not written by seq2seq"):
+        translate(compose([f"ckpt={ckpt}", f"input={sources}", f"attention={mine}"], "translate"))
+    assert _survives(mine)
+    translate(compose([f"ckpt={ckpt}", f"input={sources}", f"attention={mine}", "force=true"], "translate"))
+    assert mine.read_bytes()[:4] == b"\x89PNG"
+    translate(compose([f"ckpt={ckpt}", f"input={sources}", f"attention={mine}"], "translate"))  # its own now
