@@ -111,7 +111,8 @@ def throughput_step(root: Path, results: dict, rounds: int = 5, steps: int = 20)
     from torch.utils.data import DataLoader
 
     from seq2seq import compose
-    from seq2seq.data import Collate, Seq2SeqDataModule
+    from seq2seq.data import Collate
+    from seq2seq.datamodule import Seq2SeqDataModule
     from seq2seq.module import Seq2SeqModule, sequence_loss
     from seq2seq.prepared import Prepared
 

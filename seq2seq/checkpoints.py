@@ -86,7 +86,7 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
                         "`resume=%s`", trainer.global_step, self.ckpt_path, run_dir)
 
 
-# The data module resumes mid-epoch itself (`Seq2SeqDataModule.state_dict`); Lightning cannot see that.
+# The data module resumes mid-epoch itself (`datamodule.Seq2SeqDataModule.state_dict`); Lightning cannot see that.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 # With `InterruptCheckpoint`, Lightning turns a fresh `fit(ckpt_path=None)` into "last", finds none and says so twice.
 warnings.filterwarnings("ignore", message=r"`\.fit\(ckpt_path=None\)` was called without a model")

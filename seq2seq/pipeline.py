@@ -56,7 +56,8 @@ from seq2seq.config import (
     TranslateConfig,
     resolve_precision,
 )
-from seq2seq.data import Collate, Seq2SeqDataModule
+from seq2seq.data import Collate
+from seq2seq.datamodule import Seq2SeqDataModule
 from seq2seq.domain import Reader
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.export import export as export_model

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from seq2seq import compose
-from seq2seq.data import IGNORE_INDEX, Collate, LoaderSpec, Seq2SeqDataModule, TrainingBatches
+from seq2seq.data import IGNORE_INDEX, Collate, LoaderSpec, TrainingBatches
+from seq2seq.datamodule import Seq2SeqDataModule
 from seq2seq.domain import Reader, Rows
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.prepared import prepare_dataset

@@ -185,7 +185,8 @@ def test_weighted_corpora_draw_in_the_configured_proportions():
 
 
 def test_a_dataloader_with_worker_processes_reads_the_shards(tmp_path):
-    from seq2seq.data import Collate, LoaderSpec, Seq2SeqDataModule
+    from seq2seq.data import Collate, LoaderSpec
+    from seq2seq.datamodule import Seq2SeqDataModule
 
     config = _config(tmp_path)
     prepared = _prepare(config, tmp_path / "p")
