@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from transformers import MarianConfig, MarianMTModel
 
 from seq2seq import compose
+from seq2seq.build import fit_tokenizers, load_tokenizers
 from seq2seq.config import resolve_precision
 from seq2seq.data import Collate, TrainingBatches
-from seq2seq.module import fit_tokenizers, load_tokenizers
 from seq2seq.registry import DATASETS
 from seq2seq.schedule import WarmupSchedule
 

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from seq2seq.build import fit_encoders, fit_tokenizers
 from seq2seq.config import TrainConfig, compose
 from seq2seq.data import Batch, Collate
 from seq2seq.decoding import beam_search, greedy
@@ -40,7 +41,7 @@ from seq2seq.domain import Encoder, Tokenizer
 from seq2seq.embeddings import TokenEmbedding
 from seq2seq.heads import LinearHead
 from seq2seq.model import EncoderDecoder, ModelSpec
-from seq2seq.module import Seq2SeqModule, fit_encoders, fit_tokenizers
+from seq2seq.module import Seq2SeqModule
 from seq2seq.registry import DATASETS, TOKENIZERS
 from seq2seq.translate import Translator
 

@@ -5,9 +5,10 @@ from importlib import resources
 
 import pytest
 
+from seq2seq.build import fit_tokenizers
 from seq2seq.config import TrainConfig, compose, help_text, prepare_overrides
 from seq2seq.errors import ConfigError
-from seq2seq.module import Seq2SeqModule, fit_tokenizers
+from seq2seq.module import Seq2SeqModule
 from seq2seq.registry import DATASETS
 from seq2seq.translate import Translator
 

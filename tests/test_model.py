@@ -95,7 +95,7 @@ def test_positions_matter_permuting_the_source_changes_the_output(positions):
 
 def test_build_model_ties_the_output_projection_to_the_target_embedding_as_configured():
     from seq2seq import compose
-    from seq2seq.module import build_model, fit_tokenizers, load_tokenizers
+    from seq2seq.build import build_model, fit_tokenizers, load_tokenizers
 
     pairs = [("1 2 3", "3 2 1"), ("4 5", "5 4")]
     for tie in (True, False):

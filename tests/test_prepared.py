@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from seq2seq import compose
+from seq2seq.build import load_tokenizers
 from seq2seq.data import TrainingBatches
 from seq2seq.errors import DataError, StorageError
-from seq2seq.module import load_tokenizers
 from seq2seq.prepared import Prepared, _Shards, inputs_of, obtain, prepare_dataset
 from seq2seq.registry import DATASETS
 

@@ -7,8 +7,9 @@ import torch
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from seq2seq import Translator, compose, train
+from seq2seq.build import fit_tokenizers
 from seq2seq.errors import DataError
-from seq2seq.module import Seq2SeqModule, fit_tokenizers
+from seq2seq.module import Seq2SeqModule
 from seq2seq_plugins.series import LabelTokenizer, SeriesWindows, Standardizer
 from seq2seq_plugins.series.report import scores
 

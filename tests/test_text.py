@@ -144,7 +144,8 @@ def test_splits_can_come_from_separate_files(tmp_path):
 
 
 def test_separate_source_and_target_vocabularies_build_and_decode():
-    from seq2seq.module import Seq2SeqModule, fit_tokenizers
+    from seq2seq.build import fit_tokenizers
+    from seq2seq.module import Seq2SeqModule
 
     with pytest.raises(ConfigError, match="tokenizer=bpe_separate"):
         compose(["experiment=translate_ko_en", "tokenizer.tgt={name: char}"])

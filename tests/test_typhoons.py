@@ -372,7 +372,7 @@ def test_several_series_train_one_model_with_static_covariates_and_never_mix(tmp
 
 
 def test_only_a_feature_encoder_can_declare_known_future_rows():
-    from seq2seq.module import build_model, fit_tokenizers
+    from seq2seq.build import build_model, fit_tokenizers
     from seq2seq.registry import DATASETS
 
     config = compose(["experiment=reverse", "model=tiny"])
