@@ -27,14 +27,11 @@ from collections import Counter
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from torch import Tensor
 
 from seq2seq.errors import ConfigError
-
-if TYPE_CHECKING:
-    from seq2seq.translate import Translator
 
 
 class Encoder(ABC):
@@ -128,6 +125,29 @@ class FeatureEncoder(Encoder):
         return {"n_features": self.n_features}
 
 
+class Decodes(Protocol):
+    """What a reader's hooks may ask of the model they report on, plot or predict with: a
+    `seq2seq.translate.Translator` over a checkpoint or an exported model."""
+
+    @property
+    def src_tok(self) -> Encoder: ...
+
+    @property
+    def tgt_tok(self) -> Tokenizer: ...
+
+    def translate(self, sources: list[Any]) -> list[str]:
+        """The output string of each source."""
+
+    def tokens(self, sources: list[Any]) -> list[list[int]]:
+        """The decoded target ids of each source, cut at EOS."""
+
+    def label_probabilities(self, sources: list[Any]) -> Tensor:
+        """Label domains: (N, L, C) probability of each label per decoded position."""
+
+    def cross_attention(self, source: Any, target: list[int]) -> Tensor:
+        """(H, T, S) the last decoder layer's cross-attention for one source and target ids (teacher-forced)."""
+
+
 @dataclass
 class Rows:
     """A run of examples a reader read for one split from one file: the kept raw pairs, and the rejected ones by
@@ -192,7 +212,7 @@ class Reader(ABC):
     def read_inputs(self, path: str) -> list[Any]:
         """The raw sources in a file, for `predict` and `translate`; a bad line is a DataError naming it."""
 
-    def report(self, translator: Translator, run_dir: Path) -> dict[str, float]:
+    def report(self, translator: Decodes, run_dir: Path) -> dict[str, float]:
         """Domain scores, baselines and plots (under `run_dir`) after training or evaluation, reading what they need
         (`read`); merged into metrics.json."""
         return {}
@@ -219,13 +239,13 @@ class Reader(ABC):
         plots under `run_dir`; none by default."""
         return {}
 
-    def write_predictions(self, translator: Translator, sources: list[Any], out: TextIO) -> int:
+    def write_predictions(self, translator: Decodes, sources: list[Any], out: TextIO) -> int:
         """Write the predictions for `sources` to `out` (default: one decoded line each); returns how many."""
         outputs = translator.translate(sources)
         out.write("".join(line + "\n" for line in outputs))
         return len(outputs)
 
-    def plot_attention(self, translator: Translator, sources: list[Any], path: Path) -> None:
+    def plot_attention(self, translator: Decodes, sources: list[Any], path: Path) -> None:
         """Save cross-attention heatmaps of `sources` to `path` (a PNG)."""
         raise ConfigError(f"the `{type(self).__name__}` reader draws no attention maps; drop `attention=`")
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from seq2seq.data import Batch, Collate
 from seq2seq.decoding import Decoder, Hypotheses, strip
+from seq2seq.domain import Encoder, Tokenizer
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.guides import Guide, Term
 from seq2seq.module import Seq2SeqModule
@@ -132,6 +133,26 @@ class Translator:
         except TypeError as err:
             raise ConfigError(f"unknown decoding setting: {err}") from None
         return dataclasses.replace(self, decoder=dataclasses.replace(self.decoder, spec=spec))
+
+    @property
+    def src_tok(self) -> Encoder:
+        return self.module.src_tok
+
+    @property
+    def tgt_tok(self) -> Tokenizer:
+        return self.module.tgt_tok
+
+    @torch.no_grad()
+    def cross_attention(self, source: Any, target: list[int]) -> Tensor:
+        """(H, T, S) the eager model's last decoder layer's cross-attention, one source, teacher-forced on `target`
+        ids."""
+        if self.backend.name != "eager":
+            raise ConfigError("attention maps come from the eager model: give `ckpt=` a checkpoint, not an export")
+        module = self.module
+        src = self.src_tok.encode(source)[None].to(module.device)  # (1, S) or (1, S, F)
+        keep = torch.ones(src.shape[:2], dtype=torch.bool, device=module.device)  # (1, S)
+        tgt_in = self.decoder.teacher_input(torch.tensor([target], device=module.device))  # (1, T)
+        return module.model.cross_attention(src, keep, tgt_in)[0].cpu()
 
     def settings(self) -> dict[str, Any]:
         """The backend and every decoding setting, for outputs' metadata."""

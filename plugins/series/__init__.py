@@ -34,19 +34,16 @@ from collections import Counter
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from seq2seq.domain import FeatureEncoder, Reader, Rows, Tokenizer
+from seq2seq.domain import Decodes, FeatureEncoder, Reader, Rows, Tokenizer
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.registry import DATASETS, EMBEDDINGS, TOKENIZERS
-
-if TYPE_CHECKING:
-    from seq2seq.translate import Translator
 
 DATA_DIR = Path(__file__).parent / "data"
 EMBEDDED = ("typhoons_ryukyu", "clemson_storms")  # CSVs in DATA_DIR
@@ -511,12 +508,12 @@ class SeriesWindows(Reader):
 
         return pooled_report(fold_dirs, run_dir)
 
-    def report(self, translator: Translator, run_dir: Path) -> dict[str, float]:
+    def report(self, translator: Decodes, run_dir: Path) -> dict[str, float]:
         from seq2seq_plugins.series.report import report
 
         return report(translator, {split: self.read(split) for split in self.splits}, run_dir, self.calibration)
 
-    def write_predictions(self, translator: Translator, sources: list[Window], out: TextIO) -> int:
+    def write_predictions(self, translator: Decodes, sources: list[Window], out: TextIO) -> int:
         """Probabilities per lead step; where the training data can still be read, also calibrated ones (with
         `calibration`) and alerts at the validation years' CSI-best threshold, both fitted on the validation
         windows, as the report does."""

@@ -32,8 +32,7 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
-from seq2seq.domain import Encoder, Split
-from seq2seq.translate import Translator
+from seq2seq.domain import Decodes, Encoder, Split
 
 POSITIVE = 1  # the label value whose probability is scored
 EPS = 1e-6
@@ -109,9 +108,9 @@ def fit_calibration(kind: str, prob: np.ndarray, y: np.ndarray):
     return scale
 
 
-def model_probabilities(translator: Translator, windows: list) -> np.ndarray:
+def model_probabilities(translator: Decodes, windows: list) -> np.ndarray:
     """P(positive label) per window and lead step: (N, H)."""
-    classes = translator.module.tgt_tok.classes
+    classes = translator.tgt_tok.classes
     return translator.label_probabilities(windows)[..., classes.index(POSITIVE)].numpy()
 
 
@@ -165,7 +164,7 @@ def score_methods(probs: dict[str, dict[str, np.ndarray]], labels: dict[str, np.
     return out
 
 
-def report(translator: Translator, splits: dict[str, Split], run_dir: Path, calibration: str = "none"
+def report(translator: Decodes, splits: dict[str, Split], run_dir: Path, calibration: str = "none"
            ) -> dict[str, float]:
     windows = {s: [w for w, _ in splits[s].pairs] for s in ("val", "test")}
     labels = {s: np.array([t for _, t in splits[s].pairs]) for s in ("val", "test")}
@@ -174,7 +173,7 @@ def report(translator: Translator, splits: dict[str, Split], run_dir: Path, cali
         "model": {s: model_probabilities(translator, windows[s]) for s in windows},
         "climatology": {s: climatology(splits["train"], windows[s]) for s in windows},
         "persistence": {s: persistence(windows[s], horizon) for s in windows},
-        "logistic": logistic(translator.module.src_tok, splits["train"], windows),
+        "logistic": logistic(translator.src_tok, splits["train"], windows),
     }
     extra: dict[str, float] = {}
     if calibration != "none":
@@ -277,16 +276,13 @@ def plot_lead_skill(out: dict[str, float], methods: list[str], horizon: int, pat
     plt.close(fig)
 
 
-def plot_attention(translator: Translator, test: Split, path: Path, n: int = 3) -> None:
+def plot_attention(translator: Decodes, test: Split, path: Path, n: int = 3) -> None:
     """Cross-attention of the last decoder layer (mean over heads): forecast steps × input steps."""
     chosen = [pair for pair in test.pairs if any(pair[1])][:n] or test.pairs[:n]
-    module = translator.module
     fig, axes = plt.subplots(1, len(chosen), figsize=(4 * len(chosen), 3), squeeze=False)
     for ax, (window, target) in zip(axes[0], chosen, strict=True):
-        src = module.src_tok.encode(window)[None]  # (1, W[+H], F)
-        tgt_in = translator.decoder.teacher_input(module.tgt_tok.encode(target)[None])  # (1, H)
-        weights = module.model.cross_attention(src, torch.ones(src.shape[:2], dtype=torch.bool), tgt_in)
-        ax.imshow(weights[0].mean(0).numpy()[:, : len(window.values)], aspect="auto", cmap="viridis")
+        weights = translator.cross_attention(window, translator.tgt_tok.encode(target).tolist())  # (H, H', W[+H])
+        ax.imshow(weights.mean(0).numpy()[:, : len(window.values)], aspect="auto", cmap="viridis")
         ax.set(title=f"window ending {stamp(window.end)}\nlabels {target}", xlabel="input step",
                ylabel="forecast step")
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -298,7 +294,7 @@ def stamp(t: pd.Timestamp) -> str:
     return str(t.date()) if t == t.normalize() else t.isoformat(sep=" ")
 
 
-def write_predictions(translator: Translator, windows: list, out: TextIO, val: Split | None = None,
+def write_predictions(translator: Decodes, windows: list, out: TextIO, val: Split | None = None,
                       calibration: str = "none") -> int:
     """CSV: [series,] window_end, lead_step, date, probability (of the positive label), label (the decoded label),
     and with the validation windows `val`: probability_raw (the model's own, when `calibration` maps it) and alert

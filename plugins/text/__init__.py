@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -34,7 +34,7 @@ import sacrebleu
 from torch import Tensor
 from torchmetrics.text import CHRFScore, SacreBLEUScore
 
-from seq2seq.domain import Reader, Rows, read_lines
+from seq2seq.domain import Decodes, Reader, Rows, read_lines
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.metrics import Signed
 from seq2seq.registry import DATASETS, METRICS
@@ -44,9 +44,6 @@ from seq2seq_plugins.text.tokenizers import (  # noqa: F401 - importing register
     SentencePieceTokenizer,
     WordTokenizer,
 )
-
-if TYPE_CHECKING:
-    from seq2seq.translate import Translator
 
 EMBEDDED = Path(__file__).parent / "data" / "libreoffice_help_ko_en.tsv.gz"
 
@@ -345,7 +342,7 @@ class ParallelCorpus(Reader):
                         runs[split].pairs.append((src.strip(), tgt.strip()))
                 yield from (rows for rows in runs.values() if rows.examples_read)
 
-    def report(self, translator: Translator, run_dir: Path) -> dict[str, float]:
+    def report(self, translator: Decodes, run_dir: Path) -> dict[str, float]:
         """Attention heatmaps for the first validation sentences (plots/attention.png); no extra scores."""
         first = next((rows.pairs for rows in self.stream(("val",)) if rows.pairs), [])
         if first:
@@ -353,7 +350,7 @@ class ParallelCorpus(Reader):
             self.plot_attention(translator, [src for src, _ in first[:3]], run_dir / "plots" / "attention.png")
         return {}
 
-    def plot_attention(self, translator: Translator, sources: list[str], path: Path) -> None:
+    def plot_attention(self, translator: Decodes, sources: list[str], path: Path) -> None:
         from seq2seq_plugins.text.attention import plot_attention
 
         plot_attention(translator, sources, path)

@@ -10,10 +10,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display
 import matplotlib.pyplot as plt
-import torch
 from matplotlib import font_manager
 
-from seq2seq.translate import Translator
+from seq2seq.domain import Decodes
 
 log = logging.getLogger(__name__)
 HANGUL_FONTS = ("NanumGothic", "Noto Sans CJK KR", "Noto Sans KR", "UnDotum", "Baekmuk Gulim", "Unifont")
@@ -28,21 +27,18 @@ def _font() -> str | None:
     return found
 
 
-def plot_attention(translator: Translator, sources: list[str], path: Path) -> None:
+def plot_attention(translator: Decodes, sources: list[str], path: Path) -> None:
     """One heatmap per source sentence (its decoded output, EOS included), saved together as one PNG."""
     font = _font()
-    module = translator.module
-    src_tok, tgt_tok = module.src_tok, module.tgt_tok
+    src_tok, tgt_tok = translator.src_tok, translator.tgt_tok
     fig, axes = plt.subplots(len(sources), 1, figsize=(8, 3.2 * len(sources)), squeeze=False)
     for ax, source, ids in zip(axes[:, 0], sources, translator.tokens(sources), strict=True):
-        src = src_tok.encode(source)[None].to(module.device)  # (1, S)
-        out = torch.tensor([[*ids, tgt_tok.eos_id]], device=module.device)  # (1, T)
-        keep = torch.ones_like(src, dtype=torch.bool)
-        weights = module.model.cross_attention(src, keep, translator.decoder.teacher_input(out))[0].mean(0).cpu()
+        out = [*ids, tgt_tok.eos_id]  # the decoded output, EOS included
+        weights = translator.cross_attention(source, out).mean(0)  # (T, S), the heads' mean
         ax.imshow(weights.numpy(), aspect="auto", cmap="viridis")
-        ax.set_xticks(range(weights.shape[1]), src_tok.pieces(src[0].tolist()), rotation=90, fontsize=7,
-                      fontname=font)
-        ax.set_yticks(range(weights.shape[0]), tgt_tok.pieces(out[0].tolist()), fontsize=7)
+        ax.set_xticks(range(weights.shape[1]), src_tok.pieces(src_tok.encode(source).tolist()), rotation=90,
+                      fontsize=7, fontname=font)
+        ax.set_yticks(range(weights.shape[0]), tgt_tok.pieces(out), fontsize=7)
         ax.set(xlabel="source tokens", ylabel="output tokens")
     with warnings.catch_warnings():  # one warning about the font is enough, not one per missing glyph
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
