@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from seq2seq import Translator
-from seq2seq.export import export, load, metrics_of
+from seq2seq.exporting import export, metrics_of
 from seq2seq.registry import DATASETS
 
 BACKENDS = {"eager": None, "ct2 fp32": ("ctranslate2", "none"), "ct2 int8": ("ctranslate2", "int8"),
@@ -70,7 +70,7 @@ def main() -> None:
         runs: dict[Key, Translator] = {}
         for threads in args.threads:
             for name in BACKENDS:
-                base = eager if name == "eager" else load(folders[name], args.batch, threads)
+                base = eager if name == "eager" else Translator.from_checkpoint(folders[name], args.batch, threads)
                 for beam in (1, 4):
                     runs[(threads, name, beam)] = base.with_decoding(beam=beam)
         times, outputs = measure(runs, sources, args.threads, args.reps)

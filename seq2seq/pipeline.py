@@ -60,8 +60,8 @@ from seq2seq.data import Collate
 from seq2seq.datamodule import Seq2SeqDataModule
 from seq2seq.domain import Reader
 from seq2seq.errors import ConfigError, DataError
-from seq2seq.export import export as export_model
 from seq2seq.export import is_export, require
+from seq2seq.exporting import export as export_model
 from seq2seq.guides import Term, matching_terms, read_glossary, term_usage
 from seq2seq.metrics import signatures
 from seq2seq.module import Seq2SeqModule

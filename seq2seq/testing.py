@@ -250,7 +250,7 @@ def check_export(overrides: list[str], tmp_path: Path, n_pairs: int = 8) -> None
     reference log-probabilities or label probabilities within the export's tolerances). A CTranslate2 refusal of a
     feature-value source is expected, and checked to be a ConfigError."""
     from seq2seq.errors import ConfigError
-    from seq2seq.export import export
+    from seq2seq.exporting import export
 
     module, pairs = build(overrides, n_pairs)
     _fit(module, pairs, 5, tmp_path).save_checkpoint(tmp_path / "kit.ckpt")

@@ -14,8 +14,9 @@ from torch import nn
 from seq2seq import ConfigError, Translator, evaluate
 from seq2seq.config import EvaluateConfig
 from seq2seq.errors import ExportError
-from seq2seq.export import _check, export, is_export, load, parity, require
+from seq2seq.export import is_export, require
 from seq2seq.export.ctranslate2 import convert
+from seq2seq.exporting import _check, export, parity
 from seq2seq.registry import DATASETS
 from seq2seq.testing import _fit, build
 
@@ -114,14 +115,14 @@ def test_int8_export_reports_its_agreement_and_test_metrics_against_full_precisi
     assert report["scored"] == 60 and 0 <= report["greedy_agreement"] <= 1
     # int8 weights move log-probabilities by hundredths; tied weights handed over wrongly moved them by thousands
     assert report["max_logprob_diff"] < 0.5
-    assert load(tmp_path / "int8").backend.name == "ctranslate2 int8"
+    assert Translator.from_checkpoint(tmp_path / "int8").backend.name == "ctranslate2 int8"
 
 
 def test_an_export_that_decodes_differently_is_an_error(checkpoints, tmp_path):
     ckpt = checkpoints("post-sinusoidal")
     export(ckpt, "ctranslate2", tmp_path / "ct2", check=None)
     other = Translator.from_checkpoint(checkpoints("pre-learned"))  # same vocabulary, other weights
-    report = parity(other, load(tmp_path / "ct2"), _val(ckpt))
+    report = parity(other, Translator.from_checkpoint(tmp_path / "ct2"), _val(ckpt))
     assert report["greedy_agreement"] < 1
     with pytest.raises(ExportError, match="greedy_agreement = .* on 40 examples"):
         _check(report, "ctranslate2")
@@ -196,7 +197,7 @@ def test_export_options_are_checked(checkpoints, tmp_path):
     export(ckpt, "ctranslate2", tmp_path / "again", check=None)
     export(ckpt, "ctranslate2", tmp_path / "again", check=None)  # an earlier export is replaced
     assert is_export(tmp_path / "again")
-    with pytest.raises(ConfigError, match="scores checkpoints; .* is an exported model"):
+    with pytest.raises(ConfigError, match="scores the splits of checkpoints; .* is an exported model"):
         evaluate(EvaluateConfig(ckpt=str(tmp_path / "again")))
     with pytest.raises(ConfigError, match=r"no_such_engine not installed: pip install 'seq2seq\[deploy\]'"):
         require(("no_such_engine",), "deploy")
