@@ -1,15 +1,17 @@
 """seq2seq: one masked-attention encoder-decoder Transformer for every sequence-to-sequence domain.
 
 The names below are imported on first use, so that `import seq2seq.domain` (what a plugin does, in every encoding
-worker too) loads the contract alone, not Lightning and Hydra. The core's own components (the `token` embedding, the
-`linear` head, the `exact_match` metric) are registered when their registry is first read (`seq2seq.registry`);
-domains add theirs when the config's `plugins:` modules are imported.
+worker too) loads the contract alone, not Lightning and Hydra. Importing the package registers the core's own
+embeddings and heads (`token`, `linear`); its metric (`exact_match`, on torchmetrics) is registered with the config.
+Domains add theirs when the config's `plugins:` modules are imported.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from seq2seq import embeddings, heads  # noqa: F401 - registers the core's embeddings and heads
 
 _HOMES = {
     "Batch": "data", "ConfigError": "errors", "DataError": "errors", "EncoderDecoder": "model",

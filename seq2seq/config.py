@@ -23,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from seq2seq import metrics  # noqa: F401 - registers the core's metric
 from seq2seq.data import LoaderSpec
 from seq2seq.decoding import DecodeSpec
 from seq2seq.errors import ConfigError

@@ -13,7 +13,6 @@ those values never get copied into YAML.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -29,20 +28,11 @@ def _origin(obj: object) -> str:
 
 
 class Registry:
-    """Named constructors of one kind of component (tokenizer, embedding, head, ...). `builtins` names the core
-    module that registers the core's own components of this kind: imported the first time the registry is read,
-    so that `import seq2seq.domain` (a plugin, an encoding worker) does not pay for it."""
+    """Named constructors of one kind of component (tokenizer, embedding, head, ...)."""
 
-    def __init__(self, kind: str, builtins: str | None = None) -> None:
-        self.kind, self._builtins = kind, builtins
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
         self._entries: dict[str, Callable[..., Any]] = {}
-
-    @property
-    def entries(self) -> dict[str, Callable[..., Any]]:
-        if self._builtins is not None:
-            module, self._builtins = self._builtins, None
-            importlib.import_module(module)
-        return self._entries
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(fn: T) -> T:
@@ -58,10 +48,10 @@ class Registry:
         return add
 
     def names(self) -> list[str]:
-        return sorted(self.entries)
+        return sorted(self._entries)
 
     def get(self, name: str) -> Callable[..., Any]:
-        if name not in self.entries:
+        if name not in self._entries:
             raise ConfigError(
                 f"unknown {self.kind} `{name}`.{hint(name, self._entries)} "
                 f"Registered {self.kind}s: {', '.join(self.names()) or '(none)'}. "
@@ -115,7 +105,7 @@ class Registry:
 
 
 TOKENIZERS = Registry("tokenizer")
-EMBEDDINGS = Registry("embedding", builtins="seq2seq.embeddings")
-HEADS = Registry("head", builtins="seq2seq.heads")
+EMBEDDINGS = Registry("embedding")
+HEADS = Registry("head")
 DATASETS = Registry("dataset")
-METRICS = Registry("metric", builtins="seq2seq.metrics")
+METRICS = Registry("metric")
