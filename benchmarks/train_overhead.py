@@ -24,10 +24,11 @@ import torch
 
 from seq2seq.config import compose, resolve_precision
 from seq2seq.module import Seq2SeqModule
-from seq2seq.pipeline import _datamodule, _fit_trainer
 from seq2seq.prepared import obtain
 from seq2seq.registry import DATASETS
 from seq2seq.schedule import configure
+from seq2seq.trainer import datamodule_for
+from seq2seq.training import fit_trainer
 
 
 class StepTimes(L.Callback):
@@ -89,11 +90,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         prepared = obtain(config, DATASETS.build(config.data, "data"), Path(tmp) / "prepared")
         module = Seq2SeqModule(config, prepared.tokenizers)
-        datamodule = _datamodule(config, module, prepared, None)
+        datamodule = datamodule_for(config, module, prepared, None)
         datamodule.setup("fit")
         ours, raw = [], []
         for rep in range(args.reps):
-            trainer = _fit_trainer(config, Path(tmp) / f"run{rep}")
+            trainer = fit_trainer(config, Path(tmp) / f"run{rep}")
             times = StepTimes()
             trainer.callbacks.append(times)
             trainer.fit(module, datamodule=datamodule)

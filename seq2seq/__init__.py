@@ -17,8 +17,8 @@ _HOMES = {
     "Batch": "data", "ConfigError": "errors", "DataError": "errors", "EncoderDecoder": "model",
     "FeatureEncoder": "domain", "ModelSpec": "model", "Reader": "domain", "Rows": "domain",
     "Seq2SeqModule": "module", "Split": "domain", "Tokenizer": "domain", "TrainConfig": "config",
-    "Translator": "translate", "compose": "config", "evaluate": "pipeline", "predict": "pipeline",
-    "prepare": "pipeline", "train": "pipeline", "validate": "config",
+    "Translator": "translate", "compose": "config", "evaluate": "inference", "predict": "inference",
+    "prepare": "training", "train": "training", "validate": "config",
 }
 __all__ = sorted(_HOMES)
 

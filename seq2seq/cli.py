@@ -2,8 +2,8 @@
 average [key=value ...]`, `seq2seq <command> --help`, `seq2seq plugins`.
 
 Hydra composes `conf/<command>.yaml` with the overrides; `config.validate` turns it into the command's typed config;
-`pipeline` does the work. A mistake in the config or the data exits with status 2 and one message saying what to
-change.
+`training` and `inference` do the work. A mistake in the config or the data exits with status 2 and one message
+saying what to change.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ COMMANDS = ("train", "prepare", "backtest", "evaluate", "predict", "translate", 
 
 
 def _command(name: str) -> Callable[..., Any]:
-    """A command's function; `seq2seq.pipeline` (Lightning and the rest) is imported only to run one."""
-    from seq2seq import pipeline
+    """A command's function; the commands' modules (Lightning and the rest) are imported only to run one."""
+    from seq2seq import inference, training
 
-    return getattr(pipeline, name)
+    return getattr(training if name in ("train", "prepare", "backtest") else inference, name)
 
 # Strategies whose launcher re-runs the command line once per extra process (Lightning's subprocess launcher).
 RELAUNCHING = ("ddp", "fsdp", "deepspeed")

@@ -164,7 +164,7 @@ def test_evaluate_rescoring_a_checkpoint_reproduces_its_metrics(reverse_run, tmp
 
 @pytest.mark.slow
 def test_evaluate_scores_other_data_with_the_checkpoints_reader_or_refuses_clearly(reverse_run):
-    from seq2seq.pipeline import evaluate
+    from seq2seq.inference import evaluate
 
     _, _, metrics = reverse_run
     ckpt = f"ckpt={metrics['best_checkpoint']}"

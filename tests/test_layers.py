@@ -89,7 +89,7 @@ def test_plugins_import_the_contract_only():
 
 
 @pytest.mark.parametrize(("source", "arrow"), [
-    ("from seq2seq.pipeline import train\n", "domain (2) -> pipeline (11)"),
+    ("from seq2seq.training import train\n", "domain (2) -> training (11)"),
     ("def hook():\n    from seq2seq.translate import Translator\n", "domain (2) -> translate (9)"),
     ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from seq2seq import config\n",
      "domain (2) -> config (6)"),
@@ -104,5 +104,5 @@ def test_an_upward_import_anywhere_in_a_file_is_found(tmp_path, source, arrow):
 
 
 def test_the_layer_list_reads_every_numbered_line():
-    assert LAYERS["errors"] == 1 and LAYERS["pipeline"] == 11 and LAYERS["export.onnx"] == 9
+    assert LAYERS["errors"] == 1 and LAYERS["training"] == 11 and LAYERS["export.onnx"] == 9
     assert max(LAYERS.values()) == 12

@@ -7,7 +7,7 @@ import sacrebleu
 
 from seq2seq import Translator, compose
 from seq2seq.errors import ConfigError, DataError
-from seq2seq.pipeline import evaluate
+from seq2seq.inference import evaluate
 
 
 def _files(folder, sources, references):

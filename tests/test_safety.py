@@ -13,8 +13,9 @@ from conftest import TINY_TEXT, text_corpus
 from seq2seq import compose, plugins
 from seq2seq.checkpoints import refuse_reuse
 from seq2seq.errors import ConfigError
+from seq2seq.inference import average, evaluate, export, predict, translate
 from seq2seq.module import Seq2SeqModule
-from seq2seq.pipeline import average, evaluate, export, predict, prepare, translate
+from seq2seq.training import prepare
 
 USER = "a user's notes\n"
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from seq2seq import Translator, compose, pipeline, serve
+from seq2seq import Translator, compose, inference, serve
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.guides import Term
 from seq2seq.serve import Batcher, Limits, background, create_app
@@ -84,7 +84,7 @@ def test_translate_and_evaluate_refuse_such_a_term_before_decoding(trained, tmp_
     extra = [f"input={tmp_path / 'in.txt'}", f"output={tmp_path / 'out.txt'}"] if command == "translate" else []
     config = compose([f"ckpt={ckpt}", f"glossary={tmp_path / 'terms.tsv'}", *extra], command=command)
     with pytest.raises(DataError, match=r"^glossary term 2 \('4' -> '4 x'\): .*symbol 'x'"):
-        getattr(pipeline, command)(config)
+        getattr(inference, command)(config)
     assert not (tmp_path / "out.txt").exists()
 
 

@@ -10,8 +10,8 @@ from seq2seq.config import TrainerSpec, resolve_precision
 from seq2seq.data import IGNORE_INDEX, Batch
 from seq2seq.model import Dropout
 from seq2seq.module import sequence_loss
-from seq2seq.pipeline import _trainer
 from seq2seq.testing import random_batch, tiny_model
+from seq2seq.trainer import build_trainer
 
 
 def _cpu(monkeypatch, avx512_bf16: bool, amx: bool) -> None:
@@ -44,8 +44,8 @@ def test_auto_precision_on_a_gpu_takes_bf16_from_ampere_on(monkeypatch, native):
 def test_the_trainer_runs_in_the_chosen_precision_and_logs_why(monkeypatch, tmp_path, caplog):
     _cpu(monkeypatch, avx512_bf16=False, amx=True)
     with caplog.at_level(logging.INFO, logger="seq2seq"):
-        assert _trainer(TrainerSpec(), tmp_path, [], False).precision == "bf16-mixed"
-        assert _trainer(TrainerSpec(precision="32-true"), tmp_path, [], False).precision == "32-true"
+        assert build_trainer(TrainerSpec(), tmp_path, [], False).precision == "bf16-mixed"
+        assert build_trainer(TrainerSpec(precision="32-true"), tmp_path, [], False).precision == "32-true"
     assert "precision bf16-mixed (auto: the device computes bf16 faster than fp32" in caplog.text
     assert "precision 32-true (trainer.precision)" in caplog.text
 

@@ -66,7 +66,7 @@ def test_translate_reads_stdin_and_prints_translations_from_the_checkpoint_alone
 
 
 def test_evaluate_scores_another_file_with_the_checkpoints_reader_and_column_names(tiny_run):
-    from seq2seq.pipeline import evaluate
+    from seq2seq.inference import evaluate
 
     tmp, _, metrics, pairs = tiny_run
     other = pairs.rename(columns={"ko": "source", "en": "target"})[["source", "target"]]
@@ -86,7 +86,7 @@ def _new_word(reference: str, others: list[str]) -> str:
 
 
 def test_prefixes_and_glossary_terms_steer_translate_and_evaluate_reports_term_usage(tiny_run):
-    from seq2seq.pipeline import evaluate
+    from seq2seq.inference import evaluate
 
     tmp, module, metrics, pairs = tiny_run
     sources, references = list(pairs["ko"][:4]), list(pairs["en"][:4])
@@ -120,7 +120,7 @@ def test_prefixes_and_glossary_terms_steer_translate_and_evaluate_reports_term_u
 
 
 def test_an_ensemble_of_checkpoints_translates_and_evaluates_as_one_model(tiny_run, tmp_path):
-    from seq2seq.pipeline import evaluate
+    from seq2seq.inference import evaluate
     from seq2seq.testing import _fit, build
 
     tmp, _, metrics, pairs = tiny_run

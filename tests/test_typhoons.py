@@ -19,7 +19,7 @@ from seq2seq.errors import ConfigError, DataError
 from seq2seq.heads import LinearHead
 from seq2seq.model import EncoderDecoder, ModelSpec
 from seq2seq.module import Seq2SeqModule, token_weights
-from seq2seq.pipeline import fold_years
+from seq2seq.training import fold_years
 from seq2seq_plugins.series import LabelTokenizer, SeriesWindows, Standardizer, ValueEmbedding
 from seq2seq_plugins.series.build_typhoons import activity, formations, labels
 from seq2seq_plugins.series.report import bootstrap_bss, ece, fit_calibration
@@ -312,7 +312,7 @@ def test_backtest_trains_each_fold_on_the_years_before_its_block_and_pools_the_b
     config = compose(["experiment=typhoon_onset", f"data.path={path}", "data.features=[t,active]",
                       "data.val_from=2006", "data.test_from=2008", "folds=2", "trainer.max_epochs=1",
                       "trainer.limit_train_batches=3", "trainer.enable_progress_bar=false"], command="backtest")
-    from seq2seq.pipeline import backtest
+    from seq2seq.training import backtest
 
     results = backtest(config, tmp_path / "bt")
     assert [(f["val_from"], f["test_from"], f["test_to"]) for f in results["folds"]] == [(2006, 2008, 2010),
@@ -332,7 +332,7 @@ def test_backtest_trains_each_fold_on_the_years_before_its_block_and_pools_the_b
 
 
 def test_backtest_refuses_a_reader_that_does_not_split_by_year(tmp_path):
-    from seq2seq.pipeline import backtest
+    from seq2seq.training import backtest
 
     config = compose(["experiment=reverse", "folds=2"], command="backtest")
     with pytest.raises(ConfigError, match="does not split by year"):
