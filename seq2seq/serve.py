@@ -63,6 +63,7 @@ class _Job:
     n_best: int
     guides: list[Guide] | None
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    released: bool = False  # its sources no longer count as queued
 
 
 class Batcher:
@@ -81,13 +82,20 @@ class Batcher:
             return None
         job = _Job(sources, beam, n_best, guides)
         self.queued += len(sources)
+        job.done.add_done_callback(lambda done: self._release(job) if done.cancelled() else None)
         self.queue.put_nowait(job)
         return job.done
+
+    def _release(self, job: _Job) -> None:
+        """The job's sources leave the queue count: decoded, failed, or abandoned by its client (at once)."""
+        if not job.released:
+            job.released = True
+            self.queued -= len(job.sources)
 
     async def _next(self) -> _Job:
         """The next queued job whose client still waits for it (a cancelled one leaves the queue here)."""
         while (job := await self.queue.get()).done.cancelled():
-            self.queued -= len(job.sources)
+            pass
         return job
 
     async def _gather(self) -> list[_Job]:
@@ -119,7 +127,13 @@ class Batcher:
         if any(job.guides for job in group):
             guides = [g for job in group for g in (job.guides or [Guide()] * len(job.sources))]
         try:
-            outputs = await asyncio.to_thread(self._decode, group[0].beam, group[0].n_best, sources, guides)
+            outputs = []  # in chunks of at most max_batch sources: work whose clients all left stops between them
+            for at in range(0, len(sources), self.limits.max_batch):
+                if all(job.done.cancelled() for job in group):
+                    return
+                chunk = slice(at, at + self.limits.max_batch)
+                outputs += await asyncio.to_thread(self._decode, group[0].beam, group[0].n_best, sources[chunk],
+                                                   guides[chunk] if guides else None)
         except Exception as err:
             if len(group) > 1:
                 log.warning("decoding a batch of %d requests failed (%s); decoding them one by one", len(group),
@@ -148,7 +162,8 @@ class Batcher:
                     if group:
                         await self._decode_group(group)
                 finally:
-                    self.queued -= sum(len(job.sources) for job in grouped)
+                    for job in grouped:
+                        self._release(job)
 
 
 def _text_problem(data: dict, limits: Limits) -> tuple[int, str] | None:

@@ -268,13 +268,18 @@ def test_a_full_queue_answers_503_with_retry_after_then_recovers(trained, monkey
 def test_the_work_of_a_client_that_disconnected_is_dropped(trained, monkeypatch):
     _, translator = trained
     decoded = []
-    _slow(monkeypatch, 1.0, decoded)
+    _slow(monkeypatch, 2.0, decoded)
     with background(translator, Limits(max_batch=2, max_wait_ms=0)) as (_, url):
         first = threading.Thread(target=lambda: httpx.post(f"{url}/translate", json={"text": ["1 2 3"]}, timeout=60))
-        first.start()  # occupies the decoder for a second
+        first.start()  # occupies the decoder for two seconds
         time.sleep(0.3)
         with pytest.raises(httpx.ReadTimeout):  # this client gives up while its request waits in the queue
             httpx.post(f"{url}/translate", json={"text": ["4 5 6 7"]}, timeout=0.3)
+        for _ in range(50):  # its sources leave the count at once, while the first request still decodes
+            if (queued := httpx.get(f"{url}/health").json()["queued"]) == 1:
+                break
+            time.sleep(0.02)
+        assert queued == 1 and first.is_alive()
         first.join()
         time.sleep(0.5)
         assert httpx.post(f"{url}/translate", json={"text": ["8 9"]}, timeout=60).status_code == 200
@@ -292,3 +297,15 @@ def test_an_address_that_cannot_be_served_is_refused_before_serving(trained):
             serve.run(translator, Limits(), "127.0.0.1", port)
     with pytest.raises(ConfigError, match=r"`host=no-such-host.invalid` cannot be resolved"):
         serve.run(translator, Limits(), "no-such-host.invalid", 0)
+
+
+def test_a_request_larger_than_a_batch_is_decoded_in_batches_and_stops_when_its_client_leaves(trained, monkeypatch):
+    _, translator = trained
+    decoded = []
+    _slow(monkeypatch, 0.5, decoded)
+    with background(translator, Limits(max_batch=2, max_wait_ms=0)) as (_, url):
+        with pytest.raises(httpx.ReadTimeout):  # six sources, three batches of two; the client leaves in the first
+            httpx.post(f"{url}/translate", json={"text": SOURCES}, timeout=0.3)
+        time.sleep(1.5)
+        assert httpx.get(f"{url}/health").json()["queued"] == 0
+    assert decoded == SOURCES[:2]  # the batch under way finished; the other two were never started
