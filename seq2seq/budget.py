@@ -32,7 +32,8 @@ log = logging.getLogger("seq2seq")
 
 MEASURE = 5  # steps before the pace is measured (the first ones warm caches, allocators and compiled graphs)
 WINDOW = 20  # steps the pace is measured over
-CHECK = 10  # once planned, the pace is measured again every CHECK steps: a run falling behind plans fewer steps
+CHECK = 10  # once planned, the pace is measured again every CHECK steps: a run falling behind plans fewer steps,
+SLACK = 0.01  # when it is more than this share of its planned steps behind
 UNMEASURED_RESERVE = 0.1  # the share of the budget kept for scoring when no validation batch was timed
 
 
@@ -126,7 +127,7 @@ class BudgetPlanner(L.Callback):
             pace = (now - self._mark[1] - (self._validating - self._mark[2])) / (step - self._mark[0])
             # rank 0's clock decides for every rank
             decision = Plan(**trainer.strategy.broadcast(self._decide(trainer, module, pace)))
-            if self.plan is None or decision.total_steps < self.plan.total_steps:  # planned, or running late
+            if self.plan is None or decision.total_steps < self.plan.total_steps - SLACK * self.plan.total_steps:
                 late = self.plan is not None
                 self.plan = decision
                 self._apply(trainer, module)
