@@ -16,7 +16,7 @@ from seq2seq import embeddings, heads  # noqa: F401 - registers the core's embed
 _HOMES = {
     "Batch": "data", "ConfigError": "errors", "DataError": "errors", "EncoderDecoder": "model",
     "FeatureEncoder": "domain", "ModelSpec": "model", "Reader": "domain", "Rows": "domain",
-    "Seq2SeqModule": "module", "Split": "domain", "Tokenizer": "domain", "TrainConfig": "config",
+    "Seq2SeqModule": "module", "Split": "domain", "Tokenizer": "domain", "TrainConfig": "schemas",
     "Translator": "translate", "compose": "config", "evaluate": "inference", "predict": "inference",
     "prepare": "training", "train": "training", "validate": "config",
 }

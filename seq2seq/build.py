@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from seq2seq.config import TrainConfig
 from seq2seq.domain import Encoder, Tokenizer
 from seq2seq.embeddings import TokenEmbedding
 from seq2seq.errors import ConfigError
 from seq2seq.heads import TiedHead
 from seq2seq.model import EncoderDecoder
 from seq2seq.registry import DATASETS, EMBEDDINGS, HEADS, METRICS, TOKENIZERS
+from seq2seq.schemas import TrainConfig
 
 
 def fit_encoders(config: TrainConfig, train_pairs: list[tuple[Any, Any]]) -> tuple[Encoder, Encoder | None]:

@@ -24,9 +24,10 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from seq2seq.checkpoints import InterruptCheckpoint, claim_run_dir, refuse_reuse
-from seq2seq.config import TrainConfig, help_text, prepare_overrides, validate
+from seq2seq.config import help_text, prepare_overrides, validate
 from seq2seq.errors import ConfigError, DataError, ExportError
 from seq2seq.plugins import listing, searchpath_override
+from seq2seq.schemas import TrainConfig
 
 COMMANDS = ("train", "prepare", "backtest", "evaluate", "predict", "translate", "export", "serve", "average")
 

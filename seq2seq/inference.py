@@ -20,15 +20,6 @@ from seq2seq.checkpoints import (
     average_checkpoints,
     is_checkpoint,
 )
-from seq2seq.config import (
-    AverageConfig,
-    EvaluateConfig,
-    ExportConfig,
-    InferenceConfig,
-    PredictConfig,
-    ServeConfig,
-    TranslateConfig,
-)
 from seq2seq.domain import Reader
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.export import is_export, require
@@ -47,6 +38,15 @@ from seq2seq.outputs import (
 from seq2seq.prepared import prepare_dataset
 from seq2seq.references import read_pairs, score_files
 from seq2seq.registry import DATASETS, METRICS
+from seq2seq.schemas import (
+    AverageConfig,
+    EvaluateConfig,
+    ExportConfig,
+    InferenceConfig,
+    PredictConfig,
+    ServeConfig,
+    TranslateConfig,
+)
 from seq2seq.trainer import build_trainer, datamodule_for, first_scores, metric_signatures, write_metrics
 from seq2seq.translate import Translator
 

@@ -24,7 +24,7 @@ from torchmetrics import MetricCollection
 
 from seq2seq.build import build_model, component_modules, load_tokenizers
 from seq2seq.checkpoints import read_checkpoint
-from seq2seq.config import TrainConfig, load_train_config
+from seq2seq.config import load_train_config
 from seq2seq.data import IGNORE_INDEX, Batch, epoch_position
 from seq2seq.decoding import Decoder, strip
 from seq2seq.domain import Tokenizer
@@ -34,6 +34,7 @@ from seq2seq.plugins import import_recorded, plugin_versions
 from seq2seq.registry import METRICS
 from seq2seq.schedule import configure
 from seq2seq.schema import to_data
+from seq2seq.schemas import TrainConfig
 
 log = logging.getLogger(__name__)
 

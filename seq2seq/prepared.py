@@ -43,13 +43,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from seq2seq.build import fit_tokenizers, load_tokenizers
-from seq2seq.config import TrainConfig
 from seq2seq.domain import Encoder, Reader, Rows, Tokenizer
 from seq2seq.errors import DataError
 from seq2seq.outputs import check_folder, read_json, refuse_inputs, replace_folder, storage
 from seq2seq.plugins import import_plugins
 from seq2seq.registry import DATASETS, TOKENIZERS
 from seq2seq.schema import to_data
+from seq2seq.schemas import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from seq2seq.build import fit_encoders, fit_tokenizers
-from seq2seq.config import TrainConfig, compose
+from seq2seq.config import compose
 from seq2seq.data import Batch, Collate
 from seq2seq.decoding import beam_search, greedy
 from seq2seq.domain import Encoder, Tokenizer
@@ -43,6 +43,7 @@ from seq2seq.heads import LinearHead
 from seq2seq.model import EncoderDecoder, ModelSpec
 from seq2seq.module import Seq2SeqModule
 from seq2seq.registry import DATASETS, TOKENIZERS
+from seq2seq.schemas import TrainConfig
 from seq2seq.translate import Translator
 
 VOCAB = 23  # vocabulary of the random models; ids 0 pad, 1 bos, 2 eos

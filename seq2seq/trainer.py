@@ -21,11 +21,7 @@ from torch import Tensor
 from seq2seq.checkpoints import (
     AtomicCheckpointIO,
 )
-from seq2seq.config import (
-    TrainConfig,
-    TrainerSpec,
-    resolve_precision,
-)
+from seq2seq.config import resolve_precision
 from seq2seq.data import Collate
 from seq2seq.datamodule import Seq2SeqDataModule
 from seq2seq.metrics import signatures
@@ -35,6 +31,7 @@ from seq2seq.outputs import (
 )
 from seq2seq.prepared import Prepared
 from seq2seq.schema import to_data
+from seq2seq.schemas import TrainConfig, TrainerSpec
 
 log = logging.getLogger("seq2seq")
 # Lightning advertises its cloud services on every Trainer it builds; this project's runs have no use for them.

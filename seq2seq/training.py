@@ -34,11 +34,6 @@ from seq2seq.checkpoints import (
     resume_point,
     weights_checkpoint,
 )
-from seq2seq.config import (
-    BacktestConfig,
-    PrepareConfig,
-    TrainConfig,
-)
 from seq2seq.datamodule import Seq2SeqDataModule
 from seq2seq.domain import Reader
 from seq2seq.errors import ConfigError
@@ -46,6 +41,7 @@ from seq2seq.module import Seq2SeqModule
 from seq2seq.prepared import Prepared, obtain
 from seq2seq.registry import DATASETS
 from seq2seq.schema import to_data
+from seq2seq.schemas import BacktestConfig, PrepareConfig, TrainConfig
 from seq2seq.trainer import (
     CompileLog,
     EMAWeights,

@@ -7,10 +7,10 @@ import torch
 
 from seq2seq import compose, train
 from seq2seq.checkpoints import average_checkpoints
-from seq2seq.config import AverageConfig, EvaluateConfig
 from seq2seq.errors import ConfigError
 from seq2seq.inference import average, evaluate
 from seq2seq.module import Seq2SeqModule
+from seq2seq.schemas import AverageConfig, EvaluateConfig
 from seq2seq.testing import build
 
 BASE = ["experiment=reverse", "model=tiny", "model.dropout=0.1", "data.n_train=384", "data.n_val=32",

@@ -6,10 +6,11 @@ from importlib import resources
 import pytest
 
 from seq2seq.build import fit_tokenizers
-from seq2seq.config import TrainConfig, compose, help_text, prepare_overrides
+from seq2seq.config import compose, help_text, prepare_overrides
 from seq2seq.errors import ConfigError
 from seq2seq.module import Seq2SeqModule
 from seq2seq.registry import DATASETS
+from seq2seq.schemas import TrainConfig
 from seq2seq.translate import Translator
 
 
@@ -160,9 +161,14 @@ def test_every_mistake_of_a_config_is_reported_at_once_naming_key_value_and_acce
         assert expected in message
 
 
-def test_an_option_of_another_command_is_refused_by_train_naming_the_command():
-    with pytest.raises(ConfigError, match=r"`beam` is an option of `seq2seq translate`.*`decode\.\*`"):
+def test_an_option_of_another_command_is_refused_naming_every_command_that_has_it():
+    with pytest.raises(ConfigError, match=r"`beam` is an option of `seq2seq evaluate, predict, translate and serve`, "
+                                          r"not of `seq2seq train`; validation decoding follows `decode\.\*`"):
         prepare_overrides(["beam=5"])
+    with pytest.raises(ConfigError, match=r"`folds` is an option of `seq2seq backtest`, not of `seq2seq evaluate`"):
+        prepare_overrides(["folds=3"], "evaluate")
+    with pytest.raises(ConfigError, match=r"`force` is an option of `seq2seq .*`, not of `seq2seq serve`"):
+        prepare_overrides(["force=true"], "serve")
 
 
 def test_each_command_has_its_own_schema_with_required_keys():
@@ -196,10 +202,10 @@ def _restated(block: dict, defaults: dict, where: str) -> list[str]:
 
 
 def test_no_yaml_value_restates_the_default_it_overrides():
-    from seq2seq.config import SCHEMAS
     from seq2seq.plugins import import_announced
     from seq2seq.registry import EMBEDDINGS, HEADS, TOKENIZERS
     from seq2seq.schema import to_data
+    from seq2seq.schemas import SCHEMAS
 
     import_announced()
     schema = to_data(SCHEMAS["train"]())

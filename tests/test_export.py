@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from seq2seq import ConfigError, Translator, evaluate
-from seq2seq.config import EvaluateConfig
 from seq2seq.errors import ExportError
 from seq2seq.export import is_export, require
 from seq2seq.export.ctranslate2 import convert
 from seq2seq.exporting import _check, export, parity
 from seq2seq.registry import DATASETS
+from seq2seq.schemas import EvaluateConfig
 from seq2seq.testing import _fit, build
 
 VARIANTS = {"post-sinusoidal": ["model.norm_first=false", "model.positions=sinusoidal"],

@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from seq2seq.config import TrainerSpec, resolve_precision
+from seq2seq.config import resolve_precision
 from seq2seq.data import IGNORE_INDEX, Batch
 from seq2seq.model import Dropout
 from seq2seq.module import sequence_loss
+from seq2seq.schemas import TrainerSpec
 from seq2seq.testing import random_batch, tiny_model
 from seq2seq.trainer import build_trainer
 
