@@ -155,7 +155,7 @@ def fast_bf16(accelerator: str) -> bool:
     if accelerator not in ("cpu", "auto"):
         return False  # mps, tpu, ...: the precision is the user's to choose
     # Only AMX's tile units make bf16 matmuls faster than fp32: AVX512-BF16 alone computes them at about half the
-    # fp32 speed (the README's precision section has the figures). torch.cpu's feature query is private.
+    # fp32 speed (docs/configuration.md, "Precision", has the figures). torch.cpu's feature query is private.
     query = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return query is not None and query()
 

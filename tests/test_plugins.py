@@ -64,14 +64,14 @@ def test_checkpoints_record_plugin_versions_and_warn_when_they_changed(tmp_path,
     assert "was seq2seq 0.0.1 when the checkpoint was written" in caplog.text
 
 
-def test_the_reader_hooks_the_readme_documents_have_the_codes_signatures():
+def test_the_reader_hooks_the_plugin_guide_documents_have_the_codes_signatures():
     import inspect
     import re
     from pathlib import Path
 
     from seq2seq.domain import Reader
 
-    text = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    text = " ".join((Path(__file__).parents[1] / "docs" / "plugins.md").read_text().split())
     documented = {name: [a.strip() for a in args.split(",") if a.strip()]
                   for name, args in re.findall(r"`(\w+)\(([\w, ]*)\)", text) if callable(getattr(Reader, name, None))}
     assert {"report", "write_predictions", "plot_attention", "write_sample", "target_length"} <= set(documented)
