@@ -175,7 +175,9 @@ def check_contracts(overrides: list[str], atol: float = 1e-5) -> None:
     assert torch.equal(cached.tokens, plain.tokens), "cached beam search differs from uncached"
 
 
-def _fit(module: Seq2SeqModule, pairs: list[tuple[Any, Any]], steps: int, root: Path) -> L.Trainer:
+def fit(module: Seq2SeqModule, pairs: list[tuple[Any, Any]], steps: int, root: Path) -> L.Trainer:
+    """Train `module` for `steps` full-batch steps on `pairs` with a plain Lightning Trainer (no checkpoints, no
+    logs); the trainer is returned, so its `save_checkpoint` writes what `Seq2SeqModule.from_checkpoint` loads."""
     examples = [(module.src_tok.encode(s), module.tgt_tok.encode(t)) for s, t in pairs]
     loader = DataLoader(examples, batch_size=len(examples), shuffle=True,  # type: ignore[arg-type]
                         collate_fn=Collate.for_tokenizers(module.src_tok, module.tgt_tok))
@@ -228,7 +230,7 @@ def check_checkpoint(overrides: list[str], tmp_path: Path) -> None:
     """A Lightning checkpoint (after one training step) loads with `weights_only=True`, in a fresh Python process
     that has imported nothing else, into a module with equal weights and equal predictions."""
     module, pairs = build(overrides)
-    trainer = _fit(module, pairs, 1, tmp_path)
+    trainer = fit(module, pairs, 1, tmp_path)
     path = tmp_path / "kit.ckpt"
     trainer.save_checkpoint(path)
     sources = [s for s, _ in pairs]
@@ -254,7 +256,7 @@ def check_export(overrides: list[str], tmp_path: Path, n_pairs: int = 8) -> None
     from seq2seq.exporting import export
 
     module, pairs = build(overrides, n_pairs)
-    _fit(module, pairs, 5, tmp_path).save_checkpoint(tmp_path / "kit.ckpt")
+    fit(module, pairs, 5, tmp_path).save_checkpoint(tmp_path / "kit.ckpt")
     formats = ["onnx"] + (["ctranslate2"] if isinstance(module.src_tok, Tokenizer) else [])
     for fmt in formats:
         report = export(tmp_path / "kit.ckpt", fmt, tmp_path / fmt, check="train", check_limit=n_pairs)["parity"]
@@ -273,7 +275,7 @@ def check_must_learn(overrides: list[str], tmp_path: Path, n_examples: int = 16,
     steps) reproduces at least `min_exact_match` of their targets; returns the share it reproduces."""
     module, pairs = build([*overrides, "optim.schedule=constant", "optim.lr=3e-3", "optim.warmup_steps=20",
                            "optim.label_smoothing=0.0"], n_examples)
-    _fit(module, pairs, steps, tmp_path)
+    fit(module, pairs, steps, tmp_path)
     wanted = [module.tgt_tok.decode(module.tgt_tok.encode(t).tolist()) for _, t in pairs]
     got = Translator(module).translate([s for s, _ in pairs])
     share = sum(g == w for g, w in zip(got, wanted, strict=True)) / len(pairs)

@@ -54,7 +54,7 @@ def test_the_listing_names_a_plugin_that_fails_to_import_in_one_line_and_lists_t
 def test_checkpoints_record_plugin_versions_and_warn_when_they_changed(tmp_path, caplog):
     module, pairs = testing.build(["experiment=reverse", "model=tiny"])
     path = tmp_path / "one-step.ckpt"
-    testing._fit(module, pairs, 1, tmp_path).save_checkpoint(path)
+    testing.fit(module, pairs, 1, tmp_path).save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["seq2seq"]["plugins"] == plugin_versions(["seq2seq_plugins.synthetic"])
     ckpt["seq2seq"]["plugins"]["seq2seq_plugins.synthetic"] = "seq2seq 0.0.1"

@@ -15,7 +15,7 @@ from seq2seq import Translator, compose, inference, serve
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.guides import Term
 from seq2seq.serve import Batcher, Limits, background, create_app
-from seq2seq.testing import _fit, build
+from seq2seq.testing import build, fit
 
 SOURCES = ["1 2 3", "4 5 6 7", "8 9", "3 1 4 1 5", "2 7 1 8 2 8", "9 9 9"]
 
@@ -24,7 +24,7 @@ SOURCES = ["1 2 3", "4 5 6 7", "8 9", "3 1 4 1 5", "2 7 1 8 2 8", "9 9 9"]
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     module, pairs = build(["experiment=reverse", "model.d_model=32", "model.d_ff=64"], 64)
-    _fit(module, pairs, 30, root).save_checkpoint(root / "model.ckpt")
+    fit(module, pairs, 30, root).save_checkpoint(root / "model.ckpt")
     return root / "model.ckpt", Translator(module)
 
 

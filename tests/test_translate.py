@@ -121,7 +121,7 @@ def test_prefixes_and_glossary_terms_steer_translate_and_evaluate_reports_term_u
 
 def test_an_ensemble_of_checkpoints_translates_and_evaluates_as_one_model(tiny_run, tmp_path):
     from seq2seq.inference import evaluate
-    from seq2seq.testing import _fit, build
+    from seq2seq.testing import build, fit
 
     tmp, _, metrics, pairs = tiny_run
     sources = list(pairs["ko"][:6])
@@ -135,6 +135,6 @@ def test_an_ensemble_of_checkpoints_translates_and_evaluates_as_one_model(tiny_r
     assert scores["test/bleu"] > 80 and scores["test/loss"] != alone["test/loss"]  # the ensemble was scored
 
     other, other_pairs = build(["experiment=reverse", "model.d_model=32", "model.d_ff=64"], 8)  # another vocabulary
-    _fit(other, other_pairs, 1, tmp_path).save_checkpoint(tmp_path / "reverse.ckpt")
+    fit(other, other_pairs, 1, tmp_path).save_checkpoint(tmp_path / "reverse.ckpt")
     with pytest.raises(ConfigError, match="different fitted tokenizers"):
         Translator.ensemble([best, tmp_path / "reverse.ckpt"])
