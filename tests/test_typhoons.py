@@ -284,9 +284,8 @@ def test_predict_with_covariates_end_to_end(tmp_path):
     # alerts at the validation years' CSI-best threshold
     ordered = forecast.sort_values("probability_raw")
     assert ordered["probability"].is_monotonic_increasing and forecast["probability_raw"].between(0, 1).all()
-    assert set(forecast["alert"]) <= {0, 1}
-    alerted, quiet = (forecast.loc[forecast["alert"] == a, "probability"] for a in (1, 0))
-    assert alerted.empty or quiet.empty or alerted.min() > quiet.max()
+    assert forecast["threshold"].nunique() == 1 and 0 < forecast["threshold"].iloc[0] < 1
+    assert (forecast["alert"] == (forecast["probability"] >= forecast["threshold"]).astype(int)).all()
     meta = json.loads((tmp_path / "forecast.csv.json").read_text())
     assert meta["checkpoint"].endswith("last.ckpt")
 

@@ -297,8 +297,8 @@ def stamp(t: pd.Timestamp) -> str:
 def write_predictions(translator: Decodes, windows: list, out: TextIO, val: Split | None = None,
                       calibration: str = "none") -> int:
     """CSV: [series,] window_end, lead_step, date, probability (of the positive label), label (the decoded label),
-    and with the validation windows `val`: probability_raw (the model's own, when `calibration` maps it) and alert
-    (1 where the probability reaches the threshold that maximized CSI on the validation windows)."""
+    and with the validation windows `val`: probability_raw (the model's own, when `calibration` maps it), threshold
+    (the one that maximized CSI on the validation windows) and alert (1 where the probability reaches it)."""
     probs = model_probabilities(translator, windows)
     labels = translator.translate(windows)
     named = any(w.series for w in windows)
@@ -311,8 +311,9 @@ def write_predictions(translator: Decodes, windows: list, out: TextIO, val: Spli
             probs, val_p = calibrate(probs), calibrate(val_p)
             extra.append(raw)
             columns.append("probability_raw")
-        extra.append((probs >= best_threshold(val_p, val_y)).astype(int))
-        columns.append("alert")
+        threshold = best_threshold(val_p, val_y)
+        extra += [np.full(probs.shape, threshold), (probs >= threshold).astype(int)]
+        columns += ["threshold", "alert"]
     rows = csv.writer(out)
     rows.writerow(["series"] * named + ["window_end", "lead_step", "date", "probability", "label", *columns])
     for i, (w, p, decoded) in enumerate(zip(windows, probs, labels, strict=True)):
