@@ -40,6 +40,7 @@ from fastapi.responses import JSONResponse
 
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.guides import Guide, Term, matching_terms
+from seq2seq.schemas import ServeConfig
 from seq2seq.translate import Translator
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Limits:
-    max_batch: int = 32
-    max_wait_ms: float = 5.0
-    max_inputs: int = 64
-    max_chars: int = 2000
-    max_body: int = 1_000_000  # bytes
-    max_queue: int = 256  # sources waiting, beyond which requests get 503
-    max_work: int = 512  # sources × beam × n_best in one request
+    """The server's limits; their defaults and meaning are `ServeConfig`'s (`seq2seq serve --help`)."""
+
+    max_batch: int = ServeConfig.max_batch
+    max_wait_ms: float = ServeConfig.max_wait_ms
+    max_inputs: int = ServeConfig.max_inputs
+    max_chars: int = ServeConfig.max_chars
+    max_body: int = ServeConfig.max_body
+    max_queue: int = ServeConfig.max_queue
+    max_work: int = ServeConfig.max_work
 
 
 @dataclass
