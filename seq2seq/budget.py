@@ -93,8 +93,8 @@ class BudgetPlanner(L.Callback):
         self.budget, self.run_dir, self.candidates = seconds(max_time), run_dir, candidates
         self.plan: Plan | None = None
         self._started = self._sanity = self._sanity_time = self._batch_start = self._validation_start = None
-        self._mark: tuple[int, float, float] | None = None
-        self._bound: int | None = None  # (step, clock, time spent validating) at the mark
+        self._mark: tuple[int, float, float] | None = None  # (step, clock, time spent validating) at the mark
+        self._bound: int | None = None  # the run's own step bound
         self._validating = 0.0
 
     def on_sanity_check_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
