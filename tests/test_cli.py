@@ -79,6 +79,9 @@ def test_max_steps_that_ends_mid_epoch_with_early_stopping_finishes_the_run(tmp_
     (["train", "experiment=translate_ko_en", "data.path=missing.tsv"], "missing.tsv: no such file"),
     pytest.param(["translate", "ckpt=truncated.ckpt"], "`ckpt=truncated.ckpt` is not a readable checkpoint",
                  marks=pytest.mark.slow),
+    # found in the data, after preparing it but before training: no interrupted.ckpt, no run directory left
+    pytest.param(["train", "experiment=reverse", "loader.max_tokens=1", "data.n_train=64", "data.n_val=8",
+                  "data.n_test=8"], "`loader.max_tokens` (1) is below the longest example", marks=pytest.mark.slow),
 ])
 def test_mistakes_exit_2_with_one_line_and_leave_no_run_directory(args, message, tmp_path):
     (tmp_path / "truncated.ckpt").write_bytes(b"PK\x03\x04 cut short")
