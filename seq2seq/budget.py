@@ -95,6 +95,7 @@ class BudgetPlanner(L.Callback):
         self._started = self._sanity = self._sanity_time = self._batch_start = self._validation_start = None
         self._mark: tuple[int, float, float] | None = None  # (step, clock, time spent validating) at the mark
         self._bound: int | None = None  # the run's own step bound
+        self._scored: tuple[int, int] | None = None  # validation and test batches
         self._validating = 0.0
 
     def on_sanity_check_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -143,11 +144,12 @@ class BudgetPlanner(L.Callback):
         every = trainer.check_val_every_n_epoch
         steps_per_validation = (int(batches * every) if trainer.val_check_interval == 1.0 and math.isfinite(batches)
                                 else None)
-        datamodule = trainer.datamodule
-        test = datamodule.test_dataloader() if "test" in datamodule.examples else []
+        if self._scored is None:  # the batches final scoring decodes: counted once
+            datamodule = trainer.datamodule
+            test = len(datamodule.test_dataloader()) if "test" in datamodule.examples else 0
+            self._scored = (int(sum(trainer.num_val_batches)) if trainer.num_val_batches else 0, test)
         costs = Costs(self.budget, time.monotonic() - self._started, trainer.global_step, pace, self._sanity_time,
-                      int(sum(trainer.num_val_batches)) if trainer.num_val_batches else 0, len(test),
-                      steps_per_validation, self.candidates)
+                      *self._scored, steps_per_validation, self.candidates)
         total, reserve = plan_steps(costs)
         total = min(total, self._bound or total)
         validations = (list(range(steps_per_validation, total + 1, steps_per_validation))
