@@ -1,5 +1,5 @@
 """The command line: `seq2seq train | prepare | backtest | evaluate | predict | translate | export | serve |
-average [key=value ...]`, `seq2seq <command> --help`, `seq2seq plugins`.
+average | import [key=value ...]`, `seq2seq <command> --help`, `seq2seq plugins`.
 
 Hydra composes `conf/<command>.yaml` with the overrides; `config.validate` turns it into the command's typed config;
 `training` and `inference` do the work. A mistake in the config or the data exits with status 2 and one message
@@ -29,11 +29,16 @@ from seq2seq.errors import ConfigError, DataError, ExportError
 from seq2seq.plugins import listing, searchpath_override
 from seq2seq.schemas import TrainConfig
 
-COMMANDS = ("train", "prepare", "backtest", "evaluate", "predict", "translate", "export", "serve", "average")
+COMMANDS = ("train", "prepare", "backtest", "evaluate", "predict", "translate", "export", "serve", "average",
+            "import")
 
 
 def _command(name: str) -> Callable[..., Any]:
     """A command's function; the commands' modules (Lightning and the rest) are imported only to run one."""
+    if name == "import":
+        from seq2seq.importing import import_model
+
+        return import_model
     from seq2seq import inference, training
 
     return getattr(training if name in ("train", "prepare", "backtest") else inference, name)

@@ -64,6 +64,10 @@ class Encoder(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def load_pretrained(self, folder: Path) -> None:
+        """Take the state of a pretrained model's tokenizer from its files in `folder` (`seq2seq import`)."""
+        raise ConfigError(f"{type(self).__name__} is fitted on data; it reads no pretrained model's files")
+
     @property
     @abstractmethod
     def pad_value(self) -> float:
@@ -75,7 +79,8 @@ class Encoder(ABC):
 
 
 class Tokenizer(Encoder):
-    """Raw items <-> token ids. Special ids are distinct and inside the vocabulary."""
+    """Raw items <-> token ids. Special ids are inside the vocabulary; pad and eos differ, and decoding starts from
+    bos, which may be pad (Marian) or eos (NLLB)."""
 
     pad_id: int
     bos_id: int

@@ -47,17 +47,38 @@ class _Positions(nn.Module):
             )
 
 
-class SinusoidalPositions(_Positions):
-    """PE(pos, 2i) = sin(pos / 10000^(2i/D)), PE(pos, 2i+1) = cos(...), added to the embeddings."""
+def sinusoid_table(d_model: int, positions: Tensor, layout: str = "paper") -> Tensor:
+    """(P, D) sinusoids of `positions` (P,) in one of the layouts of `SINUSOIDS`.
 
-    def __init__(self, d_model: int, max_len: int) -> None:
+    paper: PE(p, 2i) = sin(p·ω_i), PE(p, 2i+1) = cos(p·ω_i), ω_i = 10000^(-2i/D) (Vaswani et al. 2017);
+    halves: the D/2 sines, then the D/2 cosines, same ω_i (Marian, and Hugging Face's conversions of it);
+    fairseq: the sines, then the cosines, ω_i = 10000^(-i/(D/2 - 1)) (fairseq; M2M-100 and NLLB).
+    An odd D leaves the last column zero.
+    """
+    half = d_model // 2
+    i = torch.arange(half, dtype=torch.float64)
+    step = 2 * i / d_model if layout != "fairseq" else i / max(half - 1, 1)
+    angles = positions.double()[:, None] * torch.exp(-math.log(10000.0) * step)  # (P, D/2)
+    pe = torch.zeros(len(positions), d_model, dtype=torch.float64)
+    if layout == "paper":
+        pe[:, 0 : 2 * half : 2], pe[:, 1 : 2 * half : 2] = angles.sin(), angles.cos()
+    else:
+        pe[:, :half], pe[:, half : 2 * half] = angles.sin(), angles.cos()
+    return pe.float()
+
+
+SINUSOIDS = ("paper", "halves", "fairseq")
+
+
+class SinusoidalPositions(_Positions):
+    """Fixed sinusoids added to the embeddings (`sinusoid_table`); the first token takes position `first` (NLLB's
+    fairseq positions start after the padding index, at 2; batches are right-padded, so the padding-aware positions
+    of fairseq and these agree on every real token)."""
+
+    def __init__(self, d_model: int, max_len: int, layout: str = "paper", first: int = 0) -> None:
         super().__init__()
         self.max_len = max_len
-        pos = torch.arange(max_len, dtype=torch.float32)[:, None]  # (max_len, 1)
-        inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
-        pe = torch.zeros(max_len, d_model)  # (max_len, D)
-        pe[:, 0::2] = torch.sin(pos * inv_freq)
-        pe[:, 1::2] = torch.cos(pos * inv_freq)
+        pe = sinusoid_table(d_model, torch.arange(first, first + max_len), layout)  # (max_len, D)
         self.register_buffer("pe", pe, persistent=False)
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
@@ -65,11 +86,10 @@ class SinusoidalPositions(_Positions):
         self.check(x.shape[1], offset)
         return x + self.pe[offset : offset + x.shape[1]].to(x.dtype)
 
-
 class LearnedPositions(_Positions):
     """A trained (max_len, D) table of position vectors, added to the embeddings."""
 
-    def __init__(self, d_model: int, max_len: int) -> None:
+    def __init__(self, d_model: int, max_len: int, layout: str = "paper", first: int = 0) -> None:
         super().__init__()
         self.max_len = max_len
         self.table = nn.Embedding(max_len, d_model)
@@ -84,7 +104,7 @@ class AttentionPositions(_Positions):
     """Nothing added: the attention layers place tokens themselves (rotary positions, ALiBi); only the length
     limit is kept."""
 
-    def __init__(self, d_model: int, max_len: int) -> None:
+    def __init__(self, d_model: int, max_len: int, layout: str = "paper", first: int = 0) -> None:
         super().__init__()
         self.max_len = max_len
 

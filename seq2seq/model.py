@@ -20,12 +20,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from seq2seq.attention import KVCache, MultiHeadAttention, causal_keep, padding_keep
-from seq2seq.embeddings import IN_ATTENTION, POSITIONS
+from seq2seq.embeddings import IN_ATTENTION, POSITIONS, SINUSOIDS
 from seq2seq.errors import ConfigError
 from seq2seq.linear import Linear
 from seq2seq.schema import check, setting
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}  # silu: "swish" in Marian's configs
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,10 @@ class ModelSpec:
     norm_first: bool = setting(False, "false: post-norm Add & Norm as in the paper; true: pre-norm")
     positions: str = setting("sinusoidal", "position encoding: added to the embeddings (sinusoidal, learned) or "
                              "applied in self-attention (rope: rotary; alibi: linear biases)", choices=POSITIONS)
+    sinusoid: str = setting("paper", "layout and frequencies of sinusoidal positions: paper (sines and cosines "
+                            "interleaved), halves (sines then cosines: Marian), fairseq (halves, fairseq's "
+                            "frequencies: M2M-100, NLLB)", choices=SINUSOIDS)
+    position_offset: int = setting(0, "the position of the first token in sinusoidal positions (NLLB: 2)", minimum=0)
     max_positions: int = setting(1024, "longest source or target the model accepts", minimum=1)
     tie_output: bool = setting(True, "the output projection shares the target embedding's weight")
     share_embeddings: bool = setting(False, "one embedding for source and target (needs a joint vocabulary)")
@@ -67,6 +71,9 @@ class ModelSpec:
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ConfigError(f"`model.n_heads` ({self.n_heads}) must be a multiple of `model.n_kv_heads` "
                               f"({self.n_kv_heads})")
+        if self.positions != "sinusoidal" and (self.position_offset or self.sinusoid != "paper"):
+            raise ConfigError(f"`model.sinusoid` and `model.position_offset` shape sinusoidal positions; this model "
+                              f"has `model.positions={self.positions}`: leave them out")
         if self.positions == "rope" and (self.d_model // self.n_heads) % 2:
             raise ConfigError(f"`model.positions=rope` rotates pairs of dimensions: the head width d_model / n_heads "
                               f"({self.d_model // self.n_heads}) must be even")
@@ -192,8 +199,8 @@ class EncoderDecoder(nn.Module):
         self.future_embed = Linear(n_features, spec.d_model) if future_steps else None
         self.src_embed, self.tgt_embed, self.head = src_embed, tgt_embed, head
         positions = POSITIONS[spec.positions]
-        self.src_pos = positions(spec.d_model, spec.max_positions)
-        self.tgt_pos = positions(spec.d_model, spec.max_positions)
+        self.src_pos, self.tgt_pos = (positions(spec.d_model, spec.max_positions, spec.sinusoid, spec.position_offset)
+                                      for _ in range(2))
         self.drop = Dropout(spec.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(spec) for _ in range(spec.n_encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.n_decoder_layers))

@@ -236,6 +236,22 @@ class AverageConfig:
 
 
 @dataclass(frozen=True)
+class ImportConfig:
+    """`seq2seq import`: a pretrained Hugging Face translation model (a local MarianMTModel or
+    M2M100ForConditionalGeneration folder) as a seq2seq checkpoint, checked against transformers first."""
+
+    hf: str = setting(REQUIRED, "the model's folder: config.json, weights, tokenizer files (required)")
+    output: str = setting(REQUIRED, "the checkpoint file to write (required)")
+    target_lang: str | None = setting(None, "the output language: a multi-target OPUS-MT model's >>lang<< code, "
+                                      "or an NLLB code such as eng_Latn")
+    source_lang: str | None = setting(None, "NLLB: the input language code, such as kor_Hang")
+    sentences: str | None = setting(None, "a file of source lines for the parity check (null: a built-in few)")
+    tolerance: float = setting(1e-4, "largest teacher-forced logit difference from transformers allowed",
+                               minimum=0)
+    force: bool = setting(False, FORCE_HELP)
+
+
+@dataclass(frozen=True)
 class ServeConfig(InferenceConfig):
     """`seq2seq serve`: an HTTP translation service (POST /translate, GET /health) over a checkpoint or an exported
     model, batching concurrent requests."""
@@ -255,10 +271,11 @@ class ServeConfig(InferenceConfig):
 
 SCHEMAS: dict[str, type] = {"train": TrainConfig, "prepare": PrepareConfig, "backtest": BacktestConfig,
                             "evaluate": EvaluateConfig, "predict": PredictConfig, "translate": TranslateConfig,
-                            "export": ExportConfig, "serve": ServeConfig, "average": AverageConfig}
+                            "export": ExportConfig, "serve": ServeConfig, "average": AverageConfig,
+                            "import": ImportConfig}
 TRAINING = ("train", "prepare", "backtest")  # the commands that compose a whole training config
 INFERENCE_GROUPS = {"evaluate": ("trainer",), "predict": (), "translate": (), "export": (), "serve": (),
-                    "average": ()}
+                    "average": (), "import": ()}
 
 
 def owners(key: str) -> list[str]:

@@ -81,7 +81,8 @@ def convert(model: EncoderDecoder, src_tok: Tokenizer, tgt_tok: Tokenizer, out: 
 
     _refuse(model, src_tok)
     s, D = model.spec, model.spec.d_model
-    activation = {"relu": common_spec.Activation.RELU, "gelu": common_spec.Activation.GELU}[s.activation]
+    activation = {"relu": common_spec.Activation.RELU, "gelu": common_spec.Activation.GELU,
+                  "silu": common_spec.Activation.SWISH}[s.activation]
     spec = transformer_spec.TransformerSpec.from_config((s.n_encoder_layers, s.n_decoder_layers), s.n_heads,
                                                         pre_norm=s.norm_first, activation=activation)
     sides = ((False, spec.encoder, spec.encoder.embeddings[0], model.encoder, model.src_embed, model.src_pos,

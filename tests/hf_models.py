@@ -1,0 +1,70 @@
+"""Tiny random Hugging Face translation models on disk, as `save_pretrained` writes them, for the import tests:
+every weight and bias (the output bias included) random and non-zero, tokenizers trained on a few sentences."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import torch
+
+SENTENCES = [
+    "새 문서를 만듭니다.", "파일을 열고 저장합니다.", "The quick brown fox jumps over the lazy dog.",
+    "Open a new document and save it.", "표를 삽입하려면 메뉴를 선택하십시오.", "Select the cells you want to format.",
+    "차트의 제목을 바꿉니다.", "Press Enter to confirm the entry.", "글꼴 크기를 지정합니다.",
+    "Numbers, dates and 42 %.",
+] * 20
+
+
+def _spm(sentences: list[str], vocab_size: int, **options) -> bytes:
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+                                   character_coverage=1.0, minloglevel=2, hard_vocab_limit=False, **options)
+    return model.getvalue()
+
+
+def _randomize(model: torch.nn.Module, seed: int, eos: int, pad: int) -> None:
+    """Every floating tensor random (biases and norms included), so that no mapping error hides behind a zero or a
+    one; EOS's output bias raised so that outputs end at different steps, and <pad>'s lowered, as in a trained
+    model, which never predicts it (searches never emit it; transformers' beam scores leave its probability in,
+    seq2seq's and CTranslate2's take it out)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point() and "positions" not in name:
+                noise = torch.randn(tensor.shape, generator=g) * 0.3
+                tensor.copy_(noise + 1 if "norm.weight" in name else noise)
+        model.final_logits_bias[..., eos] += 2.5
+        model.final_logits_bias[..., pad] -= 30
+
+
+def marian(folder: Path, seed: int = 0, d_model: int = 32, **config) -> Path:
+    """A MarianMTModel with its MarianTokenizer files (source.spm, target.spm, vocab.json)."""
+    import sentencepiece as spm
+    from transformers import MarianConfig, MarianMTModel, MarianTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    src, tgt = _spm(SENTENCES, 120), _spm(SENTENCES[::-1], 110)
+    (folder / "source.spm").write_bytes(src)
+    (folder / "target.spm").write_bytes(tgt)
+    pieces = ["</s>", "<unk>"]
+    for model in (src, tgt):
+        proc = spm.SentencePieceProcessor(model_proto=model)
+        pieces += [p for p in (proc.id_to_piece(i) for i in range(proc.get_piece_size())) if p not in pieces
+                   and p not in ("<s>", "<unk>", "</s>")]
+    pieces.append("<pad>")
+    (folder / "vocab.json").write_text(json.dumps({p: i for i, p in enumerate(pieces)}, ensure_ascii=False))
+    settings = dict(vocab_size=len(pieces), d_model=d_model, encoder_layers=2, decoder_layers=2,
+                    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                    max_position_embeddings=128, pad_token_id=len(pieces) - 1, eos_token_id=0,
+                    decoder_start_token_id=len(pieces) - 1, activation_function="swish", scale_embedding=True,
+                    dropout=0.0)
+    torch.manual_seed(seed)
+    model = MarianMTModel(MarianConfig(**{**settings, **config}))
+    _randomize(model, seed, eos=0, pad=len(pieces) - 1)
+    model.save_pretrained(folder)
+    MarianTokenizer(*(str(folder / f) for f in ("source.spm", "target.spm", "vocab.json"))).save_pretrained(folder)
+    return folder
