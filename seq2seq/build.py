@@ -10,6 +10,7 @@ from seq2seq.domain import Encoder, Tokenizer
 from seq2seq.embeddings import TokenEmbedding
 from seq2seq.errors import ConfigError
 from seq2seq.heads import TiedHead
+from seq2seq.lora import add_adapters
 from seq2seq.model import EncoderDecoder
 from seq2seq.registry import DATASETS, EMBEDDINGS, HEADS, METRICS, TOKENIZERS
 from seq2seq.schemas import TrainConfig
@@ -56,7 +57,8 @@ def load_tokenizers(config: TrainConfig, states: dict[str, Any]) -> tuple[Encode
 
 
 def build_model(config: TrainConfig, src_tok: Encoder, tgt_tok: Tokenizer) -> EncoderDecoder:
-    """Assemble embeddings, core and head from config; tie weights as configured."""
+    """Assemble embeddings, core and head from config; tie weights as configured; with `model.lora.rank`, LoRA
+    adapters on a frozen model."""
     spec, d = config.model, config.model.d_model
     src_embed = EMBEDDINGS.build(config.embedding.src, "embedding.src", d_model=d, **src_tok.embedding_context())
     tgt_embed = src_embed
@@ -74,8 +76,11 @@ def build_model(config: TrainConfig, src_tok: Encoder, tgt_tok: Tokenizer) -> En
     if src_tok.future_steps and "n_features" not in context:
         raise ConfigError(f"`tokenizer.src` ({type(src_tok).__name__}) declares known-future rows, which only a "
                           "FeatureEncoder (feature values) can give")
-    return EncoderDecoder(spec, src_embed, tgt_embed, head, future_steps=src_tok.future_steps,
-                          n_features=context.get("n_features", 0))
+    model = EncoderDecoder(spec, src_embed, tgt_embed, head, future_steps=src_tok.future_steps,
+                           n_features=context.get("n_features", 0))
+    if spec.lora.rank:
+        add_adapters(model, spec.lora)
+    return model
 
 
 def component_modules(config: TrainConfig) -> list[str]:

@@ -196,6 +196,22 @@ def _memory_problem(config: TrainConfig) -> str | None:
             f"{available / 2**30:,.1f} GiB available; lower `model.d_model`, `model.d_ff` or the layer counts")
 
 
+def _lora_problems(config: TrainConfig) -> list[str]:
+    """Adapters train over a frozen model that a checkpoint gives; averages of adapters are not averages of the
+    models they make."""
+    problems = []
+    if config.init is None:
+        problems.append("`model.lora.rank` trains adapters over a pretrained model: give it with `init=CKPT`")
+    if config.optim.ema_decay is not None:
+        problems.append("`optim.ema_decay` keeps an average of every weight, frozen ones included; with LoRA set "
+                        "`optim.ema_decay=null`")
+    if config.average_last is not None:
+        problems.append("`average_last` averages adapters factor by factor, which is not the average of the models; "
+                        "with LoRA leave it out and average the checkpoints afterwards (`seq2seq average` merges "
+                        "the adapters first)")
+    return problems
+
+
 def _train_problems(config: TrainConfig) -> list[str]:
     trainer, monitor, problems = config.trainer, config.monitor, []
     on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
@@ -207,6 +223,8 @@ def _train_problems(config: TrainConfig) -> list[str]:
                         "on the CPU; use `trainer=ddp` for several CPU processes")
     if (memory := _memory_problem(config)) is not None:
         problems.append(memory)
+    if config.model.lora.rank:
+        problems += _lora_problems(config)
     monitored = ["val/loss", *(f"val/{name}" for name in config.metrics if name in METRICS.names())]
     if monitor.metric not in monitored:
         problems.append(f"`monitor.metric={monitor.metric}` is not logged in validation."

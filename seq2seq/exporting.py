@@ -4,9 +4,9 @@ Parity is checked when exporting, against the eager model, on the first `check_l
 beam-4 outputs token for token, and the teacher-forced log-probability of every reference token (within
 `LOGPROB_TOLERANCE`) or, in label domains, the probability of every label (within `PROBABILITY_TOLERANCE`). A
 full-precision export that decodes any of them differently, or whose probabilities drift, is an error, with one
-exception: CTranslate2 runs its own beam search, which moves finished hypotheses out of the beam and keeps it full
-of live ones (the core's keeps finished ones in the beam), so it may end on another hypothesis; where it does, the
-one it chose must score at least as high under the model (`beam4_lower_scored` = 0). A quantized
+exception: CTranslate2 runs its own beam search, which stops by its own rule (once its top candidate ends; with a
+length penalty, once it holds K finished hypotheses), so it may end on another hypothesis; where it does, the one it
+chose must score at least as high under the model (`beam4_lower_scored` = 0). A quantized
 export reports the agreement, and the metrics (e.g. BLEU, chrF) of both models on the first `check_limit` pairs of
 the test split, decoded as the checkpoint's `decode:` says.
 """

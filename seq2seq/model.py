@@ -11,6 +11,7 @@ decoder adds row k to its input at position k, the one that predicts output k + 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,6 +24,7 @@ from seq2seq.attention import KVCache, MultiHeadAttention, causal_keep, padding_
 from seq2seq.embeddings import IN_ATTENTION, POSITIONS, SINUSOIDS
 from seq2seq.errors import ConfigError
 from seq2seq.linear import Linear
+from seq2seq.lora import LoRASpec
 from seq2seq.schema import check, setting
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}  # silu: "swish" in Marian's configs
@@ -61,6 +63,7 @@ class ModelSpec:
     compile: bool = setting(False, "train through torch.compile: each layer compiled once, for any batch shape")
     checkpoint_activations: bool = setting(False, "in training, recompute each layer's activations in the backward "
                                            "pass instead of keeping them: less memory, for a second forward pass")
+    lora: LoRASpec = dataclasses.field(default_factory=LoRASpec)
 
     def __post_init__(self) -> None:
         check(self)

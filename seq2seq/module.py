@@ -8,6 +8,7 @@ rebuilds it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -29,6 +30,7 @@ from seq2seq.data import IGNORE_INDEX, Batch, epoch_position
 from seq2seq.decoding import Decoder, strip
 from seq2seq.domain import Tokenizer
 from seq2seq.errors import ConfigError, DivergedError
+from seq2seq.lora import load_base, merge, without
 from seq2seq.model import EncoderDecoder
 from seq2seq.plugins import import_recorded, plugin_versions
 from seq2seq.registry import METRICS
@@ -105,6 +107,7 @@ class Seq2SeqModule(L.LightningModule):
         self.config = config
         self.src_tok, self.tgt_tok = load_tokenizers(config, tokenizers)
         self.model = build_model(config, self.src_tok, self.tgt_tok)
+        self.strict_loading = not config.model.lora.rank  # a LoRA checkpoint holds the adapters, not the base
         self.decoder = Decoder.for_tokenizer(config.decode, self.tgt_tok, config.model.max_positions)
         weights = token_weights(self.tgt_tok, config.optim.token_weights)
         self.register_buffer("token_weight", weights, persistent=False)
@@ -208,6 +211,11 @@ class Seq2SeqModule(L.LightningModule):
             "rng": rng_state(self._rng_at_batch_start if interrupted else None),
             "data": self.prepared,
         }
+        if self.config.model.lora.rank:  # the adapters and what trains; the base stays in `init`'s checkpoint
+            frozen = {f"model.{name}" for name, p in self.model.named_parameters(remove_duplicate=False)
+                      if not p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+            checkpoint["seq2seq"]["base"] = self.config.init
         if self._trainer is not None and epoch_position(self.trainer.fit_loop)[2]:
             # Written after training stopped inside an epoch: Lightning's loop state would resume at the next
             # epoch; make it say that epoch is still running (as in checkpoints written during it).
@@ -230,5 +238,34 @@ class Seq2SeqModule(L.LightningModule):
                             now)
         hparams = ckpt["hyper_parameters"]
         module = cls(load_train_config(hparams["config"]), hparams["tokenizers"])
+        if module.config.model.lora.rank:
+            module.load_adapted(ckpt["state_dict"], path)
+            return module.merged().eval()
         module.load_state_dict(ckpt["state_dict"])
         return module.eval()
+
+    def load_adapted(self, adapters: dict[str, Tensor], path: str | Path) -> None:
+        """A LoRA checkpoint's weights: the base from its `init` checkpoint, then the adapters over it."""
+        base = self.config.init
+        try:
+            state = read_checkpoint(base)["state_dict"]
+        except ConfigError as err:
+            raise ConfigError(f"{path} holds LoRA adapters over {base}, which cannot be read ({err}); put the base "
+                              "checkpoint back there") from None
+        load_base(self.model, {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")},
+                  str(base))
+        self.load_state_dict(adapters, strict=False)
+        expected = {f"model.{k}" for k in self.model.state_dict() if ".parametrizations.weight.0." in k}
+        if not expected <= set(adapters):
+            raise ConfigError(f"{path} lacks adapters {sorted(expected - set(adapters))[:5]}")
+
+    def merged(self) -> Seq2SeqModule:
+        """The adapters folded into the weights: an ordinary module, whose config says so."""
+        merge(self.model)
+        config = dataclasses.replace(self.config, model=dataclasses.replace(self.config.model,
+                                                                            lora=without(self.config.model.lora)))
+        self.config, self.model.spec = config, config.model
+        self.hparams["config"] = to_data(config)
+        self.strict_loading = True
+        self.model.requires_grad_(True)
+        return self

@@ -122,6 +122,8 @@ class TrainConfig:
                                        "into checkpoints/averaged.ckpt and score it, used when it validates better "
                                        "than the best checkpoint", minimum=2)
     resume: str | None = setting(None, "continue the run in this run directory from its newest checkpoint")
+    init: str | None = setting(None, "start from this checkpoint's weights, architecture and tokenizers (an "
+                               "imported pretrained model, or another run's); the run gives data and training")
     prepared: str | None = setting(None, "the prepared dataset to train on (`seq2seq prepare` writes it; prepared "
                                    "here first if absent). null: prepared/<experiment> if there, else the run's own")
     force: bool = setting(False, f"`prepared=`: {FORCE_HELP}")

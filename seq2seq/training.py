@@ -37,6 +37,7 @@ from seq2seq.checkpoints import (
 from seq2seq.datamodule import Seq2SeqDataModule
 from seq2seq.domain import Reader
 from seq2seq.errors import ConfigError
+from seq2seq.lora import load_base
 from seq2seq.module import Seq2SeqModule
 from seq2seq.prepared import Prepared, obtain
 from seq2seq.registry import DATASETS
@@ -52,6 +53,7 @@ from seq2seq.trainer import (
     write_metrics,
 )
 from seq2seq.translate import Translator
+from seq2seq.warmstart import from_init
 
 log = logging.getLogger("seq2seq")
 
@@ -97,10 +99,14 @@ def fit_trainer(config: TrainConfig, run_dir: Path) -> L.Trainer:
     return build_trainer(trainer, run_dir, callbacks, loggers)
 
 
+def _overrides() -> list[str]:
+    """The command line's overrides, as typed (none outside a Hydra job)."""
+    return [o.lstrip("+") for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
+
+
 def _remedy(dest: Path) -> str:
     """How to re-prepare `dest`: the command line of this run, as `seq2seq prepare`."""
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ["..."]
-    given = [o.lstrip("+") for o in overrides]  # as typed: the command line adds `++` inside plugin blocks
+    given = _overrides() or ["..."]  # as typed: the command line adds `++` inside plugin blocks
     kept = [o for o in given if not o.startswith(("trainer", "resume=", "prepared=", "hydra."))]
     return (f"Prepare it again with `seq2seq prepare {' '.join(kept)} prepared={dest}`, or give the options it was "
             "prepared with")
@@ -112,14 +118,21 @@ def prepare(config: PrepareConfig) -> Prepared:
     if config.prepared is None:
         raise ConfigError("say where the prepared dataset goes: `prepared=DIR` (with an `experiment=`, the default "
                           "is prepared/<experiment>)")
+    tokenizers = None
+    if config.init:
+        config, tokenizers, _ = from_init(config, _overrides())
     reader: Reader = DATASETS.build(config.data, "data")
-    return obtain(config, reader, Path(config.prepared), workers=config.workers, shard_size=config.shard_size)
+    return obtain(config, reader, Path(config.prepared), tokenizers, workers=config.workers,
+                  shard_size=config.shard_size)
 
 
 def train(config: TrainConfig, run_dir: Path) -> Seq2SeqModule:
     """Fit (or resume, with `config.resume`), then score the best checkpoint on every held-out split; returns the
     module with the best weights, in eval mode."""
-    ckpt, tokenizers = resume_point(to_data(config), run_dir) if config.resume else (None, None)
+    init_weights = None
+    if config.init:  # the checkpoint's architecture and tokenizers; its weights unless resuming
+        config, tokenizers, init_weights = from_init(config, _overrides())
+    ckpt, tokenizers = resume_point(to_data(config), run_dir) if config.resume else (None, tokenizers)
     if rank_zero_only.rank == 0:  # re-launched ranks share the run dir and its one config.yaml
         if not config.resume:
             refuse_reuse(run_dir)
@@ -133,6 +146,8 @@ def train(config: TrainConfig, run_dir: Path) -> Seq2SeqModule:
     else:  # prepared on the fly, into the run's own cache (reused on resume)
         prepared = obtain(config, reader, run_dir / "prepared", tokenizers)
     module = Seq2SeqModule(config, prepared.tokenizers)
+    if init_weights is not None:
+        load_base(module.model, init_weights, str(config.init))
     module.prepared = {"fingerprint": prepared.fingerprint, "tokenizers": prepared.meta["tokenizers_digest"],
                        "path": str(prepared.path)}
     splits = prepared.splits

@@ -94,12 +94,14 @@ class Translator:
     @torch.no_grad()
     def cross_attention(self, source: Any, target: list[int]) -> Tensor:
         """(H, T, S) the eager model's last decoder layer's cross-attention, one source, teacher-forced on `target`
-        ids (of an ensemble, its first member's)."""
+        ids (of an ensemble, its first member's); T is at most the model's positions (an output that ran to the
+        limit has no room for the EOS after it)."""
         module = self.module
         if any(p.is_meta for p in module.model.parameters()):  # an export's weights live in its engine
             raise ConfigError("attention maps come from the eager model: give `ckpt=` a checkpoint, not an export")
         src = self.src_tok.encode(source)[None].to(module.device)  # (1, S) or (1, S, F)
         keep = torch.ones(src.shape[:2], dtype=torch.bool, device=module.device)  # (1, S)
+        target = target[: module.model.spec.max_positions]
         tgt_in = self.decoder.teacher_input(torch.tensor([target], device=module.device))  # (1, T)
         return module.model.cross_attention(src, keep, tgt_in)[0].cpu()
 

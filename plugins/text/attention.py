@@ -38,7 +38,7 @@ def plot_attention(translator: Decodes, sources: list[str], path: Path) -> None:
         ax.imshow(weights.numpy(), aspect="auto", cmap="viridis")
         ax.set_xticks(range(weights.shape[1]), src_tok.pieces(src_tok.encode(source).tolist()), rotation=90,
                       fontsize=7, fontname=font)
-        ax.set_yticks(range(weights.shape[0]), tgt_tok.pieces(out), fontsize=7)
+        ax.set_yticks(range(weights.shape[0]), tgt_tok.pieces(out[: weights.shape[0]]), fontsize=7)
         ax.set(xlabel="source tokens", ylabel="output tokens")
     with warnings.catch_warnings():  # one warning about the font is enough, not one per missing glyph
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")

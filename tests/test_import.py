@@ -1,0 +1,108 @@
+"""`seq2seq import`: tiny random Hugging Face models (every bias non-zero) imported, checked against transformers,
+decoded, refused where the core cannot represent them. The conventions each have a test against their formula."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import hf_models  # noqa: E402
+from seq2seq.embeddings import sinusoid_table  # noqa: E402
+from seq2seq.errors import ConfigError  # noqa: E402
+from seq2seq.importing import SENTENCES, build_module, check_parity, map_weights, read_config  # noqa: E402
+from seq2seq.translate import Translator  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def marian(tmp_path_factory):
+    return hf_models.marian(tmp_path_factory.mktemp("marian") / "opus-mt-tiny")
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-c", "from seq2seq.cli import main; main()", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def test_the_paper_sinusoids_interleave_sines_and_cosines():
+    pe = sinusoid_table(8, torch.arange(50))
+    for pos in (0, 7, 49):
+        for i in range(4):
+            assert pe[pos, 2 * i] == pytest.approx(math.sin(pos / 10000 ** (2 * i / 8)), abs=1e-6)
+            assert pe[pos, 2 * i + 1] == pytest.approx(math.cos(pos / 10000 ** (2 * i / 8)), abs=1e-6)
+
+
+def test_marian_and_fairseq_sinusoids_are_transformers_tables():
+    from transformers.models.m2m_100.modeling_m2m_100 import M2M100SinusoidalPositionalEmbedding
+    from transformers.models.marian.modeling_marian import MarianSinusoidalPositionalEmbedding
+
+    marian = MarianSinusoidalPositionalEmbedding(64, 16)
+    marian.weight = marian.create_weight()
+    torch.testing.assert_close(sinusoid_table(16, torch.arange(64), "halves"), marian.weight.detach())
+    fairseq = M2M100SinusoidalPositionalEmbedding(64, 16, padding_idx=1)  # positions start at padding_idx + 1
+    ids = torch.full((1, 10), 7)
+    torch.testing.assert_close(sinusoid_table(16, torch.arange(2, 12), "fairseq"), fairseq(ids)[0], atol=1e-6,
+                               rtol=0)
+
+
+def test_an_imported_marian_model_decodes_as_transformers_does(marian, tmp_path):
+    out = _cli("import", f"hf={marian}", f"output={tmp_path / 'opus.ckpt'}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "greedy and beam-4 tokens identical" in out.stderr
+    ckpt = torch.load(tmp_path / "opus.ckpt", weights_only=True)
+    imported = ckpt["seq2seq"]["imported"]
+    assert imported["model_type"] == "marian" and imported["max_logit_difference"] <= 1e-4
+    assert ckpt["hyper_parameters"]["config"]["model"]["activation"] == "silu"
+    # The checkpoint alone translates (its tokenizers inside), as transformers does.
+    from transformers import MarianMTModel, MarianTokenizer
+
+    theirs, hf_tok = MarianMTModel.from_pretrained(marian), MarianTokenizer.from_pretrained(marian)
+    sentences = hf_models.SENTENCES[:10]
+    inputs = hf_tok(sentences, return_tensors="pt", padding=True)
+    generated = theirs.generate(**inputs, num_beams=4, max_new_tokens=30, suppress_tokens=[hf_tok.pad_token_id])
+    want = hf_tok.batch_decode(generated, skip_special_tokens=True)
+    ours = Translator.from_checkpoint(tmp_path / "opus.ckpt").with_decoding(max_len_a=0.0, max_len_b=30)
+    assert ours.translate(sentences) == want
+    assert len(set(want)) > 3  # the tiny model's outputs differ by input: the comparison is not of constants
+
+
+def test_parity_catches_a_single_wrong_bias(marian):
+    hf = read_config(marian)
+    module = build_module(marian, hf, None, None)
+    check_parity(marian, Translator(module, 8), SENTENCES, 1e-4)
+    with torch.no_grad():
+        module.model.decoder[1].cross_attn.in_proj.bias[40] += 1e-2  # one value bias of one head
+    with pytest.raises(ConfigError, match="differ"):
+        check_parity(marian, Translator(module, 8), SENTENCES, 1e-4)
+
+
+def test_what_the_core_cannot_represent_is_refused_by_name(marian, tmp_path):
+    hf = read_config(marian)
+    weights = {"shared.weight": torch.zeros(3, 2), "encoder.layernorm_embedding.weight": torch.zeros(2)}
+    with pytest.raises(ConfigError, match=r"no place for: encoder\.layernorm_embedding\.weight"):
+        map_weights(weights, {"n_encoder_layers": 0, "n_decoder_layers": 0, "norm_first": False})
+    for change, message in (({"model_type": "t5"}, "model_type 't5' cannot be imported"),
+                            ({"activation_function": "gelu_new"}, "activation_function 'gelu_new'"),
+                            ({"scale_embedding": False}, "scale_embedding=false")):
+        folder = tmp_path / change.get("model_type", next(iter(change)))
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**hf, **change}))
+        out = _cli("import", f"hf={folder}", f"output={tmp_path / 'x.ckpt'}", cwd=tmp_path)
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+        assert not (tmp_path / "x.ckpt").exists()
+
+
+def test_an_imported_model_exports_to_ctranslate2_and_onnx_with_parity(marian, tmp_path):
+    pytest.importorskip("ctranslate2")
+    from seq2seq.exporting import export
+
+    out = _cli("import", f"hf={marian}", f"output={tmp_path / 'opus.ckpt'}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for fmt in ("ctranslate2", "onnx"):
+        report = export(tmp_path / "opus.ckpt", fmt, tmp_path / fmt, check_limit=20)["parity"]
+        assert report["greedy_agreement"] == report["beam4_agreement"] == 1.0, (fmt, report)
+        assert report["max_logprob_diff"] < 1e-3
