@@ -129,7 +129,7 @@ def prepare(config: PrepareConfig) -> Prepared:
 def train(config: TrainConfig, run_dir: Path) -> Seq2SeqModule:
     """Fit (or resume, with `config.resume`), then score the best checkpoint on every held-out split; returns the
     module with the best weights, in eval mode."""
-    init_weights = None
+    init_weights, tokenizers = None, None
     if config.init:  # the checkpoint's architecture and tokenizers; its weights unless resuming
         config, tokenizers, init_weights = from_init(config, _overrides())
     ckpt, tokenizers = resume_point(to_data(config), run_dir) if config.resume else (None, tokenizers)
