@@ -105,3 +105,25 @@ def test_an_imported_model_exports_to_ctranslate2_and_onnx_with_parity(marian, t
         report = export(tmp_path / "opus.ckpt", fmt, tmp_path / fmt, check_limit=20)["parity"]
         assert report["greedy_agreement"] == report["beam4_agreement"] == 1.0, (fmt, report)
         assert report["max_logprob_diff"] < 1e-3
+
+
+def test_an_imported_model_fine_tuned_and_adapted_exports_to_ctranslate2_with_parity(marian, tmp_path):
+    pytest.importorskip("ctranslate2")
+    from conftest import text_corpus
+
+    from seq2seq import compose, train
+    from seq2seq.exporting import export
+
+    assert _cli("import", f"hf={marian}", f"output={tmp_path / 'opus.ckpt'}", cwd=tmp_path).returncode == 0
+    corpus = text_corpus(tmp_path / "data")
+    run = ["experiment=translate_ko_en", f"data.path={corpus}", f"init={tmp_path / 'opus.ckpt'}", "optim.lr=0.5",
+           "trainer.max_steps=6", "trainer.max_time=null", "trainer.enable_progress_bar=false",
+           "optim.ema_decay=null", "loader.max_tokens=512"]
+    for name, extra in (("full", []), ("lora", ["model.lora.rank=4"])):
+        tuned = train(compose([*run, *extra]), tmp_path / name)
+        start = torch.load(tmp_path / "opus.ckpt", weights_only=True)["state_dict"]["model.encoder.0.ff.w1.weight"]
+        assert not torch.allclose(tuned.model.encoder[0].ff.w1.weight, start, atol=1e-4)  # (adapted: W + BA)
+        last = tmp_path / name / "checkpoints" / "last.ckpt"
+        report = export(last, "ctranslate2", tmp_path / f"{name}-ct2", check_limit=20)["parity"]
+        assert report["greedy_agreement"] == 1.0 and report["beam4_lower_scored"] == 0, report
+        assert report["max_logprob_diff"] < 1e-3
