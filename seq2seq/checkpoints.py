@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from datetime import datetime
 from itertools import count
 from pathlib import Path
@@ -159,13 +160,15 @@ def resume_point(config: dict[str, Any], run_dir: Path) -> tuple[Path, dict[str,
     return ckpt, read_checkpoint(ckpt)["hyper_parameters"]["tokenizers"]
 
 
-def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
+def average_checkpoints(paths: list[Path], read: Callable[[Path], dict[str, Any]] = read_checkpoint
+                        ) -> dict[str, Any]:
     """A checkpoint whose weights are the element-wise mean of the weights of `paths` (checkpoints of one model:
     the same model config and fitted tokenizers), everything else from the last of them; optimizer and loop states
-    are left out, so it scores, decodes and exports but does not resume. Means are taken in float64."""
+    are left out, so it scores, decodes and exports but does not resume. Means are taken in float64. `read` gives
+    each checkpoint's plain data (LoRA checkpoints: merged first)."""
     if not paths:
         raise ConfigError("no checkpoints to average")
-    ckpts = [read_checkpoint(path) for path in paths]
+    ckpts = [read(path) for path in paths]
     last = ckpts[-1]
     for path, ckpt in zip(paths, ckpts, strict=True):
         for key in ("tokenizers", "config"):

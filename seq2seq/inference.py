@@ -19,12 +19,15 @@ from seq2seq.checkpoints import (
     AtomicCheckpointIO,
     average_checkpoints,
     is_checkpoint,
+    read_checkpoint,
+    weights_checkpoint,
 )
 from seq2seq.domain import Reader
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.export import is_export, require
 from seq2seq.exporting import export as export_model
 from seq2seq.guides import Term, matching_terms, read_glossary, term_usage
+from seq2seq.module import Seq2SeqModule
 from seq2seq.outputs import (
     atomic_write,
     check_file,
@@ -288,14 +291,28 @@ def average(config: AverageConfig) -> Path:
         if not matches:
             raise ConfigError(f"`ckpts`: no checkpoint matches {given}")
         paths += matches
-    if len(paths) < 2:
+    if len(paths) < 2 and not (paths and _adapted(read_checkpoint(paths[0]))):
         raise ConfigError(f"`ckpts` names {len(paths)} checkpoint(s); averaging needs two or more, e.g. "
-                          "'ckpts=[runs/x/checkpoints/step*.ckpt]'")
+                          "'ckpts=[runs/x/checkpoints/step*.ckpt]' (one LoRA checkpoint alone is merged)")
     refuse_inputs("output", config.output, paths)
     output = check_file("output", config.output, is_checkpoint, config.force)
-    AtomicCheckpointIO().save_checkpoint(average_checkpoints(paths), output)
+    AtomicCheckpointIO().save_checkpoint(average_checkpoints(paths, _merged), output)
     log.info("averaged %d checkpoints into %s: %s", len(paths), output, ", ".join(map(str, paths)))
     return output
+
+
+def _adapted(ckpt: dict[str, Any]) -> bool:
+    return bool(ckpt["hyper_parameters"]["config"]["model"].get("lora", {}).get("rank"))
+
+
+def _merged(path: Path) -> dict[str, Any]:
+    """A checkpoint's plain data; a LoRA checkpoint's with its adapters merged into its base's weights (an average
+    of adapters factor by factor would not be the average of the models)."""
+    ckpt = read_checkpoint(path)
+    if not _adapted(ckpt):
+        return ckpt
+    module = Seq2SeqModule.from_checkpoint(path)
+    return weights_checkpoint({**ckpt, "hyper_parameters": dict(module.hparams)}, module.state_dict())
 
 
 def serve(config: ServeConfig) -> None:

@@ -95,3 +95,23 @@ def test_init_refuses_an_architecture_the_command_line_changes_and_lora_needs_a_
                            ([f"init={base}", "model.lora.rank=4", "average_last=2"], "average the checkpoints")):
         with pytest.raises(ConfigError, match=message):
             compose([*BASE, *extra])
+
+
+def test_averaging_lora_checkpoints_averages_the_merged_models(base, tmp_path):
+    from seq2seq.inference import average
+    from seq2seq.schemas import AverageConfig
+
+    for steps in (2, 4):
+        train(compose([*BASE, f"init={base}", "model.lora.rank=4", "optim.lr=3.0", f"trainer.max_steps={steps}"]),
+              tmp_path / f"run{steps}")
+    ckpts = [tmp_path / f"run{steps}" / "checkpoints" / "last.ckpt" for steps in (2, 4)]
+    average(AverageConfig(ckpts=[str(p) for p in ckpts], output=str(tmp_path / "mean.ckpt")))
+    merged = [Seq2SeqModule.from_checkpoint(p).state_dict() for p in ckpts]
+    mean = read_checkpoint(tmp_path / "mean.ckpt")
+    assert mean["hyper_parameters"]["config"]["model"]["lora"]["rank"] == 0
+    for name, value in mean["state_dict"].items():
+        torch.testing.assert_close(value, (merged[0][name] + merged[1][name]) / 2)
+    assert not torch.equal(merged[0]["model.encoder.0.ff.w1.weight"], merged[1]["model.encoder.0.ff.w1.weight"])
+    average(AverageConfig(ckpts=[str(ckpts[0])], output=str(tmp_path / "one.ckpt")))  # one alone: merged
+    one = Seq2SeqModule.from_checkpoint(tmp_path / "one.ckpt").state_dict()
+    assert all(torch.equal(one[k], merged[0][k]) for k in one)
