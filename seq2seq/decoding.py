@@ -240,8 +240,9 @@ def beam_search(  # noqa: PLR0913 - the search's inputs, all keyword-only past t
             if not last:  # the first K ranks' EOS continuations end here; the others compete to stay live
                 ranked = total.topk(min(K, K * k), dim=-1).indices  # (B, K)
                 ends = flat_token.gather(1, ranked) == eos
-                parents = (torch.arange(B, device=device)[:, None] * K + ranked // k).view(-1)
-                store.add(tokens[parents, 1:].view(B, len(ranked[0]), t), total.gather(1, ranked), ends, t + 1)
+                if bool(ends.any()):
+                    parents = (torch.arange(B, device=device)[:, None] * K + ranked // k).view(-1)
+                    store.add(tokens[parents, 1:].view(B, len(ranked[0]), t), total.gather(1, ranked), ends, t + 1)
                 total = total.masked_fill(flat_token == eos, float("-inf"))
             if constrained:
                 best = guided.select(total, token, K)  # (B, K)

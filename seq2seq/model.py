@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
 from seq2seq.attention import KVCache, MultiHeadAttention, causal_keep, padding_keep
@@ -289,9 +290,11 @@ class EncoderDecoder(nn.Module):
         """Teacher-forced logits (B, T, V); with `select` (B, T) bool, only those positions' logits (N, V).
 
         Training goes through here (one call of the module), so wrappers that act on its forward (DDP, FSDP2's
-        parameter gathering) see the whole step."""
-        hidden = self.decode(tgt_in, self.encode(src, src_keep), src_keep, tgt_keep)  # (B, T, D)
-        return self.head(hidden if select is None else hidden[select])
+        parameter gathering) see the whole step. Adapted weights (LoRA) are computed once for the pass, however
+        often it reads them."""
+        with parametrize.cached():
+            hidden = self.decode(tgt_in, self.encode(src, src_keep), src_keep, tgt_keep)  # (B, T, D)
+            return self.head(hidden if select is None else hidden[select])
 
     @torch.no_grad()
     def cross_attention(self, src: Tensor, src_keep: Tensor, tgt_in: Tensor) -> Tensor:

@@ -127,3 +127,16 @@ def test_an_imported_model_fine_tuned_and_adapted_exports_to_ctranslate2_with_pa
         report = export(last, "ctranslate2", tmp_path / f"{name}-ct2", check_limit=20)["parity"]
         assert report["greedy_agreement"] == 1.0 and report["beam4_lower_scored"] == 0, report
         assert report["max_logprob_diff"] < 1e-3
+
+
+@pytest.mark.slow
+def test_a_real_opus_mt_model(tmp_path):
+    """Opt-in: `SEQ2SEQ_OPUS_MT=path/to/opus-mt-xx-yy` (a folder `huggingface-cli download` wrote)."""
+    import os
+
+    folder = os.environ.get("SEQ2SEQ_OPUS_MT")
+    if not folder:
+        pytest.skip("no real OPUS-MT model: set SEQ2SEQ_OPUS_MT to the folder of one to import it")
+    out = _cli("import", f"hf={folder}", f"output={tmp_path / 'real.ckpt'}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "greedy and beam-4 tokens identical" in out.stderr
