@@ -69,19 +69,21 @@ class Collate:
     tgt_pad: int
     bos: int
     eos: int
+    forced: tuple[int, ...] = ()  # the target tokenizer's `forced_prefix`, in front of every target
 
     @classmethod
     def for_tokenizers(cls, src_tok: Encoder, tgt_tok: Tokenizer) -> Collate:
-        return cls(src_tok.pad_value, tgt_tok.pad_id, tgt_tok.bos_id, tgt_tok.eos_id)
+        return cls(src_tok.pad_value, tgt_tok.pad_id, tgt_tok.bos_id, tgt_tok.eos_id, tuple(tgt_tok.forced_prefix))
 
     def __call__(self, examples: list[tuple[Tensor, Tensor]]) -> Batch:
         srcs, tgts = zip(*examples, strict=True)
         src = pad_sequence(list(srcs), batch_first=True, padding_value=self.src_pad)  # (B, S[, F])
         lengths = torch.tensor([len(s) for s in srcs])
         src_keep = torch.arange(src.shape[1])[None, :] < lengths[:, None]  # (B, S)
-        bos = torch.tensor([self.bos])
-        eos = torch.tensor([self.eos])
-        tgt_in = pad_sequence([torch.cat([bos, t]) for t in tgts], batch_first=True, padding_value=self.tgt_pad)
+        bos, eos = torch.tensor([self.bos, *self.forced]), torch.tensor([self.eos])
+        if self.forced:
+            tgts = [torch.cat([bos[1:], t]) for t in tgts]
+        tgt_in = pad_sequence([torch.cat([bos[:1], t]) for t in tgts], batch_first=True, padding_value=self.tgt_pad)
         tgt_out = pad_sequence([torch.cat([t, eos]) for t in tgts], batch_first=True, padding_value=IGNORE_INDEX)
         return Batch(src, src_keep, tgt_in, tgt_out)  # tgt_* (B, T)
 

@@ -9,6 +9,7 @@ the tokens it may emit: never PAD or BOS, and only the labels of a label domain.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -94,7 +95,7 @@ def _next_logits(model: EncoderDecoder, tokens: Tensor, memory: Tensor, src_keep
         rows = forced[0]
         lse = logits[rows].float().logsumexp(-1)
         logp[rows] = float("-inf")
-        logp[forced] = raw - lse
+        logp[forced] = (raw - lse).masked_fill(guides.free[rows] > tokens.shape[1] - 1, 0.0)
     return logp
 
 
@@ -236,14 +237,8 @@ def beam_search(  # noqa: PLR0913 - the search's inputs, all keyword-only past t
             k = cand.shape[-1]
             total = (scores.view(-1, 1) + cand).view(B, K * k)
             flat_token = token.view(B, K * k)
-            last = t == max_len - 1
-            if not last:  # the first K ranks' EOS continuations end here; the others compete to stay live
-                ranked = total.topk(min(K, K * k), dim=-1).indices  # (B, K)
-                ends = flat_token.gather(1, ranked) == eos
-                if bool(ends.any()):
-                    parents = (torch.arange(B, device=device)[:, None] * K + ranked // k).view(-1)
-                    store.add(tokens[parents, 1:].view(B, len(ranked[0]), t), total.gather(1, ranked), ends, t + 1)
-                total = total.masked_fill(flat_token == eos, float("-inf"))
+            if t < max_len - 1:  # at max_len, the K best end whatever they are
+                total = store.take_ended(tokens, total, flat_token, k)
             if constrained:
                 best = guided.select(total, token, K)  # (B, K)
                 scores = total.gather(1, best)
@@ -257,10 +252,7 @@ def beam_search(  # noqa: PLR0913 - the search's inputs, all keyword-only past t
             if bool(store.done.all()):
                 break
     if not bool(store.done.all()):  # max_len: the live hypotheses end where they are
-        met = None if not constrained else guided.complete().view(B, K)
-        live = tokens[:, 1:].view(B, K, -1)
-        length = ((live != eos).cumprod(-1).sum(-1) + (live == eos).any(-1).long()).clamp(min=1)  # incl. EOS
-        store.add(live, scores, torch.ones_like(scores, dtype=torch.bool), length, met)
+        store.end(tokens[:, 1:].view(B, K, -1), scores, guided.complete().view(B, K) if constrained else None)
     return store.best(n_best)
 
 
@@ -294,6 +286,25 @@ class _Finished:
         self.met = torch.cat([self.met, met], dim=1).gather(1, keep)
         self.tokens = torch.cat([self.tokens, padded], dim=1).gather(1, keep[..., None].expand(-1, -1,
                                                                                               padded.shape[-1]))
+
+    def take_ended(self, tokens: Tensor, total: Tensor, token: Tensor, k: int) -> Tensor:
+        """A step's candidates, scores total (B, K · k) and tokens (B, K · k) over the live hypotheses tokens
+        (B · K, 1 + t): those among the first K ranks that end (EOS) enter the store; the scores returned leave every
+        EOS candidate out, for the others to compete for the beam."""
+        B, K = self.scores.shape
+        ranked = total.topk(min(K, total.shape[1]), dim=-1).indices  # (B, K)
+        ends = token.gather(1, ranked) == self.eos
+        if bool(ends.any()):
+            parents = (torch.arange(B, device=total.device)[:, None] * K + ranked // k).view(-1)
+            t = tokens.shape[1] - 1
+            self.add(tokens[parents, 1:].view(B, ranked.shape[1], t), total.gather(1, ranked), ends, t + 1)
+        return total.masked_fill(token == self.eos, float("-inf"))
+
+    def end(self, live: Tensor, scores: Tensor, met: Tensor | None) -> None:
+        """The live hypotheses (B, K, L) with their scores (B, K), ended where they are (EOS or not)."""
+        eos = self.eos
+        length = ((live != eos).cumprod(-1).sum(-1) + (live == eos).any(-1).long()).clamp(min=1)  # incl. EOS
+        self.add(live, scores, torch.ones_like(scores, dtype=torch.bool), length, met)
 
     def stop_beaten(self, live: Tensor, length: int) -> None:
         """A source is done when its store is full and its best live score (B, K), normalized at `length`, is no
@@ -335,11 +346,20 @@ class Decoder:
     vocab_size: int
     label_ids: tuple[int, ...] | None = None
     max_positions: int | None = None  # the model's: no search runs longer
+    forced: tuple[int, ...] = ()  # the target tokenizer's `forced_prefix`: every output starts with it
 
     @classmethod
     def for_tokenizer(cls, spec: DecodeSpec, tok: Tokenizer, max_positions: int | None = None) -> Decoder:
         labels = None if tok.label_ids is None else tuple(tok.label_ids)
-        return cls(spec, tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size, labels, max_positions)
+        return cls(spec, tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size, labels, max_positions,
+                   tuple(tok.forced_prefix))
+
+    def steer(self, n: int, guides: list[Guide] | None) -> list[Guide] | None:
+        """The guides of `n` sources with the forced prefix (unscored) in front of their own prefixes."""
+        if not self.forced:
+            return guides
+        return [dataclasses.replace(g, prefix=self.forced + g.prefix, free=len(self.forced))
+                for g in guides or [Guide()] * n]
 
     def allowed(self, device: torch.device) -> Tensor:
         """(V,) True for the tokens a search may emit."""
@@ -374,6 +394,7 @@ class Decoder:
         `guides` (one per source) force prefixes and require or exclude phrases; required phrases are searched for
         by beam search (at `decode.beam`, even 1)."""
         spec = self.spec
+        guides = self.steer(src.shape[0], guides)
         max_len = self.max_len(src_keep, guides)
         allowed = self.allowed(src.device)
         if spec.one_shot:
@@ -382,7 +403,7 @@ class Decoder:
                                   "`decode.one_shot=true` decodes every position at once")
             return one_shot(model, src, src_keep, bos=self.bos, length=max_len, allowed=allowed)
         if not spec.sampling and (spec.beam > 1 or (guides and any(g.include for g in guides))):
-            return self.n_best(model, src, src_keep, 1, guides).tokens[:, 0]
+            return self._n_best(model, src, src_keep, 1, guides).tokens[:, 0]
         sampler = partial(sample_from, temperature=spec.temperature, top_k=spec.top_k,
                           top_p=spec.top_p) if spec.sampling else None
         if sampler and guides and any(g.include for g in guides):
@@ -397,6 +418,11 @@ class Decoder:
         if spec.sampling or spec.one_shot:
             raise ConfigError("n-best lists and scores come from beam search; they need `decode.sampling=false` and "
                               "`decode.one_shot=false`")
+        return self._n_best(model, src, src_keep, n, self.steer(src.shape[0], guides))
+
+    def _n_best(self, model: EncoderDecoder, src: Tensor, src_keep: Tensor, n: int,
+                guides: list[Guide] | None) -> Hypotheses:
+        spec = self.spec
         return beam_search(model, src, src_keep, bos=self.bos, eos=self.eos, max_len=self.max_len(src_keep, guides),
                            beam=max(spec.beam, n), n_best=n, length_penalty=spec.length_penalty,
                            length_normalization=spec.length_normalization, allowed=self.allowed(src.device),

@@ -86,6 +86,9 @@ class Tokenizer(Encoder):
     bos_id: int
     eos_id: int
     label_ids: tuple[int, ...] | None = None  # a closed label set: the only ids a search may emit
+    # Ids every output starts with after BOS (NLLB's target language): targets are trained with them, searches force
+    # them (their log-probability is not scored, as transformers' forced BOS and CTranslate2's prefixes do).
+    forced_prefix: tuple[int, ...] = ()
     # Text items: decode(encode(text)) == normalize(text) for text made of what fitting saw. A tokenizer that
     # cannot give text back (it joins words with spaces, say) says so with `lossless = False`.
     lossless: bool = True

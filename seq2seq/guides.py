@@ -34,11 +34,13 @@ from seq2seq.errors import DataError
 @dataclass(frozen=True)
 class Guide:
     """One input's controls: its output starts with `prefix`, contains every phrase of `include` and none of
-    `exclude` (each a non-empty sequence of target token ids)."""
+    `exclude` (each a non-empty sequence of target token ids). The first `free` tokens of the prefix are not scored
+    (a target language the tokenizer forces)."""
 
     prefix: tuple[int, ...] = ()
     include: tuple[tuple[int, ...], ...] = ()
     exclude: tuple[tuple[int, ...], ...] = ()
+    free: int = 0
 
     def __post_init__(self) -> None:
         for kind in ("include", "exclude"):
@@ -81,6 +83,7 @@ class Guides:
             return None if t is None else t.to(device).repeat_interleave(beam, dim=0)
 
         self.phrases, self.exclude, self.prefix = rows(phrases), rows(exclude), rows(prefix)  # (R, P, W), ...
+        self.free = rows(torch.tensor([g.free for g in guides]))  # (R,) unscored prefix tokens
         self.lengths = (self.phrases >= 0).sum(-1)  # (R, P); 0 for a row's unused phrase slots
         self.total = self.lengths.sum(-1)  # (R,) constraint tokens each row must produce
         self.has_include = bool(self.total.any())

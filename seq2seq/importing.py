@@ -42,8 +42,10 @@ log = logging.getLogger("seq2seq")
 
 # model_type -> what differs between the families (the table above)
 FAMILIES: dict[str, dict[str, Any]] = {
-    "marian": {"tokenizer": "marian", "norm_first": False, "sinusoid": "halves", "position_offset": 0},
-    "m2m_100": {"tokenizer": "nllb", "norm_first": True, "sinusoid": "fairseq", "position_offset": 2},
+    "marian": {"tokenizer": "marian", "norm_first": False, "sinusoid": "halves", "position_offset": 0,
+               "logits_bias": True},
+    "m2m_100": {"tokenizer": "nllb", "norm_first": True, "sinusoid": "fairseq", "position_offset": 2,
+                "logits_bias": False},
 }
 ACTIVATIONS = {"swish": "silu", "silu": "silu", "relu": "relu", "gelu": "gelu"}
 PLUGIN = "seq2seq_plugins.text"  # the tokenizers of these models
@@ -137,6 +139,15 @@ def _layer(out: dict[str, Tensor], side: str, i: int, take) -> None:
     _pair(out, f"{ours}.ff.w2", f"{theirs}.fc2", take)
 
 
+def _shared_embedding(weights: dict[str, Tensor], take) -> Tensor:
+    """The one embedding of source, target and output layer; a copy that differs is refused."""
+    embedding = take("shared.weight") if "shared.weight" in weights else take("encoder.embed_tokens.weight")
+    for copy in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
+        if copy in weights and not torch.equal(take(copy), embedding):
+            raise ConfigError(f"{copy} differs from the shared embedding: the model is not tied as its config says")
+    return embedding
+
+
 def map_weights(weights: dict[str, Tensor], spec: dict[str, Any]) -> dict[str, Tensor]:
     """Hugging Face tensor names -> the core's (`EncoderDecoder.state_dict`). Every tensor is used, or is a
     sinusoid table the core computes, or a copy of the shared embedding; anything else is refused by name."""
@@ -148,15 +159,10 @@ def map_weights(weights: dict[str, Tensor], spec: dict[str, Any]) -> dict[str, T
         used.add(name)
         return weights[name]
 
-    out: dict[str, Tensor] = {}
-    embedding = take("shared.weight") if "shared.weight" in weights else take("encoder.embed_tokens.weight")
-    for name in ("src_embed.embed.weight", "tgt_embed.embed.weight", "head.proj.weight"):
-        out[name] = embedding
-    for copy in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
-        if copy in weights and not torch.equal(take(copy), embedding):
-            raise ConfigError(f"{copy} differs from the shared embedding: the model is not tied as its config says")
-    bias = weights.get("final_logits_bias")
-    out["head.proj.bias"] = take("final_logits_bias").reshape(-1) if bias is not None else torch.zeros(len(embedding))
+    embedding = _shared_embedding(weights, take)
+    out = dict.fromkeys(("src_embed.embed.weight", "tgt_embed.embed.weight", "head.proj.weight"), embedding)
+    if "final_logits_bias" in weights:
+        out["head.proj.bias"] = take("final_logits_bias").reshape(-1)
     for side in ("encoder", "decoder"):
         for i in range(spec[f"n_{side}_layers"]):
             _layer(out, side, i, take)
@@ -172,13 +178,15 @@ def map_weights(weights: dict[str, Tensor], spec: dict[str, Any]) -> dict[str, T
 def train_config(hf: dict[str, Any], target_lang: str | None, source_lang: str | None) -> dict[str, Any]:
     """The checkpoint's config: the model's architecture and tokenizers; data, training and decoding settings
     are the defaults a fine-tuning run overrides."""
-    name = FAMILIES[hf["model_type"]]["tokenizer"]
+    family = FAMILIES[hf["model_type"]]
+    name = family["tokenizer"]
     langs = {"target_lang": target_lang} | ({"source_lang": source_lang} if name == "nllb" else {})
     return {
         "plugins": [PLUGIN], "model": model_block(hf), "data": {"name": "parallel"},
         "tokenizer": {"src": {"name": name, "side": "source", **langs}, "tgt": {"name": name, "side": "target",
                                                                               **langs}},
-        "embedding": {"src": {"name": "token"}, "tgt": {"name": "token"}}, "head": {"name": "linear", "bias": True},
+        "embedding": {"src": {"name": "token"}, "tgt": {"name": "token"}},
+        "head": {"name": "linear", "bias": family["logits_bias"]},
         "metrics": ["bleu", "chrf"], "monitor": {"metric": "val/bleu", "mode": "max"},
         "decode": {"beam": 4, "max_len_a": 1.5, "max_len_b": 10, "length_normalization": "average"},
     }
@@ -214,7 +222,10 @@ def check_parity(folder: Path, translator: Translator, sentences: list[str], tol
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     theirs = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=torch.float32).eval()
-    hf_ids = AutoTokenizer.from_pretrained(folder)(sentences)["input_ids"]
+    langs = {k: getattr(translator.src_tok, k) for k in ("source_lang", "target_lang")
+             if getattr(translator.src_tok, k, None)}  # NLLB's
+    hf_ids = AutoTokenizer.from_pretrained(folder, **{k[:3] + "_lang": v for k, v in langs.items()})(
+        sentences)["input_ids"]
     for sentence, ids in zip(sentences, hf_ids, strict=True):
         if (ours := translator.src_tok.encode(sentence).tolist()) != ids:
             raise ConfigError(f"tokenization differs from transformers' on {sentence!r}: {ours} vs {ids}")
@@ -223,14 +234,15 @@ def check_parity(folder: Path, translator: Translator, sentences: list[str], tol
     idx, batch = next(translator.batches(sentences))
     ordered = [sentences[i] for i in idx]
     inputs = {"input_ids": batch.src, "attention_mask": batch.src_keep.long()}
+    forced = {"forced_bos_token_id": tok.forced_prefix[0]} if tok.forced_prefix else {}
     report: dict[str, Any] = {"sentences": len(sentences)}
     with torch.no_grad():
         for beam in (4, 1):
             search = {"num_beams": beam, "length_penalty": 1.0, "early_stopping": False} if beam > 1 else {}
-            generated = theirs.generate(**inputs, **search, do_sample=False, max_new_tokens=max_new,
+            generated = theirs.generate(**inputs, **search, **forced, do_sample=False, max_new_tokens=max_new,
                                         suppress_tokens=[tok.pad_id], forced_eos_token_id=None).tolist()
-            want = [row[1 : row.index(tok.eos_id)] if tok.eos_id in row[1:] else row[1:] for row in generated]
-            want = [[t for t in row if t != tok.pad_id] for row in want]
+            bodies = [[t for t in row[1:] if t != tok.pad_id] for row in generated]  # after the decoder's start
+            want = [body[: body.index(tok.eos_id)] if tok.eos_id in body else body for body in bodies]
             got = translator.with_decoding(beam=beam).tokens(ordered)
             for sentence, a, b in zip(ordered, got, want, strict=True):
                 if a != b:

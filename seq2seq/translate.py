@@ -206,9 +206,11 @@ class Translator:
         return out
 
     def scores(self, pairs: list[tuple[Any, Any]]) -> list[list[float]]:
-        """Teacher-forced log-probabilities of each target token and its EOS, for (source, target) pairs."""
+        """Teacher-forced log-probabilities of each target token and its EOS, for (source, target) pairs (targets
+        after the tokenizer's forced prefix, which is scored too)."""
         out: list[list[float]] = [[] for _ in pairs]
-        targets = [self.module.tgt_tok.encode(t).tolist() for _, t in pairs]
+        forced = list(self.decoder.forced)
+        targets = [forced + self.module.tgt_tok.encode(t).tolist() for _, t in pairs]
         with self._inference():
             for idx, batch in self.batches([s for s, _ in pairs]):
                 found = self.backend.score(self.decoder, batch.src, batch.src_keep, [targets[i] for i in idx])

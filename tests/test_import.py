@@ -11,16 +11,25 @@ import torch
 
 pytest.importorskip("transformers")
 
-import hf_models  # noqa: E402
-from seq2seq.embeddings import sinusoid_table  # noqa: E402
-from seq2seq.errors import ConfigError  # noqa: E402
-from seq2seq.importing import SENTENCES, build_module, check_parity, map_weights, read_config  # noqa: E402
-from seq2seq.translate import Translator  # noqa: E402
+import hf_models
+
+from seq2seq.embeddings import sinusoid_table
+from seq2seq.errors import ConfigError
+from seq2seq.importing import SENTENCES, build_module, check_parity, map_weights, read_config
+from seq2seq.translate import Translator
 
 
 @pytest.fixture(scope="module")
 def marian(tmp_path_factory):
     return hf_models.marian(tmp_path_factory.mktemp("marian") / "opus-mt-tiny")
+
+
+@pytest.fixture(scope="module")
+def nllb(tmp_path_factory):
+    return hf_models.nllb(tmp_path_factory.mktemp("nllb") / "nllb-tiny")
+
+
+NLLB_LANGS = ("source_lang=kor_Hang", "target_lang=eng_Latn")
 
 
 def _cli(*args, cwd=None):
@@ -140,3 +149,47 @@ def test_a_real_opus_mt_model(tmp_path):
     out = _cli("import", f"hf={folder}", f"output={tmp_path / 'real.ckpt'}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "greedy and beam-4 tokens identical" in out.stderr
+
+
+def test_an_imported_nllb_model_decodes_as_transformers_does_with_its_forced_language(nllb, tmp_path):
+    out = _cli("import", f"hf={nllb}", f"output={tmp_path / 'nllb.ckpt'}", *NLLB_LANGS, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    config = torch.load(tmp_path / "nllb.ckpt", weights_only=True)["hyper_parameters"]["config"]
+    assert (config["model"]["norm_first"], config["model"]["sinusoid"], config["model"]["position_offset"]) == (
+        True, "fairseq", 2)
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    theirs = AutoModelForSeq2SeqLM.from_pretrained(nllb)
+    hf_tok = AutoTokenizer.from_pretrained(nllb, src_lang="kor_Hang", tgt_lang="eng_Latn")
+    sentences = hf_models.SENTENCES[:10]
+    generated = theirs.generate(**hf_tok(sentences, return_tensors="pt", padding=True), num_beams=4,
+                                max_new_tokens=30, forced_bos_token_id=hf_tok.convert_tokens_to_ids("eng_Latn"),
+                                suppress_tokens=[hf_tok.pad_token_id])
+    ours = Translator.from_checkpoint(tmp_path / "nllb.ckpt").with_decoding(max_len_a=0.0, max_len_b=30)
+    tokens = ours.tokens(sentences)
+    assert all(t[0] == hf_tok.convert_tokens_to_ids("eng_Latn") for t in tokens)  # the forced target language
+    assert ours.translate(sentences) == hf_tok.batch_decode(generated, skip_special_tokens=True)
+    assert len({tuple(t) for t in tokens}) > 3
+
+    out = _cli("import", f"hf={nllb}", f"output={tmp_path / 'x.ckpt'}", "source_lang=kor_Hang",
+               "target_lang=deu_Latn", cwd=tmp_path)
+    assert out.returncode == 2 and "no 'deu_Latn' token" in out.stderr and "eng_Latn" in out.stderr
+
+
+def test_an_imported_nllb_model_fine_tuned_exports_to_ctranslate2_and_onnx_with_parity(nllb, tmp_path):
+    pytest.importorskip("ctranslate2")
+    from conftest import text_corpus
+
+    from seq2seq import compose, train
+    from seq2seq.exporting import export
+
+    assert _cli("import", f"hf={nllb}", f"output={tmp_path / 'nllb.ckpt'}", *NLLB_LANGS, cwd=tmp_path).returncode == 0
+    corpus = text_corpus(tmp_path / "data")
+    run = ["experiment=translate_ko_en", f"data.path={corpus}", f"init={tmp_path / 'nllb.ckpt'}", "optim.lr=0.5",
+           "trainer.max_steps=6", "trainer.max_time=null", "trainer.enable_progress_bar=false",
+           "optim.ema_decay=null", "loader.max_tokens=512"]
+    train(compose(run), tmp_path / "run")
+    for fmt in ("ctranslate2", "onnx"):
+        report = export(tmp_path / "run" / "checkpoints" / "last.ckpt", fmt, tmp_path / fmt, check_limit=20)["parity"]
+        assert report["greedy_agreement"] == 1.0 and report["beam4_lower_scored"] == 0, (fmt, report)
+        assert report["max_logprob_diff"] < 1e-3

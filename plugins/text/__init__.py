@@ -38,7 +38,7 @@ from seq2seq.domain import Decodes, Reader, Rows, read_lines
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.metrics import Signed
 from seq2seq.registry import DATASETS, METRICS
-from seq2seq_plugins.text.pretrained import MarianTokenizer  # noqa: F401 - importing registers it
+from seq2seq_plugins.text.pretrained import MarianTokenizer, NllbTokenizer  # noqa: F401 - importing registers them
 from seq2seq_plugins.text.tokenizers import (  # noqa: F401 - importing registers the tokenizers
     BPETokenizer,
     CharTokenizer,

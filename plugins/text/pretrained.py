@@ -1,5 +1,5 @@
 """Tokenizers of pretrained translation models, read from a Hugging Face model folder by `seq2seq import` and saved
-inside the checkpoint like every tokenizer (the SentencePiece model and the vocabulary as plain data).
+inside the checkpoint like every tokenizer (their models and vocabularies as plain data).
 
 `marian`: OPUS-MT's MarianTokenizer. Each side has its own SentencePiece model (source.spm, target.spm) and both
 map pieces through one joint vocab.json; a piece missing from it is <unk>. Sources end with </s>; decoding starts
@@ -109,3 +109,68 @@ class MarianTokenizer(Tokenizer):
                               f"{self.target_lang}<< token; it has {codes[:20] or 'none (a single-target model)'}")
         self.eos_id, self.unk_id, self.pad_id = (self._special(p) for p in ("</s>", "<unk>", "<pad>"))
         self.bos_id = self.pad_id  # Marian's decoder starts from <pad>
+
+
+@TOKENIZERS.register("nllb")
+class NllbTokenizer(Tokenizer):
+    """One side of an NLLB-200 (or M2M-100 with an NLLB tokenizer) model's tokenizer, from its `tokenizer.json`
+    (Hugging Face `tokenizers`, normalizer included). Sources are `source_lang` + pieces + </s>; decoding starts
+    from </s> and every output begins with `target_lang` (`forced_prefix`), as transformers' `forced_bos_token_id`
+    makes it."""
+
+    def __init__(self, side: str = "source", source_lang: str | None = None, target_lang: str | None = None) -> None:
+        if side not in SIDES:
+            raise ConfigError(f"tokenizer `side` must be one of {', '.join(SIDES)}, got {side!r}")
+        for key, value in (("source_lang", source_lang), ("target_lang", target_lang)):
+            if not value:
+                raise ConfigError(f"the nllb tokenizer needs `{key}`, a language code such as kor_Hang or eng_Latn "
+                                  f"(`seq2seq import ... {key}=...`)")
+        self.side, self.source_lang, self.target_lang = side, source_lang, target_lang
+        self._tok: Any = None
+
+    def fit(self, items: list[str]) -> None:
+        raise ConfigError("the nllb tokenizer is an NLLB model's own: it is not fitted on data. Import the model "
+                          "(`seq2seq import hf=DIR output=X.ckpt source_lang=... target_lang=...`) and start from it "
+                          "with `init=X.ckpt`")
+
+    def load_pretrained(self, folder: Path) -> None:
+        self.load_state_dict({"tokenizer": _read(folder, "tokenizer.json").decode("utf-8")})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokenizer": self._tok.to_str()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self._tok = HFTokenizer.from_str(state["tokenizer"])
+        self.eos_id, self.pad_id, self.unk_id = (self._id(p) for p in ("</s>", "<pad>", "<unk>"))
+        self.bos_id = self.eos_id  # NLLB's decoder starts from </s>
+        self.source_id, target = self._id(self.source_lang), self._id(self.target_lang)
+        self.forced_prefix = (target,) if self.side == "target" else ()
+
+    def _id(self, token: str) -> int:
+        found = self._tok.token_to_id(token)
+        if found is None:
+            codes = sorted(t for t in self._tok.get_vocab() if len(t) == 8 and t[3] == "_")
+            raise ConfigError(f"this NLLB vocabulary has no {token!r} token; its language codes include "
+                              f"{codes[:12] or 'none'}")
+        return found
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, item: str) -> Tensor:
+        return torch.tensor(self.encode_batch([item])[0], dtype=torch.long)
+
+    def encode_batch(self, items: list[str]) -> list[list[int]]:
+        encoded = [e.ids for e in self._tok.encode_batch(items, add_special_tokens=False)]
+        if self.side == "target":
+            return encoded
+        return [[self.source_id, *ids, self.eos_id] for ids in encoded]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        return [self._tok.id_to_token(i) for i in ids]

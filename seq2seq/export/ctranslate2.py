@@ -174,6 +174,7 @@ class CTranslate2Model:
                guides: list[Guide] | None = None) -> Hypotheses:
         beam = max(decoder.spec.beam, n)
         prefix = None
+        guides = decoder.steer(src.shape[0], guides)  # CTranslate2 does not score a prefix, forced or not
         if guides:
             if any(g.include or g.exclude for g in guides):
                 raise ConfigError("CTranslate2 has no per-input lexical constraints; decode required or excluded "
