@@ -139,7 +139,9 @@ def check_tokenizers(overrides: list[str], n_pairs: int = 64) -> None:
                                                 f"{item!r} differently; does `state_dict()` hold the fitted state?")
             if not isinstance(tok, Tokenizer):
                 continue  # feature values: nothing to decode
-            assert len({tok.pad_id, tok.bos_id, tok.eos_id}) == 3, f"{side}: pad, bos and eos must differ"
+            assert tok.pad_id != tok.eos_id, f"{side}: pad and eos must differ"
+            assert all(0 <= i < tok.vocab_size for i in (tok.pad_id, tok.bos_id, tok.eos_id, *tok.forced_prefix)), (
+                f"{side}: special ids outside the vocabulary")
             assert int(ids.min()) >= 0 and int(ids.max()) < tok.vocab_size, f"{side}: ids outside the vocabulary"
             text = tok.decode(ids.tolist())
             assert isinstance(text, str), f"{side}: decode must return a string"

@@ -29,8 +29,9 @@ SIDES = ("source", "target")
 def _read(folder: Path, name: str) -> bytes:
     path = folder / name
     if not path.is_file():
-        raise ConfigError(f"{folder} has no {name}: a MarianTokenizer folder holds source.spm, target.spm and "
-                          "vocab.json (`huggingface-cli download Helsinki-NLP/opus-mt-... --local-dir DIR` gets them)")
+        needs = "tokenizer.json" if name == "tokenizer.json" else "source.spm, target.spm and vocab.json"
+        raise ConfigError(f"{folder} has no {name}: this tokenizer reads {needs} from the model's folder, as "
+                          "`huggingface-cli download <model> --local-dir DIR` writes it")
     return path.read_bytes()
 
 
