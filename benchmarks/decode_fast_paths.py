@@ -18,8 +18,10 @@ from collections.abc import Callable, Iterator
 import torch
 from presets import BOS, EOS, PRESETS, decode_arguments, ours
 
+import seq2seq.beam as beam
 import seq2seq.decoding as decoding
-from seq2seq.decoding import beam_search, greedy
+from seq2seq.beam import beam_search
+from seq2seq.decoding import greedy
 from seq2seq.model import DecoderState
 
 
@@ -28,9 +30,13 @@ def _full_reorder(self: DecoderState, index: torch.Tensor) -> None:
         cache.reorder(index, None)
 
 
-PLAIN: dict[str, tuple[object, str, object]] = {  # fast path -> (owner, attribute, plain replacement)
-    "packed weights": (decoding, "packed_weights", lambda rows: contextlib.nullcontext()),
-    "row-wise cache reorder": (DecoderState, "reorder", _full_reorder),
+def _unpacked(rows: int) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+PLAIN: dict[str, list[tuple[object, str, object]]] = {  # fast path -> [(owner, attribute, plain replacement)]
+    "packed weights": [(decoding, "packed_weights", _unpacked), (beam, "packed_weights", _unpacked)],
+    "row-wise cache reorder": [(DecoderState, "reorder", _full_reorder)],
 }
 
 
@@ -40,13 +46,14 @@ def plain(name: str) -> Iterator[None]:
     if name not in PLAIN:
         yield
         return
-    owner, attribute, replacement = PLAIN[name]
-    fast = getattr(owner, attribute)
-    setattr(owner, attribute, replacement)
+    fast = [(owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in PLAIN[name]]
+    for owner, attribute, replacement in PLAIN[name]:
+        setattr(owner, attribute, replacement)
     try:
         yield
     finally:
-        setattr(owner, attribute, fast)
+        for owner, attribute, original in fast:
+            setattr(owner, attribute, original)
 
 
 def main() -> None:

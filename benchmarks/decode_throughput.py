@@ -17,7 +17,8 @@ from collections.abc import Callable
 import torch
 from presets import BOS, EOS, PRESETS, decode_arguments, marian, ours
 
-from seq2seq.decoding import beam_search, greedy
+from seq2seq.beam import beam_search
+from seq2seq.decoding import greedy
 
 
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:

@@ -10,8 +10,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from seq2seq.decoding import Decoder, Hypotheses
+from seq2seq.decoding import Decoder
 from seq2seq.guides import Guide
+from seq2seq.search import Hypotheses
 
 
 class Backend(Protocol):

@@ -27,7 +27,7 @@ from seq2seq.build import build_model, component_modules, load_tokenizers
 from seq2seq.checkpoints import read_checkpoint
 from seq2seq.config import load_train_config
 from seq2seq.data import IGNORE_INDEX, Batch, epoch_position
-from seq2seq.decoding import Decoder, strip
+from seq2seq.decoding import Decoder
 from seq2seq.domain import Tokenizer
 from seq2seq.errors import ConfigError, DivergedError
 from seq2seq.lora import load_base, merge, without
@@ -37,6 +37,7 @@ from seq2seq.registry import METRICS
 from seq2seq.schedule import configure
 from seq2seq.schema import to_data
 from seq2seq.schemas import TrainConfig
+from seq2seq.search import strip
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from seq2seq.beam import beam_search
 from seq2seq.build import fit_encoders, fit_tokenizers
 from seq2seq.config import compose
 from seq2seq.data import Batch, Collate
-from seq2seq.decoding import beam_search, greedy
+from seq2seq.decoding import greedy
 from seq2seq.domain import Encoder, Tokenizer
 from seq2seq.embeddings import TokenEmbedding
 from seq2seq.heads import LinearHead

@@ -23,12 +23,13 @@ from torch import Tensor
 
 from seq2seq.backends import Backend, Stepped
 from seq2seq.data import Batch, Collate
-from seq2seq.decoding import Decoder, strip
+from seq2seq.decoding import Decoder
 from seq2seq.domain import Encoder, Tokenizer
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.export import is_export, load_export
 from seq2seq.guides import Guide, Term
 from seq2seq.module import Seq2SeqModule
+from seq2seq.search import strip
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,16 +4,9 @@ from functools import partial
 import pytest
 import torch
 
-from seq2seq.decoding import (
-    Decoder,
-    DecodeSpec,
-    beam_search,
-    greedy,
-    max_length,
-    repeated_ngram_mask,
-    sample_from,
-    strip,
-)
+from seq2seq.beam import beam_search
+from seq2seq.decoding import Decoder, DecodeSpec, greedy, sample_from
+from seq2seq.search import max_length, repeated_ngram_mask, strip
 from seq2seq.testing import BOS, EOS, Favour, random_batch
 from seq2seq.testing import VOCAB as V
 from seq2seq.testing import tiny_model as make_model

@@ -2,7 +2,8 @@
 
 import torch
 
-from seq2seq.decoding import Decoder, DecodeSpec, beam_search, greedy
+from seq2seq.beam import beam_search
+from seq2seq.decoding import Decoder, DecodeSpec, greedy
 from seq2seq.ensemble import Ensemble
 from seq2seq.guides import Guide
 from seq2seq.testing import BOS, EOS, PAD, random_batch, tiny_model

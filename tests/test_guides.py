@@ -5,9 +5,11 @@ import random
 import pytest
 import torch
 
-from seq2seq.decoding import Decoder, DecodeSpec, beam_search, greedy, strip
+from seq2seq.beam import beam_search
+from seq2seq.decoding import Decoder, DecodeSpec, greedy
 from seq2seq.errors import DataError
 from seq2seq.guides import Guide, Term, matching_terms, read_glossary, term_usage
+from seq2seq.search import strip
 from seq2seq.testing import BOS, EOS, PAD, Favour, random_batch, tiny_model
 from seq2seq.testing import VOCAB as V
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from seq2seq.attention import ALiBi, MultiHeadAttention, Rotary, causal_keep, padding_keep
-from seq2seq.decoding import beam_search, greedy
+from seq2seq.beam import beam_search
+from seq2seq.decoding import greedy
 from seq2seq.errors import ConfigError
 from seq2seq.model import ModelSpec
 from seq2seq.testing import BOS, EOS, random_batch, tiny_model

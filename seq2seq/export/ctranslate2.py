@@ -15,13 +15,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from seq2seq.decoding import Decoder, Hypotheses
+from seq2seq.decoding import Decoder
 from seq2seq.domain import Tokenizer
 from seq2seq.embeddings import SinusoidalPositions, TokenEmbedding
 from seq2seq.errors import ConfigError
 from seq2seq.guides import Guide
 from seq2seq.heads import LinearHead
 from seq2seq.model import EncoderDecoder
+from seq2seq.search import Hypotheses
 
 QUANTIZATIONS = ("none", "int8", "int8_float32", "bfloat16")
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which the core uses
