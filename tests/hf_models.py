@@ -48,7 +48,7 @@ def marian(folder: Path, seed: int = 0, d_model: int = 32, **config) -> Path:
     src, tgt = _spm(SENTENCES, 120), _spm(SENTENCES[::-1], 110)
     (folder / "source.spm").write_bytes(src)
     (folder / "target.spm").write_bytes(tgt)
-    pieces = ["</s>", "<unk>"]
+    pieces = ["</s>", "<unk>", ">>fra<<", ">>deu<<"]  # language tokens, as a multi-target model has
     for model in (src, tgt):
         proc = spm.SentencePieceProcessor(model_proto=model)
         pieces += [p for p in (proc.id_to_piece(i) for i in range(proc.get_piece_size())) if p not in pieces

@@ -78,6 +78,21 @@ def test_an_imported_marian_model_decodes_as_transformers_does(marian, tmp_path)
     assert len(set(want)) > 3  # the tiny model's outputs differ by input: the comparison is not of constants
 
 
+def test_a_multi_target_marian_model_takes_its_language_token_from_target_lang_or_the_line(marian):
+    from transformers import MarianTokenizer
+
+    hf_tok = MarianTokenizer.from_pretrained(marian)
+    module = build_module(marian, read_config(marian), "fra", None)
+    ours = module.src_tok
+    for text in ("새 문서를 만듭니다.", "Open the file."):
+        want = hf_tok(f">>fra<< {text}")["input_ids"]
+        assert want[0] == hf_tok.convert_tokens_to_ids(">>fra<<")
+        assert ours.encode(text).tolist() == want  # from target_lang
+        assert ours.encode(f">>deu<< {text}").tolist() == hf_tok(f">>deu<< {text}")["input_ids"]  # from the line
+    with pytest.raises(ConfigError, match=r"no >>ita<< token; it has \['>>deu<<', '>>fra<<'\]"):
+        build_module(marian, read_config(marian), "ita", None)
+
+
 def test_parity_catches_a_single_wrong_bias(marian):
     hf = read_config(marian)
     module = build_module(marian, hf, None, None)
