@@ -5,10 +5,11 @@ beam-4 outputs token for token, and the teacher-forced log-probability of every 
 `LOGPROB_TOLERANCE`) or, in label domains, the probability of every label (within `PROBABILITY_TOLERANCE`). A
 full-precision export that decodes any of them differently, or whose probabilities drift, is an error, with one
 exception: CTranslate2 runs its own beam search, which stops by its own rule (once its top candidate ends; with a
-length penalty, once it holds K finished hypotheses), so it may end on another hypothesis; where it does, the one it
-chose must score at least as high under the model (`beam4_lower_scored` = 0). A quantized
-export reports the agreement, and the metrics (e.g. BLEU, chrF) of both models on the first `check_limit` pairs of
-the test split, decoded as the checkpoint's `decode:` says.
+length penalty, once it holds K finished hypotheses), so it may end on another hypothesis. Without length
+normalization, where it does, the one it chose must score at least as high under the model (`beam4_lower_scored` =
+0); with it, its rule may stop before a better hypothesis, and `beam4_lower_scored` is reported, not refused.
+A quantized export reports the agreement, and the metrics (e.g. BLEU, chrF) of both models on the first
+`check_limit` pairs of the test split, decoded as the checkpoint's `decode:` says.
 """
 
 from __future__ import annotations
@@ -112,12 +113,18 @@ def _fitting(module: Seq2SeqModule, pairs: list[tuple[Any, Any]], limit: int) ->
     return list(itertools.islice(fitting, limit))
 
 
-def _check(report: dict[str, Any], fmt: str) -> None:
-    # CTranslate2's beam search is its own: it may choose otherwise, never a hypothesis the model scores lower.
+def _check(report: dict[str, Any], fmt: str, normalized: bool) -> None:
+    # CTranslate2's beam search is its own. Without length normalization both searches are exact for the best
+    # hypothesis, so it may choose otherwise, never a hypothesis the model scores lower; with it, its stopping rule
+    # (K finished hypotheses) may end on one the core's search would have passed over: reported, not refused.
     agreements = ("greedy_agreement",) + (("beam4_agreement",) if fmt == "onnx" else ())
     problems = [f"{key} = {report[key]:.4f}" for key in agreements if report.get(key, 1.0) < 1.0]
-    if report.get("beam4_lower_scored", 0):
+    if report.get("beam4_lower_scored", 0) and not normalized:
         problems.append(f"beam4_lower_scored = {report['beam4_lower_scored']}")
+    elif report.get("beam4_lower_scored", 0):
+        log.warning("CTranslate2's beam search ended on a lower-scored hypothesis than ours on %d of %d examples "
+                    "(its stopping rule under length normalization); greedy outputs and log-probabilities agree",
+                    report["beam4_lower_scored"], report["examples"])
     for key, tolerance in (("max_logprob_diff", LOGPROB_TOLERANCE), ("max_probability_diff", PROBABILITY_TOLERANCE)):
         if report.get(key, 0.0) > tolerance:
             problems.append(f"{key} = {report[key]:.2e} > {tolerance}")
@@ -172,7 +179,8 @@ def export(ckpt: str | Path, fmt: str, output: str | Path, quantization: str = "
                 scored = _fitting(module, reader.read("test").pairs, check_limit)
             manifest["parity"] = {"split": check, **parity(eager, Translator.from_checkpoint(staging), pairs, scored)}
             if quantization == "none":
-                _check(manifest["parity"], fmt)
+                spec = module.config.decode
+                _check(manifest["parity"], fmt, spec.length_normalization == "average" or spec.length_penalty != 0)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         with storage("the export", output, kept):
             replace_folder(staging, output)
