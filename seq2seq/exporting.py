@@ -31,6 +31,7 @@ from seq2seq.export import ENGINES, FORMATS, MANIFEST, MODULE, QUANTIZATIONS, re
 from seq2seq.module import Seq2SeqModule
 from seq2seq.outputs import check_folder, read_json, refuse_inputs, replace_folder, storage
 from seq2seq.registry import DATASETS
+from seq2seq.schema import one_of
 from seq2seq.translate import Translator
 
 log = logging.getLogger(__name__)
@@ -145,11 +146,8 @@ def export(ckpt: str | Path, fmt: str, output: str | Path, quantization: str = "
     """Export the checkpoint `ckpt` to the folder `output`; returns the manifest. `check` names the split whose
     first `check_limit` pairs the parity check decodes (None: no check). An earlier export at `output` is replaced
     once the new one is complete; anything else there only with `force` (`seq2seq.outputs`)."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"`format` must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if quantization not in QUANTIZATIONS[fmt]:
-        raise ConfigError(f"`quantization` for {fmt} must be one of {', '.join(QUANTIZATIONS[fmt])}, "
-                          f"got {quantization!r}")
+    one_of("format", fmt, FORMATS)
+    one_of(f"quantization` for `{fmt}", quantization, QUANTIZATIONS[fmt])
     require(ENGINES[fmt], "deploy")
     refuse_inputs("output", output, [ckpt])
     output = check_folder("output", output, exported_files, force)

@@ -40,6 +40,19 @@ def hint(word: str, choices: Iterable[str]) -> str:
     return f" Did you mean `{close[0]}`?" if close else ""
 
 
+def not_one_of(where: str, value: Any, choices: Iterable[Any]) -> str:
+    """What to say of a value outside its choices, with the nearest one."""
+    accepted = [str(c) for c in choices]
+    return f"`{where}` must be one of {', '.join(accepted)}, got {excerpt(value)}{hint(str(value), accepted)}"
+
+
+def one_of(where: str, value: Any, choices: Iterable[Any]) -> None:
+    """A ConfigError unless `value` is one of `choices` (for options checked outside a schema: a plugin's)."""
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(not_one_of(where, value, choices))
+
+
 def type_ok(value: object, annotation: object) -> bool:
     """A shallow check of a YAML value against an annotation; annotations it does not know pass."""
     if annotation is inspect.Parameter.empty or annotation is Any:
@@ -78,8 +91,7 @@ def _wrong(where: str, value: Any, annotation: object, meta: typing.Mapping[str,
         return [f"`{where}` must be {_type_name(annotation)}, got {excerpt(value)}, a {type(value).__name__}"]
     choices, minimum = meta.get("choices"), meta.get("minimum")
     if choices is not None and value is not None and value not in choices:
-        accepted = [str(c) for c in choices]
-        return [f"`{where}` must be one of {', '.join(accepted)}, got {excerpt(value)}{hint(str(value), accepted)}"]
+        return [not_one_of(where, value, choices)]
     numbers = value if isinstance(value, (list, tuple)) else [value]
     for number in (n for n in numbers if isinstance(n, (int, float)) and not isinstance(n, bool)):
         if not math.isfinite(number):

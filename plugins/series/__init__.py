@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from seq2seq.domain import Decodes, FeatureEncoder, Reader, Rows, Tokenizer
 from seq2seq.errors import ConfigError, DataError
 from seq2seq.registry import DATASETS, EMBEDDINGS, TOKENIZERS
+from seq2seq.schema import one_of
 
 DATA_DIR = Path(__file__).parent / "data"
 EMBEDDED = ("typhoons_ryukyu", "clemson_storms")  # CSVs in DATA_DIR
@@ -296,14 +297,10 @@ class SeriesWindows(Reader):
         test_to: int | None = None,
         calibration: str = "none",
     ) -> None:
-        if calibration not in CALIBRATIONS:
-            raise ConfigError(f"`data.calibration` must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
-        if nan_policy not in NAN_POLICIES:
-            raise ConfigError(f"`data.nan_policy` must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}")
-        if impute_method not in IMPUTE_METHODS:
-            raise ConfigError(f"`data.impute_method` must be one of {', '.join(IMPUTE_METHODS)}, got {impute_method!r}")
-        if embedded not in EMBEDDED:
-            raise ConfigError(f"`data.embedded` must be one of {', '.join(EMBEDDED)}, got {embedded!r}")
+        for key, value, choices in (("calibration", calibration, CALIBRATIONS),
+                                    ("nan_policy", nan_policy, NAN_POLICIES),
+                                    ("impute_method", impute_method, IMPUTE_METHODS), ("embedded", embedded, EMBEDDED)):
+            one_of(f"data.{key}", value, choices)
         if min(window, horizon, stride) < 1:
             raise ConfigError("`data.window`, `data.horizon` and `data.stride` must be positive")
         if not val_from <= test_from < (test_to if test_to is not None else test_from + 1):

@@ -18,6 +18,7 @@ from torch import Tensor
 from seq2seq.domain import Reader, Rows, Tokenizer, read_lines
 from seq2seq.errors import ConfigError, DataError, excerpt
 from seq2seq.registry import DATASETS, TOKENIZERS
+from seq2seq.schema import one_of
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 CHUNK = 10_000  # examples per run of rows
@@ -98,8 +99,7 @@ class SyntheticTask(Reader):
         n_test: int = 500,
         seed: int = 0,
     ) -> None:
-        if task not in TASKS:
-            raise ConfigError(f"`data.task` must be one of {', '.join(TASKS)}, got {task!r}")
+        one_of("data.task", task, TASKS)
         if not 2 <= n_symbols <= 36:
             raise ConfigError(f"`data.n_symbols` must be within 2..36, got {n_symbols}")
         if not 1 <= min_len <= max_len:

@@ -22,6 +22,7 @@ from torch import Tensor
 from seq2seq.domain import Tokenizer
 from seq2seq.errors import ConfigError
 from seq2seq.registry import TOKENIZERS
+from seq2seq.schema import one_of
 
 SIDES = ("source", "target")
 
@@ -41,8 +42,7 @@ class MarianTokenizer(Tokenizer):
     from fitting."""
 
     def __init__(self, side: str = "source", target_lang: str | None = None) -> None:
-        if side not in SIDES:
-            raise ConfigError(f"tokenizer `side` must be one of {', '.join(SIDES)}, got {side!r}")
+        one_of("tokenizer side", side, SIDES)
         self.side, self.target_lang = side, target_lang
         self._sp: Any = None
         self._model, self.itos, self.stoi = b"", [], {}
@@ -120,8 +120,7 @@ class NllbTokenizer(Tokenizer):
     makes it."""
 
     def __init__(self, side: str = "source", source_lang: str | None = None, target_lang: str | None = None) -> None:
-        if side not in SIDES:
-            raise ConfigError(f"tokenizer `side` must be one of {', '.join(SIDES)}, got {side!r}")
+        one_of("tokenizer side", side, SIDES)
         for key, value in (("source_lang", source_lang), ("target_lang", target_lang)):
             if not value:
                 raise ConfigError(f"the nllb tokenizer needs `{key}`, a language code such as kor_Hang or eng_Latn "

@@ -19,6 +19,7 @@ from torch import Tensor
 from seq2seq.domain import Tokenizer
 from seq2seq.errors import ConfigError
 from seq2seq.registry import TOKENIZERS
+from seq2seq.schema import one_of
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 NORMALIZATIONS = ("none", "NFC", "NFKC")
@@ -31,9 +32,7 @@ class _TextTokenizer(Tokenizer):
     pad_id, bos_id, eos_id, unk_id = 0, 1, 2, 3
 
     def __init__(self, normalization: str = "NFKC") -> None:
-        if normalization not in NORMALIZATIONS:
-            raise ConfigError(f"tokenizer `normalization` must be one of {', '.join(NORMALIZATIONS)}, "
-                              f"got {normalization!r}")
+        one_of("tokenizer normalization", normalization, NORMALIZATIONS)
         self.normalization = normalization
 
     def normalize(self, text: str) -> str:
