@@ -54,6 +54,15 @@ def test_the_paper_sinusoids_interleave_sines_and_cosines():
             assert pe[pos, 2 * i + 1] == pytest.approx(math.cos(pos / 10000 ** (2 * i / 8)), abs=1e-6)
 
 
+def test_the_silu_feed_forward_is_marians_swish():
+    from seq2seq.model import FeedForward, ModelSpec
+
+    ff = FeedForward(ModelSpec(d_model=8, n_heads=2, d_ff=16, activation="silu"))
+    x = torch.randn(3, 8)
+    h = x @ ff.w1.weight.T + ff.w1.bias
+    torch.testing.assert_close(ff(x), (h * torch.sigmoid(h)) @ ff.w2.weight.T + ff.w2.bias)  # swish(h) = h σ(h)
+
+
 def test_marian_and_fairseq_sinusoids_are_transformers_tables():
     from transformers.models.m2m_100.modeling_m2m_100 import M2M100SinusoidalPositionalEmbedding
     from transformers.models.marian.modeling_marian import MarianSinusoidalPositionalEmbedding
