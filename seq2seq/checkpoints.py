@@ -18,7 +18,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from omegaconf import OmegaConf
 
-from seq2seq.errors import ConfigError, DataError, StorageError
+from seq2seq.errors import ConfigError, DataError, StorageError, some
 from seq2seq.outputs import storage
 
 log = logging.getLogger("seq2seq")
@@ -130,7 +130,7 @@ def refuse_reuse(run_dir: Path) -> None:
                           "in another directory (`hydra.run.dir=...`, or leave it out for a fresh runs/<date>/<time>)")
     found = sorted(p.name for p in run_dir.iterdir() if p.name not in HYDRA_WRITES) if run_dir.is_dir() else []
     if found:
-        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        shown = some(found, 5)
         raise ConfigError(f"`hydra.run.dir={run_dir}` holds files that are not a run's ({shown}); a new run needs "
                           "a new or empty directory (leave `hydra.run.dir` out for a fresh runs/<date>/<time>)")
 

@@ -8,6 +8,13 @@ def excerpt(value: object, limit: int = 80) -> str:
     return shown if len(shown) <= limit else f"{shown[:limit]}... ({len(shown):,} characters)"
 
 
+def some(items: object, limit: int = 10) -> str:
+    """The first `limit` of `items` for a message, and how many more there are: "3, 7, 9 and 12 more"."""
+    items = [str(item) for item in items]  # type: ignore[attr-defined]
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 class ConfigError(ValueError):
     """A setting is wrong. The message names the setting, the expected and actual value, and the fix."""
 

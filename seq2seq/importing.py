@@ -30,7 +30,7 @@ from torch import Tensor
 
 from seq2seq.checkpoints import AtomicCheckpointIO, is_checkpoint
 from seq2seq.config import load_train_config
-from seq2seq.errors import ConfigError
+from seq2seq.errors import ConfigError, some
 from seq2seq.export import require
 from seq2seq.module import Seq2SeqModule
 from seq2seq.outputs import check_file
@@ -170,8 +170,7 @@ def map_weights(weights: dict[str, Tensor], spec: dict[str, Any]) -> dict[str, T
             _pair(out, f"{side}_norm", f"{side}.layer_norm", take)
     left = sorted(n for n in weights.keys() - used if not n.endswith("embed_positions.weight"))
     if left:
-        raise ConfigError(f"the model has tensors the core has no place for: {', '.join(left[:8])}"
-                          f"{f' and {len(left) - 8} more' if len(left) > 8 else ''}")
+        raise ConfigError(f"the model has tensors the core has no place for: {some(left, 8)}")
     return out
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from seq2seq.errors import ConfigError
+from seq2seq.errors import ConfigError, some
 from seq2seq.schema import check, setting
 
 TARGETS = {"attention": ("self_attn.in_proj", "self_attn.out_proj", "cross_attn.in_proj", "cross_attn.out_proj"),
@@ -91,8 +91,8 @@ def load_base(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
     found = model.load_state_dict(base_names(state, model), strict=False)
     missing = [k for k in found.missing_keys if ".parametrizations.weight.0." not in k]
     if missing or found.unexpected_keys:
-        raise ConfigError(f"{source} does not hold this model's weights: missing {missing[:5]}, unexpected "
-                          f"{found.unexpected_keys[:5]}")
+        raise ConfigError(f"{source} does not hold this model's weights: missing {some(missing, 5) or 'none'}, "
+                          f"unexpected {some(found.unexpected_keys, 5) or 'none'}")
 
 
 def merge(model: nn.Module) -> None:

@@ -29,7 +29,7 @@ from seq2seq.config import load_train_config
 from seq2seq.data import IGNORE_INDEX, Batch, epoch_position
 from seq2seq.decoding import Decoder
 from seq2seq.domain import Tokenizer
-from seq2seq.errors import ConfigError, DivergedError
+from seq2seq.errors import ConfigError, DivergedError, some
 from seq2seq.lora import load_base, merge, without
 from seq2seq.model import EncoderDecoder
 from seq2seq.plugins import import_recorded, plugin_versions
@@ -258,7 +258,7 @@ class Seq2SeqModule(L.LightningModule):
         self.load_state_dict(adapters, strict=False)
         expected = {f"model.{k}" for k in self.model.state_dict() if ".parametrizations.weight.0." in k}
         if not expected <= set(adapters):
-            raise ConfigError(f"{path} lacks adapters {sorted(expected - set(adapters))[:5]}")
+            raise ConfigError(f"{path} lacks adapters {some(sorted(expected - set(adapters)), 5)}")
 
     def merged(self) -> Seq2SeqModule:
         """The adapters folded into the weights: an ordinary module, whose config says so."""

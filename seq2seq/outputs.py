@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-from seq2seq.errors import ConfigError, StorageError
+from seq2seq.errors import ConfigError, StorageError, some
 
 FORCE_HELP = "replace what is at the output even when seq2seq did not write it"
 
@@ -47,8 +47,7 @@ def storage(what: str, path: str | Path, kept: str) -> Iterator[None]:
 
 
 def _described(names: list[str]) -> str:
-    shown = ", ".join(sorted(names)[:5])
-    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return some(sorted(names), 5)
 
 
 def refuse_inputs(key: str, output: str | Path, inputs: Iterable[str | Path]) -> None:

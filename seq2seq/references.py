@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from seq2seq.domain import read_lines
-from seq2seq.errors import ConfigError, DataError
+from seq2seq.errors import ConfigError, DataError, some
 from seq2seq.registry import METRICS
 from seq2seq.translate import Translator
 
@@ -21,7 +21,7 @@ def _lines(path: str, key: str) -> list[str]:
     except OSError as err:
         raise ConfigError(f"`{key}={path}`: {err.strerror}") from None
     if bad:
-        raise DataError(f"`{key}={path}`: blank or undecodable line(s) {bad[:10]} ({len(bad)} in all); every line "
+        raise DataError(f"`{key}={path}`: blank or undecodable line(s) {some(bad)}; every line "
                         "must hold one sentence")
     return lines
 

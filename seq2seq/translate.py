@@ -25,7 +25,7 @@ from seq2seq.backends import Backend, Stepped
 from seq2seq.data import Batch, Collate
 from seq2seq.decoding import Decoder
 from seq2seq.domain import Encoder, Tokenizer
-from seq2seq.errors import ConfigError, DataError
+from seq2seq.errors import ConfigError, DataError, some
 from seq2seq.export import is_export, load_export
 from seq2seq.guides import Guide, Term
 from seq2seq.module import Seq2SeqModule
@@ -117,7 +117,7 @@ class Translator:
         limit = module.model.spec.max_positions
         bad = [i for i, s in enumerate(encoded, 1) if not 0 < len(s) <= limit]
         if bad:
-            raise DataError(f"input(s) {bad[:10]} ({len(bad)} in all, numbered from 1) are empty or longer than "
+            raise DataError(f"input(s) {some(bad)} (numbered from 1) are empty or longer than "
                             f"the model's {limit} positions; shorten or split them")
         return encoded
 

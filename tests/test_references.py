@@ -34,7 +34,7 @@ def test_every_line_of_a_source_file_is_decoded_and_scored_against_its_reference
 
 @pytest.mark.parametrize(("sources", "references", "args", "message"), [
     (["a", "b"], ["x"], [], r"has 2 lines and `reference=.*` 1; they must be aligned"),
-    (["a", ""], ["x", "y"], [], r"`source=.*`: blank or undecodable line\(s\) \[2\]"),
+    (["a", ""], ["x", "y"], [], r"`source=.*`: blank or undecodable line\(s\) 2;"),
     (["a"], ["x"], ["data.path=other.tsv"], r"drop `data\.\*` and `glossary`"),
 ])
 def test_a_bad_pair_of_files_is_refused_before_the_checkpoint_loads(tmp_path, sources, references, args, message):

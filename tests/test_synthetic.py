@@ -39,7 +39,7 @@ def test_bad_options_and_blank_input_lines_are_clear_errors(tmp_path):
         SyntheticTask(min_len=5, max_len=2)
     path = tmp_path / "in.txt"
     path.write_text("1 2\n\n3\n")
-    with pytest.raises(DataError, match=r"line\(s\) \[2\]"):
+    with pytest.raises(DataError, match=r"line\(s\) 2;"):
         SyntheticTask().read_inputs(str(path))
 
 

@@ -105,7 +105,7 @@ def test_reader_splits_by_hash_when_there_is_no_split_column(tmp_path):
 def test_reader_names_missing_columns_and_bad_split_values(tmp_path):
     with pytest.raises(DataError, match=r"missing column\(s\) \['de'\]"):
         ParallelCorpus(path=_write(tmp_path / "c.tsv", [b"a\tb\ttrain"]), source="de").read("train")
-    with pytest.raises(DataError, match=r"lines \[3\]"):
+    with pytest.raises(DataError, match=r"lines 3$"):
         ParallelCorpus(path=_write(tmp_path / "c.tsv", [b"a\tb\ttrain", b"c\td\tdev"])).read("train")
 
 

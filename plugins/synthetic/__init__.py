@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from seq2seq.domain import Reader, Rows, Tokenizer, read_lines
-from seq2seq.errors import ConfigError, DataError, excerpt
+from seq2seq.errors import ConfigError, DataError, excerpt, some
 from seq2seq.registry import DATASETS, TOKENIZERS
 from seq2seq.schema import one_of
 
@@ -130,6 +130,6 @@ class SyntheticTask(Reader):
         """One source per line; a blank line is an error (it would silently become an empty output)."""
         lines, bad = read_lines(path)
         if bad:
-            raise DataError(f"{path}: blank or undecodable input on line(s) {bad[:10]}; every line must hold one "
+            raise DataError(f"{path}: blank or undecodable input on line(s) {some(bad)}; every line must hold one "
                             "sequence")
         return lines

@@ -35,7 +35,7 @@ from torch import Tensor
 from torchmetrics.text import CHRFScore, SacreBLEUScore
 
 from seq2seq.domain import Decodes, Reader, Rows, read_lines
-from seq2seq.errors import ConfigError, DataError
+from seq2seq.errors import ConfigError, DataError, some
 from seq2seq.metrics import Signed
 from seq2seq.registry import DATASETS, METRICS
 from seq2seq_plugins.text.pretrained import MarianTokenizer, NllbTokenizer  # noqa: F401 - importing registers them
@@ -319,7 +319,7 @@ class ParallelCorpus(Reader):
                             splits[i] = "train"  # a blank line belongs to no split: counted with the training rows
                             continue
                         bad = [line + j for j, s in enumerate(splits) if s not in self.splits and s.strip()]
-                        raise DataError(f"{path}: `{self.split_column}` must be train, val or test; lines {bad[:10]}")
+                        raise DataError(f"{path}: `{self.split_column}` must be train, val or test; lines {some(bad)}")
             else:
                 splits = [self._hashed(s, t) for s, t in pairs]
             line += len(pairs)
@@ -372,5 +372,5 @@ class ParallelCorpus(Reader):
         """One source sentence per line."""
         lines, bad = read_lines(path)
         if bad:
-            raise DataError(f"{path}: blank or undecodable line(s) {bad[:10]} ({len(bad)} in all)")
+            raise DataError(f"{path}: blank or undecodable line(s) {some(bad)}")
         return lines
