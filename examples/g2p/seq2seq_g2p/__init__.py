@@ -19,7 +19,7 @@ from torch import Tensor
 from torchmetrics.text import WordErrorRate
 
 from seq2seq.domain import Reader, Rows, read_lines
-from seq2seq.errors import ConfigError, DataError
+from seq2seq.errors import ConfigError, DataError, some
 from seq2seq.registry import DATASETS, METRICS, TOKENIZERS
 from seq2seq_plugins.synthetic import SymbolTokenizer
 
@@ -99,5 +99,5 @@ class CMUDict(Reader):
         lines, bad = read_lines(path)
         bad += [i for i, word in enumerate(lines, 1) if i not in bad and not re.fullmatch(r"[a-z'.-]+", word)]
         if bad:
-            raise DataError(f"{path}: line(s) {sorted(bad)[:10]} are not one lower-case word (a-z ' . -)")
+            raise DataError(f"{path}: line(s) {some(sorted(bad))} are not one lower-case word (a-z ' . -)")
         return lines
