@@ -214,7 +214,7 @@ def build_module(folder: Path, hf: dict[str, Any], target_lang: str | None, sour
 
 def check_parity(folder: Path, translator: Translator, sentences: list[str], tolerance: float,
                  max_new: int = 24) -> dict[str, Any]:
-    """The imported model against transformers on `sentences` (one batch): token ids; greedy and beam-4 tokens
+    """The imported model against transformers on `sentences`, batch by batch: token ids; greedy and beam-4 tokens
     (`max_new` at most, GNMT-free length normalization, EOS may come at any step); teacher-forced logits on
     transformers' greedy outputs, whose largest absolute difference must be at most `tolerance`. A ConfigError says
     what differs, and where."""
@@ -229,36 +229,40 @@ def check_parity(folder: Path, translator: Translator, sentences: list[str], tol
         if (ours := translator.src_tok.encode(sentence).tolist()) != ids:
             raise ConfigError(f"tokenization differs from transformers' on {sentence!r}: {ours} vs {ids}")
     translator = translator.with_decoding(max_len_a=0.0, max_len_b=max_new)
-    tok = translator.tgt_tok
-    idx, batch = next(translator.batches(sentences))
-    ordered = [sentences[i] for i in idx]
-    inputs = {"input_ids": batch.src, "attention_mask": batch.src_keep.long()}
-    forced = {"forced_bos_token_id": tok.forced_prefix[0]} if tok.forced_prefix else {}
-    report: dict[str, Any] = {"sentences": len(sentences)}
-    with torch.no_grad():
-        for beam in (4, 1):
-            search = {"num_beams": beam, "length_penalty": 1.0, "early_stopping": False} if beam > 1 else {}
-            generated = theirs.generate(**inputs, **search, **forced, do_sample=False, max_new_tokens=max_new,
-                                        suppress_tokens=[tok.pad_id], forced_eos_token_id=None).tolist()
-            bodies = [[t for t in row[1:] if t != tok.pad_id] for row in generated]  # after the decoder's start
-            want = [body[: body.index(tok.eos_id)] if tok.eos_id in body else body for body in bodies]
-            got = translator.with_decoding(beam=beam).tokens(ordered)
-            for sentence, a, b in zip(ordered, got, want, strict=True):
-                if a != b:
-                    raise ConfigError(f"beam {beam}: tokens differ from transformers' on {sentence!r}: {a} vs {b}")
-        # Teacher-forced, on what transformers decoded greedily.
-        tgt_in = torch.full((len(want), 1 + max(map(len, want))), tok.pad_id)
-        keep = torch.zeros_like(tgt_in, dtype=torch.bool)
-        for row, ids in enumerate(want):
-            tgt_in[row, : 1 + len(ids)] = torch.tensor([generated[row][0], *ids])
-            keep[row, : 1 + len(ids)] = True
-        mine = translator.module.model(batch.src, batch.src_keep, tgt_in, keep)
-        hf_logits = theirs(**inputs, decoder_input_ids=tgt_in, decoder_attention_mask=keep.long()).logits
-    report["max_logit_difference"] = diff = float((mine - hf_logits)[keep].abs().max())
+    diff = 0.0
+    for idx, batch in translator.batches(sentences):
+        diff = max(diff, _batch_parity(theirs, translator, [sentences[i] for i in idx], batch, max_new))
     if not diff <= tolerance:
         raise ConfigError(f"teacher-forced logits differ from transformers' by up to {diff:.3g} (tolerance "
                           f"{tolerance:g})")
-    return report
+    return {"sentences": len(sentences), "max_logit_difference": diff}
+
+
+@torch.no_grad()
+def _batch_parity(theirs: Any, translator: Translator, ordered: list[str], batch: Any, max_new: int) -> float:
+    """One batch of `check_parity`: its searches compared, then its largest teacher-forced logit difference."""
+    tok = translator.tgt_tok
+    inputs = {"input_ids": batch.src, "attention_mask": batch.src_keep.long()}
+    forced = {"forced_bos_token_id": tok.forced_prefix[0]} if tok.forced_prefix else {}
+    for beam in (4, 1):
+        search = {"num_beams": beam, "length_penalty": 1.0, "early_stopping": False} if beam > 1 else {}
+        generated = theirs.generate(**inputs, **search, **forced, do_sample=False, max_new_tokens=max_new,
+                                    suppress_tokens=[tok.pad_id], forced_eos_token_id=None).tolist()
+        bodies = [[t for t in row[1:] if t != tok.pad_id] for row in generated]  # after the decoder's start
+        want = [body[: body.index(tok.eos_id)] if tok.eos_id in body else body for body in bodies]
+        got = translator.with_decoding(beam=beam).tokens(ordered)
+        for sentence, a, b in zip(ordered, got, want, strict=True):
+            if a != b:
+                raise ConfigError(f"beam {beam}: tokens differ from transformers' on {sentence!r}: {a} vs {b}")
+    # Teacher-forced, on what transformers decoded greedily (the last search).
+    tgt_in = torch.full((len(want), 1 + max(map(len, want))), tok.pad_id)
+    keep = torch.zeros_like(tgt_in, dtype=torch.bool)
+    for row, ids in enumerate(want):
+        tgt_in[row, : 1 + len(ids)] = torch.tensor([generated[row][0], *ids])
+        keep[row, : 1 + len(ids)] = True
+    mine = translator.module.model(batch.src, batch.src_keep, tgt_in, keep)
+    hf_logits = theirs(**inputs, decoder_input_ids=tgt_in, decoder_attention_mask=keep.long()).logits
+    return float((mine - hf_logits)[keep].abs().max())
 
 
 def import_model(config: ImportConfig) -> Path:
@@ -267,10 +271,13 @@ def import_model(config: ImportConfig) -> Path:
     folder = Path(config.hf)
     hf = read_config(folder)
     output = check_file("output", config.output, is_checkpoint, config.force)
+    sentences = SENTENCES
+    if config.sentences:
+        if not Path(config.sentences).is_file():
+            raise ConfigError(f"`sentences={config.sentences}`: no such file")
+        sentences = [line for line in Path(config.sentences).read_text().splitlines() if line.strip()]
     module = build_module(folder, hf, config.target_lang, config.source_lang)
-    translator = Translator(module, batch_size=len(SENTENCES))
-    sentences = Path(config.sentences).read_text().splitlines() if config.sentences else SENTENCES
-    report = check_parity(folder, translator, sentences, config.tolerance)
+    report = check_parity(folder, Translator(module, batch_size=16), sentences, config.tolerance)
     ckpt = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict(), "global_step": 0,
             "epoch": 0, "pytorch-lightning_version": L.__version__}
     module.on_save_checkpoint(ckpt)
