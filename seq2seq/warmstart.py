@@ -8,6 +8,7 @@ and LoRA adapters. A command-line override of the architecture that disagrees wi
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, TypeVar
 
 from seq2seq.checkpoints import read_checkpoint
@@ -51,6 +52,7 @@ def from_init(config: T, overrides: list[str] = ()) -> tuple[T, dict[str, Any], 
                           f"them: {'; '.join(conflicts)}. Leave these out (dropouts, compile, "
                           "checkpoint_activations and lora may change)")
     data = to_data(config)
+    data["init"] = str(Path(config.init).resolve())  # a LoRA checkpoint loads its base from here, from anywhere
     for block in ARCHITECTURE:
         data[block] = stored[block]
     data["model"] = {**stored["model"], **{k: data["model"][k] for k in TRAINING_KEYS}}
