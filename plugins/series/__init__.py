@@ -32,241 +32,31 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import Tensor, nn
 
-from seq2seq.domain import Decodes, FeatureEncoder, Reader, Rows, Tokenizer
+from seq2seq.domain import Decodes, Reader, Rows
 from seq2seq.errors import ConfigError, DataError
-from seq2seq.registry import DATASETS, EMBEDDINGS, TOKENIZERS
+from seq2seq.registry import DATASETS
 from seq2seq.schema import one_of
+from seq2seq_plugins.series.components import (  # noqa: F401 - importing registers them; tests import them here
+    LabelTokenizer,
+    Standardizer,
+    ValueEmbedding,
+    Window,
+)
+from seq2seq_plugins.series.readings import calendar, calendar_names, numbered, offset_of, read_series_csv
 
 DATA_DIR = Path(__file__).parent / "data"
 EMBEDDED = ("typhoons_ryukyu", "clemson_storms")  # CSVs in DATA_DIR
-SPECIALS = ("<pad>", "<bos>", "<eos>")
 NAN_POLICIES = ("error", "impute", "mask")
 IMPUTE_METHODS = ("ffill", "interpolate")
 CALIBRATIONS = ("none", "temperature", "isotonic")
-SHOWN = 10  # line numbers shown per problem
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Window:
-    """One input window: values (W, F) float32, its last date, the labels observed on its steps (W,), the
-    forecast dates (H,), the known-future covariates of those steps on the same F columns (NaN where unknown) or
-    None, and the series it belongs to."""
-
-    values: np.ndarray
-    end: pd.Timestamp
-    past_labels: np.ndarray
-    ahead: pd.DatetimeIndex
-    future: np.ndarray | None = None
-    series: str = ""  # which series, when one CSV holds several (`data.series_column`)
-
-
-@TOKENIZERS.register("standardize")
-class Standardizer(FeatureEncoder):
-    """Scales each feature to zero mean, unit variance, with statistics fitted on training windows; appends a
-    window's known-future rows (scaled alike, 0 where unknown) and declares them as `future_steps`."""
-
-    def __init__(self, mask_missing: bool = False) -> None:
-        self.mask_missing = mask_missing
-        self.mean: list[float] = []
-        self.std: list[float] = []
-
-    @property
-    def n_features(self) -> int:
-        return len(self.mean) * (2 if self.mask_missing else 1)
-
-    def fit(self, items: list[Window]) -> None:
-        values = np.concatenate([w.values for w in items])  # (rows, F)
-        std = np.nanstd(values, axis=0)
-        future = items[0].future
-        self.load_state_dict({"mean": np.nanmean(values, axis=0).tolist(), "std": np.where(std > 0, std, 1).tolist(),
-                              "future_steps": 0 if future is None else len(future)})
-
-    def _scaled(self, values: np.ndarray) -> np.ndarray:
-        return (values - np.asarray(self.mean)) / np.asarray(self.std)
-
-    def encode(self, item: Window) -> Tensor:
-        x = self._scaled(item.values)  # (W, F)
-        missing = np.isnan(x)
-        if missing.any() and not self.mask_missing:
-            raise DataError(f"window ending {item.end} has missing readings; set `tokenizer.src.mask_missing"
-                            "=true` to mask them, or choose another `data.nan_policy`")
-        if self.mask_missing:
-            x = np.concatenate([np.where(missing, 0.0, x), missing], axis=1)  # (W, 2F): values, indicators
-        if self.future_steps:
-            if item.future is None or len(item.future) != self.future_steps:
-                raise DataError(f"window ending {item.end}: the encoder was fitted with {self.future_steps} "
-                                "known-future steps; read windows with the same `data.horizon` and "
-                                "`data.future_calendar`")
-            ahead = np.nan_to_num(self._scaled(item.future), nan=0.0)  # (H, F)
-            if self.mask_missing:
-                ahead = np.concatenate([ahead, np.zeros_like(ahead)], axis=1)
-            x = np.concatenate([x, ahead])  # (W + H, F')
-        return torch.as_tensor(x, dtype=torch.float32)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"mean": list(self.mean), "std": list(self.std), "future_steps": self.future_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.mean, self.std = list(state["mean"]), list(state["std"])
-        self.future_steps = int(state.get("future_steps", 0))
-
-
-@TOKENIZERS.register("labels")
-class LabelTokenizer(Tokenizer):
-    """A small target vocabulary: the specials, then one id per label value seen in training."""
-
-    pad_id, bos_id, eos_id = 0, 1, 2
-
-    def __init__(self) -> None:
-        self.classes: list[int] = []
-
-    @property
-    def vocab_size(self) -> int:
-        return len(SPECIALS) + len(self.classes)
-
-    @property
-    def label_ids(self) -> tuple[int, ...]:  # type: ignore[override]
-        return tuple(range(len(SPECIALS), self.vocab_size))
-
-    def fit(self, items: list[list[int]]) -> None:
-        self.classes = sorted({int(v) for item in items for v in item})
-
-    def encode(self, item: list[int]) -> Tensor:
-        return torch.tensor([len(SPECIALS) + self.classes.index(int(v)) for v in item], dtype=torch.long)
-
-    def decode(self, ids: list[int]) -> str:
-        return " ".join(str(self.classes[i - len(SPECIALS)]) for i in ids if i >= len(SPECIALS))
-
-    def pieces(self, ids: list[int]) -> list[str]:
-        return [SPECIALS[i] if i < len(SPECIALS) else str(self.classes[i - len(SPECIALS)]) for i in ids]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"classes": list(self.classes)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.classes = list(state["classes"])
-
-
-@EMBEDDINGS.register("linear")
-class ValueEmbedding(nn.Module):
-    """Feature vectors (B, W, F) -> (B, W, D) by one linear map."""
-
-    def __init__(self, n_features: int, d_model: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(n_features, d_model)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x)
-
-
-def numbered(numbers: Collection[int]) -> str:
-    """'lines 6, 11' (the first few of them, and how many more)."""
-    numbers = list(numbers)
-    shown = ", ".join(map(str, numbers[:SHOWN]))
-    more = f" and {len(numbers) - SHOWN} more" if len(numbers) > SHOWN else ""
-    return f"line{'s' if len(numbers) > 1 else ''} {shown}{more}"
-
-
-def lines(mask: pd.Series | np.ndarray) -> str:
-    """The CSV lines (header = line 1) of the rows, in file order, where `mask` is True."""
-    return numbered((np.flatnonzero(np.asarray(mask)) + 2).tolist())
-
-
-def offset_of(freq: str) -> pd.DateOffset:
-    try:
-        return pd.tseries.frequencies.to_offset(freq)
-    except ValueError as e:
-        raise ConfigError(f"`data.freq` {freq!r} is not a pandas offset alias (h, D, W, MS, ...): {e}") from None
-
-
-def calendar_names(sub_daily: bool) -> tuple[str, ...]:
-    return ("doy_sin", "doy_cos", "hod_sin", "hod_cos") if sub_daily else ("doy_sin", "doy_cos")
-
-
-def calendar(dates: pd.DatetimeIndex, sub_daily: bool) -> dict[str, np.ndarray]:
-    """Day of year (and, for sub-daily series, hour of day) as sine/cosine pairs."""
-    angle = 2 * np.pi * dates.day_of_year.to_numpy() / 365.25
-    out = {"doy_sin": np.sin(angle), "doy_cos": np.cos(angle)}
-    if sub_daily:
-        hour = 2 * np.pi * (dates.hour.to_numpy() + dates.minute.to_numpy() / 60) / 24
-        out |= {"hod_sin": np.sin(hour), "hod_cos": np.cos(hour)}
-    return out
-
-
-def read_series_csv(path: str | Path, date_column: str, columns: list[str], freq: str = "D",
-                    optional: Collection[str] = (), series_column: str | None = None,
-                    static: Collection[str] = ()) -> pd.DataFrame:
-    """Read a wide CSV as text, then parse and check all of it; one DataError lists every problem with its CSV
-    lines. Returns the frame sorted by series and date, with the CSV `line` of each row, its `series` ('' without
-    `series_column`) and `step` (its index on its series' `freq` grid). `optional` columns may be absent (labels,
-    for prediction); `static` columns must hold one value per series."""
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: the file is empty; want a header line naming `{date_column}` and "
-                        f"{columns}, then one row per step") from None
-    if raw.empty:
-        raise DataError(f"{path}: a header and no rows; want one row per step")
-    keys = [date_column, *([series_column] if series_column else [])]
-    absent = [c for c in [*keys, *columns] if c not in raw.columns and c not in optional]
-    problems = [f"missing column(s) {absent}; the header has {list(raw.columns)}"] if absent else []
-    if any(c not in raw.columns for c in keys):
-        raise DataError(f"{path}: " + "; ".join(problems))
-    frame, found = _parse(raw, date_column, [c for c in columns if c in raw.columns], series_column)
-    problems += found
-    for c in (c for c in static if c in frame):
-        usual = frame.groupby("series")[c].transform(lambda v: v.mode().iloc[0] if v.notna().any() else np.nan)
-        changes = frame[c].notna() & (frame[c] != usual)  # the lines that differ from their series' usual value
-        if changes.any():
-            problems.append(f"static column `{c}` changes within a series on {lines(changes)}")
-    dated = frame.dropna(subset=["date"]).sort_values(["series", "date"], kind="stable")
-    steps = []
-    for _, rows in dated.groupby("series", sort=False):
-        grid = pd.date_range(rows["date"].iloc[0], rows["date"].iloc[-1], freq=offset_of(freq))
-        step = grid.get_indexer(rows["date"])
-        if (step < 0).any():
-            off = frame["line"].isin(rows["line"][step < 0])
-            problems.append(f"dates off the `data.freq={freq}` grid starting {grid[0]} on {lines(off)}; set "
-                            "`data.freq` to the series' frequency")
-        steps.append(step)
-    if problems:
-        raise DataError(f"{path}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
-    return dated.assign(step=np.concatenate(steps) if steps else []).reset_index(drop=True)
-
-
-def _parse(raw: pd.DataFrame, date_column: str, columns: list[str], series_column: str | None
-           ) -> tuple[pd.DataFrame, list[str]]:
-    """The text columns parsed, with each row's CSV `line` and `series`, and the problems found, by line."""
-    problems = []
-    frame = pd.DataFrame({"date": pd.to_datetime(raw[date_column].str.strip(), errors="coerce", format="ISO8601"),
-                          "series": raw[series_column].str.strip() if series_column else ""})
-    if series_column and (frame["series"] == "").any():
-        problems.append(f"empty `{series_column}` on {lines(frame['series'] == '')}")
-    if frame["date"].isna().any():
-        problems.append(f"unreadable `{date_column}` (want YYYY-MM-DD, or ISO 8601 with a time) on "
-                        f"{lines(frame['date'].isna())}")
-    for c in columns:
-        text = raw[c].str.strip()
-        frame[c] = pd.to_numeric(text.replace("", np.nan), errors="coerce")
-        bad = frame[c].isna() & (text != "") | np.isinf(frame[c])
-        if bad.any():
-            problems.append(f"column `{c}` is not a finite number on {lines(bad)}")
-    repeated = frame.duplicated(["series", "date"], keep=False) & frame["date"].notna()
-    if repeated.any():
-        problems.append(f"repeated dates{' within a series' if series_column else ''} on {lines(repeated)}")
-    frame["line"] = np.arange(2, len(frame) + 2)
-    return frame, problems
 
 
 @DATASETS.register("windows")
@@ -487,9 +277,9 @@ class SeriesWindows(Reader):
                 ahead = pd.date_range(dates[last], periods=self.horizon + 1, freq=self.offset)[1:]
                 windows.append(self._window(arrays, i, dates[last], ahead))
         if skipped:
+            shown = skipped[:10] + ([f"... and {len(skipped) - 10} more"] if len(skipped) > 10 else [])
             log.warning("%s: skipped %d of %d windows:\n  %s", path, len(skipped), len(skipped) + len(windows),
-                        "\n  ".join(skipped[:SHOWN] + ([f"... and {len(skipped) - SHOWN} more"]
-                                                       if len(skipped) > SHOWN else [])))
+                        "\n  ".join(shown))
         if not windows:
             reason = "; ".join(skipped[:3]) if skipped else f"the file has {len(frame)} row(s)"
             raise DataError(f"{path}: no complete window of {self.window} consecutive `{self.freq}` steps "
