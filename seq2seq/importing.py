@@ -33,7 +33,7 @@ from seq2seq.config import load_train_config
 from seq2seq.errors import ConfigError, some
 from seq2seq.export import require
 from seq2seq.module import Seq2SeqModule
-from seq2seq.outputs import check_file
+from seq2seq.outputs import check_file, refuse_inputs
 from seq2seq.plugins import import_plugins
 from seq2seq.schemas import ImportConfig
 from seq2seq.translate import Translator
@@ -270,6 +270,7 @@ def import_model(config: ImportConfig) -> Path:
     require(("transformers", "safetensors"), "hf")
     folder = Path(config.hf)
     hf = read_config(folder)
+    refuse_inputs("output", config.output, [*folder.iterdir(), *([config.sentences] if config.sentences else [])])
     output = check_file("output", config.output, is_checkpoint, config.force)
     sentences = SENTENCES
     if config.sentences:

@@ -12,7 +12,6 @@ acts on every sublayer.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -101,7 +100,3 @@ def merge(model: nn.Module) -> None:
         if parametrize.is_parametrized(module, "weight"):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
-
-def without(spec: LoRASpec) -> LoRASpec:
-    """The spec of a merged model."""
-    return dataclasses.replace(spec, rank=0)

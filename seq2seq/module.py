@@ -30,7 +30,7 @@ from seq2seq.data import IGNORE_INDEX, Batch, epoch_position
 from seq2seq.decoding import Decoder
 from seq2seq.domain import Tokenizer
 from seq2seq.errors import ConfigError, DivergedError, some
-from seq2seq.lora import load_base, merge, without
+from seq2seq.lora import load_base, merge
 from seq2seq.model import EncoderDecoder
 from seq2seq.plugins import import_recorded, plugin_versions
 from seq2seq.registry import METRICS
@@ -263,8 +263,8 @@ class Seq2SeqModule(L.LightningModule):
     def merged(self) -> Seq2SeqModule:
         """The adapters folded into the weights: an ordinary module, whose config says so."""
         merge(self.model)
-        config = dataclasses.replace(self.config, model=dataclasses.replace(self.config.model,
-                                                                            lora=without(self.config.model.lora)))
+        lora = dataclasses.replace(self.config.model.lora, rank=0)
+        config = dataclasses.replace(self.config, model=dataclasses.replace(self.config.model, lora=lora))
         self.config, self.model.spec = config, config.model
         self.hparams["config"] = to_data(config)
         self.strict_loading = True

@@ -127,6 +127,10 @@ def test_what_the_core_cannot_represent_is_refused_by_name(marian, tmp_path):
     weights = {"shared.weight": torch.zeros(3, 2), "encoder.layernorm_embedding.weight": torch.zeros(2)}
     with pytest.raises(ConfigError, match=r"no place for: encoder\.layernorm_embedding\.weight"):
         map_weights(weights, {"n_encoder_layers": 0, "n_decoder_layers": 0, "norm_first": False})
+    weights = marian / "model.safetensors"
+    before = weights.read_bytes()
+    out = _cli("import", f"hf={marian}", f"output={weights}", "force=true", cwd=tmp_path)  # an input, even forced
+    assert out.returncode == 2 and "is the input" in out.stderr and weights.read_bytes() == before
     for change, message in (({"model_type": "t5"}, "model_type 't5' cannot be imported"),
                             ({"activation_function": "gelu_new"}, "activation_function 'gelu_new'"),
                             ({"scale_embedding": False}, "scale_embedding=false")):
