@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import OmegaConf
 
+from seq2seq.runs import RunDir
 from seq2seq.schedule import WarmupSchedule, warmup_for
 
 log = logging.getLogger("seq2seq")
@@ -175,9 +175,10 @@ class BudgetPlanner(L.Callback):
                      plan.total_steps, plan.warmup_steps, module.config.optim.schedule, plan.reserved_seconds,
                      shown or "the end only")
         (self.run_dir / "plan.json").write_text(json.dumps(asdict(plan), indent=2) + "\n")
-        config = OmegaConf.load(self.run_dir / "config.yaml")
-        config.optim.total_steps = plan.total_steps
-        OmegaConf.save(config, self.run_dir / "config.yaml")
+        run = RunDir(self.run_dir)
+        config = run.read_config()
+        config["optim"]["total_steps"] = plan.total_steps
+        run.write_config(config)
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.plan is None else asdict(self.plan)

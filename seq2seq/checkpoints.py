@@ -1,5 +1,4 @@
-"""Checkpoint files of a run: written atomically, read with clear errors, found for resuming, and checked
-against the run's config; a run directory is never reused by accident."""
+"""Checkpoint files: written atomically, read with clear errors, written on an interruption, averaged."""
 
 from __future__ import annotations
 
@@ -7,8 +6,6 @@ import logging
 import os
 import warnings
 from collections.abc import Callable
-from datetime import datetime
-from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +13,8 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
-from omegaconf import OmegaConf
 
-from seq2seq.errors import ConfigError, DataError, StorageError, some
+from seq2seq.errors import ConfigError, DataError, StorageError
 from seq2seq.outputs import storage
 
 log = logging.getLogger("seq2seq")
@@ -92,72 +88,6 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 # With `InterruptCheckpoint`, Lightning turns a fresh `fit(ckpt_path=None)` into "last", finds none and says so twice.
 warnings.filterwarnings("ignore", message=r"`\.fit\(ckpt_path=None\)` was called without a model")
 warnings.filterwarnings("ignore", message=r'\.fit\(ckpt_path="last"\) is set, but there is no last checkpoint')
-
-
-DERIVED = ("averaged.ckpt", "trained.ckpt")  # written from other checkpoints after training, for scoring
-
-
-def newest_checkpoint(run_dir: Path) -> Path:
-    """The most recently written checkpoint of a run that training wrote (partial writes are never named *.ckpt)."""
-    found = sorted((p for p in (run_dir / "checkpoints").glob("*.ckpt") if p.name not in DERIVED),
-                   key=lambda p: p.stat().st_mtime_ns)
-    if not found:
-        raise ConfigError(f"`resume={run_dir}`: no checkpoint in {run_dir / 'checkpoints'}")
-    return found[-1]
-
-
-def claim_run_dir(root: Path, now: datetime) -> Path:
-    """Creates and returns a new run directory `root/<date>/<time>`: runs started in the same second (a shell loop,
-    a job array on a shared disk) each get their own, the later ones `<time>-2`, `<time>-3`, ... (creating a
-    directory is atomic: of two processes claiming one name, one gets it and the other tries the next)."""
-    path = base = root / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")
-    for n in count(2):
-        try:
-            path.mkdir(parents=True)
-            return path
-        except FileExistsError:
-            path = base.with_name(f"{base.name}-{n}")
-
-
-HYDRA_WRITES = (".hydra", "cli.log")  # what Hydra puts in a run directory before the run starts
-
-
-def refuse_reuse(run_dir: Path) -> None:
-    """A new run must not write into a directory that holds a run (it would mix or overwrite the two), nor into one
-    that holds anything else (a run removes what it wrote when it fails: a user's `prepared/` would go too)."""
-    if (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} already holds a run. Continue it with `resume={run_dir}`, or start a new one "
-                          "in another directory (`hydra.run.dir=...`, or leave it out for a fresh runs/<date>/<time>)")
-    found = sorted(p.name for p in run_dir.iterdir() if p.name not in HYDRA_WRITES) if run_dir.is_dir() else []
-    if found:
-        shown = some(found, 5)
-        raise ConfigError(f"`hydra.run.dir={run_dir}` holds files that are not a run's ({shown}); a new run needs "
-                          "a new or empty directory (leave `hydra.run.dir` out for a fresh runs/<date>/<time>)")
-
-
-def resume_point(config: dict[str, Any], run_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint to resume from and its fitted tokenizers; `config` (plain data) must be the run's, but for
-    `trainer`. Writes cut short by the interruption (`*.partial`) are removed."""
-    if Path(config["resume"]).resolve() != run_dir.resolve():
-        raise ConfigError(f"`resume={config['resume']}` must be the run directory ({run_dir}); "
-                          "`seq2seq train ... resume=DIR` sets both")
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"`resume={config['resume']}`: no run there to resume (it has no config.yaml)")
-    stored = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
-    assert isinstance(stored, dict)
-    if (run_dir / "plan.json").is_file() and config["optim"].get("total_steps") is None:
-        stored["optim"]["total_steps"] = None  # the run planned it (`seq2seq.budget`); its checkpoints hold the plan
-    changed = sorted(k for k in config.keys() | stored.keys()
-                     if k not in ("trainer", "resume", "force") and config.get(k) != stored.get(k))
-    if changed:
-        raise ConfigError(f"resuming {run_dir} with a config that differs in {', '.join(changed)}: pass the run's "
-                          "overrides again (only `trainer.*` may change), or start a new run")
-    for partial in (run_dir / "checkpoints").glob("*.partial"):
-        log.info("removing %s, a checkpoint write the interruption cut short", partial)
-        partial.unlink()
-    ckpt = newest_checkpoint(run_dir)
-    log.info("resuming from %s", ckpt)
-    return ckpt, read_checkpoint(ckpt)["hyper_parameters"]["tokenizers"]
 
 
 def average_checkpoints(paths: list[Path], read: Callable[[Path], dict[str, Any]] = read_checkpoint

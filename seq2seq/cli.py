@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -23,10 +22,11 @@ from hydra.types import RunMode
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from seq2seq.checkpoints import InterruptCheckpoint, claim_run_dir, refuse_reuse
+from seq2seq.checkpoints import InterruptCheckpoint
 from seq2seq.config import help_text, prepare_overrides, validate
 from seq2seq.errors import ConfigError, DataError, ExportError
 from seq2seq.plugins import listing, searchpath_override
+from seq2seq.runs import RunDir
 from seq2seq.schemas import TrainConfig
 
 COMMANDS = ("train", "prepare", "backtest", "evaluate", "predict", "translate", "export", "serve", "average",
@@ -69,27 +69,6 @@ def _restore_command(command: str) -> None:
         sys.argv[1:1] = [command]
 
 
-def _remove_failed_run(run_dir: Path) -> None:
-    """A run that stopped on a mistake before its first checkpoint leaves nothing behind: what it wrote goes, then
-    its directory and the empty parents below the working directory (runs/<date>/)."""
-    if (run_dir / "checkpoints").exists():
-        return
-    for name in ("config.yaml", "data_report.json", "cli.log"):
-        (run_dir / name).unlink(missing_ok=True)
-    for name in ("logs", "prepared"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    _remove_if_empty(run_dir)
-
-
-def _remove_if_empty(run_dir: Path) -> None:
-    """Removes `run_dir` and its parents below the working directory while they are empty."""
-    cwd = Path.cwd().resolve()
-    for folder in [run_dir.resolve(), *run_dir.resolve().parents]:
-        if folder == cwd or cwd not in folder.parents or not folder.is_dir() or any(folder.iterdir()):
-            return
-        folder.rmdir()
-
-
 def _train_task(cfg: DictConfig) -> float | None:
     """One training job; returns its best `monitor.metric` (what sweepers optimize)."""
     _restore_command("train")
@@ -103,7 +82,7 @@ def _train_task(cfg: DictConfig) -> float | None:
         _command("train")(config, run_dir)
     except (ConfigError, DataError, ExportError) as err:
         if owned:
-            _remove_failed_run(run_dir)
+            RunDir(run_dir).remove_failed()
         _fail(err)
     except SystemExit:  # Lightning exits 1 after Ctrl-C; shells expect 130 (128 + SIGINT)
         if InterruptCheckpoint.by_user:
@@ -125,7 +104,7 @@ def _task(command: str, cfg: DictConfig) -> None:
         _fail(err)
 
 
-def _hydra_argv(command: str, args: list[str]) -> tuple[list[str], Path | None]:
+def _hydra_argv(command: str, args: list[str]) -> tuple[list[str], RunDir | None]:
     """The overrides checked and prepared for Hydra, with the plugins' config folders and the run directory; and
     the run directory created here for a new run (None when the command line names one, or has none)."""
     args = prepare_overrides(args, command)
@@ -144,10 +123,10 @@ def _hydra_argv(command: str, args: list[str]) -> tuple[list[str], Path | None]:
     if command == "train" and run_dir is None and resume is not None:  # `resume=DIR` continues in that run dir
         extra.append(f"hydra.run.dir={resume}")
     elif new_run and run_dir is None:
-        claimed = claim_run_dir(Path("runs"), datetime.now())
-        extra.append(f"hydra.run.dir={claimed}")
+        claimed = RunDir.claim(Path("runs"), datetime.now())
+        extra.append(f"hydra.run.dir={claimed.path}")
     elif new_run and command == "train" and resume is None:
-        refuse_reuse(Path(run_dir))  # before Hydra starts the job in it
+        RunDir(Path(run_dir)).refuse_reuse()  # before Hydra starts the job in it
     # Hydra's overrides must stay one block among its flags (`-m`, `--cfg job`): join the user's.
     at = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), 0)
     return [*args[:at], *extra, *args[at:]], claimed
@@ -176,4 +155,4 @@ def main() -> None:
         hydra.main(config_path="pkg://seq2seq_conf", config_name=command, version_base="1.3")(task)()
     finally:  # Hydra stopped before the job wrote anything (a bad override): the claimed directory goes
         if claimed is not None:
-            _remove_if_empty(claimed)
+            claimed.remove_if_empty()

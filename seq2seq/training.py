@@ -22,7 +22,6 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-from omegaconf import OmegaConf
 
 from seq2seq.budget import BudgetPlanner
 from seq2seq.checkpoints import (
@@ -30,8 +29,6 @@ from seq2seq.checkpoints import (
     InterruptCheckpoint,
     average_checkpoints,
     read_checkpoint,
-    refuse_reuse,
-    resume_point,
     weights_checkpoint,
 )
 from seq2seq.datamodule import Seq2SeqDataModule
@@ -41,6 +38,7 @@ from seq2seq.lora import load_base
 from seq2seq.module import Seq2SeqModule
 from seq2seq.prepared import Prepared, obtain
 from seq2seq.registry import DATASETS
+from seq2seq.runs import RunDir
 from seq2seq.schema import to_data
 from seq2seq.schemas import BacktestConfig, PrepareConfig, TrainConfig
 from seq2seq.trainer import (
@@ -65,7 +63,7 @@ def fit_trainer(config: TrainConfig, run_dir: Path) -> L.Trainer:
     loggers: list[Logger] = [CSVLogger(run_dir, name="logs", version=version)]
     if "tensorboard" in config.loggers:
         loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=version))
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = RunDir(run_dir).checkpoints
     callbacks: list[L.Callback] = [
         # No version counter: a resumed run writes last.ckpt again, never last-v1.ckpt beside it.
         ModelCheckpoint(dirpath=checkpoints, filename="best-step{step}", monitor=monitor.metric, mode=monitor.mode,
@@ -132,12 +130,12 @@ def train(config: TrainConfig, run_dir: Path) -> Seq2SeqModule:
     init_weights, tokenizers = None, None
     if config.init:  # the checkpoint's architecture and tokenizers; its weights unless resuming
         config, tokenizers, init_weights = from_init(config, _overrides())
-    ckpt, tokenizers = resume_point(to_data(config), run_dir) if config.resume else (None, tokenizers)
+    run = RunDir(run_dir)
+    ckpt, tokenizers = run.resume_point(to_data(config)) if config.resume else (None, tokenizers)
     if rank_zero_only.rank == 0:  # re-launched ranks share the run dir and its one config.yaml
         if not config.resume:
-            refuse_reuse(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(to_data(config)), run_dir / "config.yaml")
+            run.refuse_reuse()
+        run.write_config(to_data(config))
     L.seed_everything(config.seed, workers=True)
     reader: Reader = DATASETS.build(config.data, "data")
     if config.prepared:
@@ -216,7 +214,7 @@ def _best_checkpoint(config: TrainConfig, trainer: L.Trainer, module: Seq2SeqMod
     score, best = scores.get(metric), callback.best_model_score
     if score is None or (best is not None and (score <= best if mode == "max" else score >= best)):
         return callback.best_model_path, {}
-    path = run_dir / "checkpoints" / f"best-step{trainer.global_step}.ckpt"
+    path = RunDir(run_dir).checkpoints / f"best-step{trainer.global_step}.ckpt"
     trainer.save_checkpoint(path, weights_only=False)  # a whole checkpoint: a run can resume from it
     previous = "no earlier validation" if best is None else f"the best validation's {float(best):.4f}"
     log.info("the final weights (step %d) score %s=%.4f, better than %s", trainer.global_step, metric, score,
@@ -228,7 +226,7 @@ def _averaged(config: TrainConfig, trainer: L.Trainer, module: Seq2SeqModule, da
               run_dir: Path) -> dict[str, dict[str, float]]:
     """The weights of the last `average_last` validations averaged into checkpoints/averaged.ckpt, and their
     validation scores; nothing when fewer than two validations were kept."""
-    checkpoints = run_dir / "checkpoints"  # what the `average_last` ModelCheckpoint keeps, by step
+    checkpoints = RunDir(run_dir).checkpoints  # what the `average_last` ModelCheckpoint keeps, by step
     steps = sorted((int(path.stem.removeprefix("step")), path) for path in checkpoints.glob("step*.ckpt"))
     if not steps or steps[-1][0] < trainer.global_step:  # training ended after the last validation: its final
         final = checkpoints / f"step{trainer.global_step}.ckpt"  # weights (validated since) join in
@@ -253,7 +251,7 @@ def _trained(trainer: L.Trainer, module: Seq2SeqModule, datamodule: Seq2SeqDataM
              best: str) -> dict[str, dict[str, float]]:
     """With EMA: the trained weights that the best checkpoint keeps beside its EMA, as checkpoints/trained.ckpt
     (it does not resume), and their validation scores."""
-    trained = run_dir / "checkpoints" / "trained.ckpt"
+    trained = RunDir(run_dir).checkpoints / "trained.ckpt"
     if trainer.is_global_zero:
         checkpoint = read_checkpoint(best)
         AtomicCheckpointIO().save_checkpoint(weights_checkpoint(checkpoint, checkpoint["current_model_state"]),
@@ -293,10 +291,10 @@ def backtest(config: BacktestConfig, run_dir: Path) -> dict[str, Any]:
     if config.prepared or config.resume:
         raise ConfigError("`seq2seq backtest` prepares each fold's data in its own run; drop `prepared=` and "
                           "`resume=`")
-    refuse_reuse(run_dir)
+    run = RunDir(run_dir)
+    run.refuse_reuse()
     plans = fold_years(span, config.data, config.folds, config.block_years, config.val_years)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(to_data(config)), run_dir / "config.yaml")
+    run.write_config(to_data(config))
     base = TrainConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)})
     folds, fold_dirs = [], []
     for k, plan in enumerate(plans, 1):

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from seq2seq import Translator, cli, compose, train
-from seq2seq.checkpoints import claim_run_dir
 from seq2seq.errors import ConfigError, DivergedError
 from seq2seq.module import Seq2SeqModule
+from seq2seq.runs import RunDir
 from seq2seq_plugins.synthetic import SyntheticTask
 
 
@@ -102,7 +102,7 @@ def test_a_used_run_directory_is_refused_before_anything_is_written(tmp_path):
 def test_runs_started_in_the_same_second_get_a_directory_each(tmp_path):
     now = datetime(2026, 12, 3, 18, 52, 27)
     with ThreadPoolExecutor(8) as pool:
-        claimed = list(pool.map(lambda _: claim_run_dir(tmp_path / "runs", now), range(8)))
+        claimed = list(pool.map(lambda _: RunDir.claim(tmp_path / "runs", now).path, range(8)))
     names = sorted(p.name for p in claimed)
     assert names == sorted(["18-52-27", *(f"18-52-27-{n}" for n in range(2, 9))])
     assert all(p.parent == tmp_path / "runs" / "2026-12-03" and p.is_dir() for p in claimed)
@@ -117,8 +117,8 @@ def test_the_command_line_claims_a_new_run_directory_and_names_it_for_hydra(tmp_
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "datetime", Frozen)
     first, second = (cli._hydra_argv("train", ["experiment=reverse"]) for _ in range(2))
-    assert first[1] == Path("runs/2026-12-03/18-52-27") and second[1] == Path("runs/2026-12-03/18-52-27-2")
-    assert all(f"hydra.run.dir={claimed}" in argv and claimed.is_dir() for argv, claimed in (first, second))
+    assert first[1].path == Path("runs/2026-12-03/18-52-27") and second[1].path == Path("runs/2026-12-03/18-52-27-2")
+    assert all(f"hydra.run.dir={run.path}" in argv and run.path.is_dir() for argv, run in (first, second))
     named = cli._hydra_argv("train", ["experiment=reverse", f"hydra.run.dir={tmp_path / 'mine'}"])
     assert named[1] is None and sum(a.startswith("hydra.run.dir=") for a in named[0]) == 1
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from seq2seq import budget, compose, train
-from seq2seq.checkpoints import AtomicCheckpointIO, newest_checkpoint
+from seq2seq.checkpoints import AtomicCheckpointIO
 from seq2seq.errors import ConfigError, StorageError
 from seq2seq.module import Seq2SeqModule
+from seq2seq.runs import RunDir
 
 # Dropout on, shuffled token-budget batches, 12 batches per epoch: step 17 stops mid-epoch 2 of 3.
 BASE = ["experiment=reverse", "model=tiny", "model.dropout=0.1", "data.n_train=384", "data.n_val=32",
@@ -57,14 +58,14 @@ def test_stop_and_resume_lands_on_the_same_parameters(straight, tmp_path, monkey
         # No validation before the stop: the newest checkpoints are written after training has stopped (the final
         # weights, validated then), when Lightning counts the epoch as done; they must resume inside it.
         train(compose([*BASE, "trainer.max_steps=7"]), tmp_path)
-        assert epoch_loops(newest_checkpoint(tmp_path))["current"]["processed"] == 0
+        assert epoch_loops(RunDir(tmp_path).newest_checkpoint())["current"]["processed"] == 0
     else:
         _interrupt_mid_step(monkeypatch, 11)
         with pytest.raises(SystemExit):  # Lightning saves interrupted.ckpt, then exits 1
             train(compose([*BASE, "trainer.max_steps=30"]), tmp_path)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C
         monkeypatch.undo()
-        assert newest_checkpoint(tmp_path).name == "interrupted.ckpt"
+        assert RunDir(tmp_path).newest_checkpoint().name == "interrupted.ckpt"
         assert f"interrupted.ckpt. Continue with the same command and `resume={tmp_path}`" in caplog.text
     (tmp_path / "checkpoints" / "last.ckpt.partial").write_bytes(b"cut short")
     train(compose([*BASE, "trainer.max_steps=30", f"resume={tmp_path}"]), tmp_path)
@@ -102,7 +103,7 @@ def test_an_interrupted_write_leaves_the_previous_checkpoint_whole(tmp_path):
         io.save_checkpoint({"step": torch.tensor(2), "big": torch.zeros(1000), "bad": Unpicklable()}, path)
     assert io.load_checkpoint(path)["step"] == 1
     assert path.with_name("last.ckpt.partial").exists()  # the cut-short write, never named *.ckpt
-    assert newest_checkpoint(tmp_path) == path
+    assert RunDir(tmp_path).newest_checkpoint() == path
 
 
 def test_a_full_disk_names_the_checkpoint_and_leaves_the_previous_one_whole(tmp_path, monkeypatch):
@@ -126,9 +127,9 @@ def test_resume_picks_the_newest_checkpoint(tmp_path):
     for i, name in enumerate(["best-step10.ckpt", "interrupted.ckpt", "last.ckpt"]):
         (folder / name).write_bytes(b"x")
         os.utime(folder / name, ns=(time.time_ns(), time.time_ns() + [2, 3, 1][i] * 10**9))
-    assert newest_checkpoint(tmp_path).name == "interrupted.ckpt"
+    assert RunDir(tmp_path).newest_checkpoint().name == "interrupted.ckpt"
     with pytest.raises(ConfigError, match="no checkpoint"):
-        newest_checkpoint(tmp_path / "nothing")
+        RunDir(tmp_path / "nothing").newest_checkpoint()
 
 
 BUDGET = [*BASE, "trainer.max_time=00:01:00:00", "optim.schedule=linear", "optim.warmup_fraction=0.2",

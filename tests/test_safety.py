@@ -11,10 +11,10 @@ import torch
 from conftest import TINY_TEXT, text_corpus
 
 from seq2seq import compose, plugins
-from seq2seq.checkpoints import refuse_reuse
 from seq2seq.errors import ConfigError
 from seq2seq.inference import average, evaluate, export, predict, translate
 from seq2seq.module import Seq2SeqModule
+from seq2seq.runs import RunDir
 from seq2seq.training import prepare
 
 USER = "a user's notes\n"
@@ -52,12 +52,12 @@ def test_prepare_keeps_a_users_folder_unless_forced_and_never_replaces_the_folde
 def test_a_new_run_refuses_a_directory_holding_anything_but_what_hydra_writes_first(tmp_path):
     _user_file(tmp_path / "prepared" / "meta.json")
     with pytest.raises(ConfigError, match=r"holds files that are not a run's \(prepared\)"):
-        refuse_reuse(tmp_path)
+        RunDir(tmp_path).refuse_reuse()
     assert _survives(tmp_path / "prepared" / "meta.json")
     (tmp_path / "prepared" / "meta.json").unlink()
     (tmp_path / "prepared").rmdir()
     _user_file(tmp_path / "cli.log")
-    refuse_reuse(tmp_path)  # Hydra's log of this run
+    RunDir(tmp_path).refuse_reuse()  # Hydra's log of this run
 
 
 @pytest.mark.parametrize("command", ["predict", "translate"])
