@@ -60,7 +60,7 @@ class Stepped:
         """Through the cached decoding steps, as the searches see them."""
         T = 1 + max(len(t) for t in tgt)
         gold = torch.tensor([t + [decoder.eos] * (T - len(t)) for t in tgt], device=src_keep.device)  # (B, T)
-        inputs = torch.cat([torch.full_like(gold[:, :1], decoder.bos), gold[:, :-1]], dim=1)
+        inputs = decoder.teacher_input(gold)
         state = self.model.start_decoding(self.model.encode(src, src_keep), src_keep, T)
         steps = [self.model.decode_step(inputs[:, k], state).float().log_softmax(-1) for k in range(T)]
         picked = torch.stack(steps, 1).gather(-1, gold[..., None])[..., 0]  # (B, T)

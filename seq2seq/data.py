@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Sampler
 
+from seq2seq.decoding import teacher_input
 from seq2seq.domain import Encoder, Tokenizer
 from seq2seq.errors import ConfigError
 from seq2seq.schema import check, setting
@@ -80,12 +81,12 @@ class Collate:
         src = pad_sequence(list(srcs), batch_first=True, padding_value=self.src_pad)  # (B, S[, F])
         lengths = torch.tensor([len(s) for s in srcs])
         src_keep = torch.arange(src.shape[1])[None, :] < lengths[:, None]  # (B, S)
-        bos, eos = torch.tensor([self.bos, *self.forced]), torch.tensor([self.eos])
-        if self.forced:
-            tgts = [torch.cat([bos[1:], t]) for t in tgts]
-        tgt_in = pad_sequence([torch.cat([bos[:1], t]) for t in tgts], batch_first=True, padding_value=self.tgt_pad)
-        tgt_out = pad_sequence([torch.cat([t, eos]) for t in tgts], batch_first=True, padding_value=IGNORE_INDEX)
-        return Batch(src, src_keep, tgt_in, tgt_out)  # tgt_* (B, T)
+        forced, eos = torch.tensor(self.forced, dtype=torch.long), torch.tensor([self.eos])
+        tgt_out = pad_sequence([torch.cat([forced, t, eos]) for t in tgts], batch_first=True,
+                               padding_value=IGNORE_INDEX)  # (B, T)
+        padding = tgt_out == IGNORE_INDEX
+        tgt_in = teacher_input(tgt_out.masked_fill(padding, self.tgt_pad), self.bos).masked_fill(padding, self.tgt_pad)
+        return Batch(src, src_keep, tgt_in, tgt_out)
 
 
 def check_token_budget(lengths: np.ndarray, max_tokens: int | None) -> None:

@@ -118,6 +118,14 @@ def one_shot(model: EncoderDecoder, src: Tensor, src_keep: Tensor, *, bos: int, 
     return logits.argmax(-1) if allowed is None else logits.masked_fill(~allowed, float("-inf")).argmax(-1)
 
 
+def teacher_input(tokens: Tensor, bos: int, one_shot: bool = False) -> Tensor:
+    """The decoder input (B, L) under which position k predicts tokens[:, k] (teacher forcing): BOS then
+    tokens[:, :-1], the targets shifted right; BOS at every position in one-shot mode (every label at once)."""
+    if one_shot:
+        return torch.full_like(tokens, bos)
+    return torch.cat([torch.full_like(tokens[:, :1], bos), tokens[:, :-1]], dim=1)
+
+
 @dataclass(frozen=True)
 class Decoder:
     """What `decode:` asks for (greedy, beam, sampling or one-shot), over a target vocabulary.
@@ -159,11 +167,8 @@ class Decoder:
         return mask
 
     def teacher_input(self, tokens: Tensor) -> Tensor:
-        """The decoder input (B, L) under which position k predicts tokens[:, k]: BOS + tokens[:, :-1], or BOS at
-        every position in one-shot mode."""
-        if self.spec.one_shot:
-            return torch.full_like(tokens, self.bos)
-        return torch.cat([torch.full_like(tokens[:, :1], self.bos), tokens[:, :-1]], dim=1)
+        """The decoder input (B, L) under which position k predicts tokens[:, k] in this decoding mode."""
+        return teacher_input(tokens, self.bos, self.spec.one_shot)
 
     def max_len(self, src_keep: Tensor, guides: list[Guide] | None = None) -> int:
         """The decoding budget; with guides, room for the longest prefix and then every required token; never more
