@@ -203,7 +203,7 @@ def _glossary_scores(translator: Translator, reader: Reader, glossary: list[Term
     module, tok = translator.module, translator.module.tgt_tok
     refs = [tok.encode(tgt).tolist() for _, tgt in pairs]
     terms = matching_terms(sources, glossary)
-    guides = translator.guides(len(sources), include=[[t.target for t in found] for found in terms])
+    guides = translator.guides(len(sources), terms=terms)
     results: dict[str, float] = {"test/glossary/terms": float(sum(map(len, terms)))}
     for prefix, chosen in (("test", None), ("test/glossary", guides)):
         outputs = translator.tokens(sources, chosen)
@@ -254,8 +254,7 @@ def translate(config: TranslateConfig) -> None:
     if config.prefix or config.glossary:
         prefixes = _read_prefixes(config.prefix, len(lines)) if config.prefix else None
         terms = matching_terms(lines, _glossary(translator, config.glossary)) if config.glossary else None
-        guides = translator.guides(len(lines), prefixes, [[t.target for t in found] for found in terms]
-                                   if terms else None)
+        guides = translator.guides(len(lines), prefixes, terms=terms)
     if config.n_best == 1:
         outputs = translator.translate(lines, guides)
         text = "".join(f"{out}\n" for out in outputs)

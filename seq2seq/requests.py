@@ -72,13 +72,9 @@ def request_guides(translator: Translator, data: dict, texts: list[str], glossar
     given = {name: ([data[name]] if isinstance(data["text"], str) else data[name]) if name in data else None
              for name in GUIDES}
     terms = matching_terms(texts, glossary)
-    if any(terms):
-        own = given["include"] or [[] for _ in texts]
-        given["include"] = [list(dict.fromkeys([*mine, *(t.target for t in found)]))
-                            for mine, found in zip(own, terms, strict=True)]
-    if all(value is None for value in given.values()):
+    if all(value is None for value in given.values()) and not any(terms):
         return None
-    return translator.guides(len(texts), given["prefix"], given["include"], given["exclude"])
+    return translator.guides(len(texts), given["prefix"], given["include"], given["exclude"], terms)
 
 
 def _unicode_problem(data: Any) -> str | None:

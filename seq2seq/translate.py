@@ -131,17 +131,21 @@ class Translator:
             yield idx, collate([(encoded[i], torch.empty(0, dtype=torch.long)) for i in idx]).to(self.backend.device)
 
     def guides(self, n: int, prefixes: list[str | None] | None = None, include: list[list[str]] | None = None,
-               exclude: list[list[str]] | None = None) -> list[Guide]:
+               exclude: list[list[str]] | None = None, terms: list[list[Term]] | None = None) -> list[Guide]:
         """What `n` inputs ask of their outputs, from text: each output starts with its prefix (None or "": no
-        prefix), contains every phrase of its `include` list and none of its `exclude` list."""
+        prefix), contains every phrase of its `include` list and the target of every glossary term found in its
+        input (`terms`, from `guides.matching_terms`), and none of its `exclude` list."""
         encode = self.module.tgt_tok.encode
 
         def ids(text: str | None) -> tuple[int, ...]:
             return tuple(encode(text).tolist()) if text else ()
 
-        for name, given in (("prefixes", prefixes), ("include", include), ("exclude", exclude)):
+        for name, given in (("prefixes", prefixes), ("include", include), ("exclude", exclude), ("terms", terms)):
             if given is not None and len(given) != n:
                 raise DataError(f"{len(given)} {name} for {n} inputs; give one per input (None or [] for none)")
+        if terms is not None:  # each phrase once
+            include = [list(dict.fromkeys([*mine, *(t.target for t in found)]))
+                       for mine, found in zip(include or [[]] * n, terms, strict=True)]
         guides, most = [], self.module.model.spec.max_positions - 1  # target positions after BOS
         for i in range(n):
             try:
