@@ -24,7 +24,7 @@ import torch
 
 from seq2seq.config import compose, resolve_precision
 from seq2seq.module import Seq2SeqModule
-from seq2seq.prepared import obtain
+from seq2seq.preparing import obtain
 from seq2seq.registry import DATASETS
 from seq2seq.schedule import configure
 from seq2seq.trainer import datamodule_for

@@ -38,7 +38,7 @@ from seq2seq.outputs import (
     refuse_inputs,
     write_text,
 )
-from seq2seq.prepared import prepare_dataset
+from seq2seq.preparing import prepare_dataset
 from seq2seq.references import read_pairs, score_files
 from seq2seq.registry import DATASETS, METRICS
 from seq2seq.schemas import (

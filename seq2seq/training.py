@@ -36,7 +36,8 @@ from seq2seq.domain import Reader
 from seq2seq.errors import ConfigError
 from seq2seq.lora import load_base
 from seq2seq.module import Seq2SeqModule
-from seq2seq.prepared import Prepared, obtain
+from seq2seq.prepared import Prepared
+from seq2seq.preparing import obtain
 from seq2seq.registry import DATASETS
 from seq2seq.runs import RunDir
 from seq2seq.schema import to_data

@@ -9,7 +9,7 @@ from seq2seq.data import IGNORE_INDEX, Collate, LoaderSpec, TrainingBatches
 from seq2seq.datamodule import Seq2SeqDataModule
 from seq2seq.domain import Reader, Rows
 from seq2seq.errors import ConfigError, DataError
-from seq2seq.prepared import prepare_dataset
+from seq2seq.preparing import prepare_dataset
 from seq2seq_plugins.synthetic import SymbolTokenizer
 
 BOS, EOS, PAD = 1, 2, 0

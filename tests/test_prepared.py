@@ -14,7 +14,8 @@ from seq2seq import compose
 from seq2seq.build import load_tokenizers
 from seq2seq.data import TrainingBatches
 from seq2seq.errors import DataError, StorageError
-from seq2seq.prepared import Prepared, _Shards, inputs_of, obtain, prepare_dataset
+from seq2seq.prepared import Prepared
+from seq2seq.preparing import _Shards, inputs_of, obtain, prepare_dataset
 from seq2seq.registry import DATASETS
 
 TEXT = ["experiment=translate_ko_en", "tokenizer.src.vocab_size=400"]
