@@ -6,38 +6,30 @@ the default), `sentencepiece` (unigram or BPE), `char` and `word`. All share the
 unk 3, and `decode` gives back detokenized text, which is what metrics score. The core's `token` embedding and tied
 `linear` head do the rest.
 
-The `parallel` reader streams TSV/CSV/Parquet tables (optionally .gz/.zst/.bz2; column names by config) or aligned
-text files (`train.ko` + `train.en`), from files, globs or lists of them, or several weighted `corpora`. Text is
+The `parallel` reader streams TSV/CSV/Parquet tables (optionally .gz/.zst/.bz2; column names by config;
+`files.py`) or aligned text files (`train.ko` + `train.en`), from files, globs or lists of them, or several weighted `corpora`. Text is
 read as text: "NA", "null" and "" stay strings, blank lines are rows. Rows are rejected, and counted by reason, for
 an empty side, undecodable bytes, more than `max_chars` characters on a side, or a length ratio above `max_ratio`.
 Splits come from separate files (`val_path`, `test_path`), a split column, or deterministically from a hash of the
 source text. After training, the reader's `report` saves cross-attention heatmaps of a few validation sentences
-(`attention.py`).
+(`attention.py`). Its metrics are sacreBLEU's BLEU, chrF and chrF++ (`metrics.py`).
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
-import io
-import itertools
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-import sacrebleu
-from torch import Tensor
-from torchmetrics.text import CHRFScore, SacreBLEUScore
-
 from seq2seq.domain import Decodes, Reader, Rows, read_lines
 from seq2seq.errors import ConfigError, DataError, some
-from seq2seq.metrics import Signed
-from seq2seq.registry import DATASETS, METRICS
+from seq2seq.registry import DATASETS
+from seq2seq_plugins.text.files import COMPRESSED, line_pairs, table_chunks, table_kind
+from seq2seq_plugins.text.metrics import BLEU, ChrF, ChrFPlusPlus  # noqa: F401 - importing registers them
 from seq2seq_plugins.text.pretrained import MarianTokenizer, NllbTokenizer  # noqa: F401 - importing registers them
 from seq2seq_plugins.text.tokenizers import (  # noqa: F401 - importing registers the tokenizers
     BPETokenizer,
@@ -47,140 +39,6 @@ from seq2seq_plugins.text.tokenizers import (  # noqa: F401 - importing register
 )
 
 EMBEDDED = Path(__file__).parent / "data" / "libreoffice_help_ko_en.tsv.gz"
-
-
-def _sacrebleu_signature(metric: Any) -> str:
-    """The signature sacreBLEU gives `metric` (a sacrebleu.metrics object) for one reference per segment."""
-    metric.corpus_score(["a"], [["a"]])  # sacreBLEU states the reference count once it has seen references
-    return str(metric.get_signature())
-
-
-@METRICS.register("bleu")
-class BLEU(SacreBLEUScore, Signed):
-    """Corpus SacreBLEU (13a tokenization) on detokenized hypotheses and references, on the 0-100 scale; its
-    `signature` is sacreBLEU's for the same settings (the scores equal sacreBLEU's: tests/test_text.py)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        super().__init__(tokenize="13a")
-        self.detokenize = tokenizer.decode
-        self.signature = _sacrebleu_signature(sacrebleu.metrics.BLEU(tokenize="13a"))
-
-    def update(self, hyps: list[list[int]], refs: list[list[int]]) -> None:  # type: ignore[override]
-        super().update([self.detokenize(h) for h in hyps], [[self.detokenize(r)] for r in refs])
-
-    def compute(self) -> Tensor:
-        return super().compute() * 100
-
-
-@METRICS.register("chrf")
-class ChrF(CHRFScore, Signed):
-    """Corpus chrF (character 6-grams, no word n-grams: not chrF++) on detokenized text, on the 0-100 scale.
-
-    Zero n-gram counts are smoothed as in the original chrF++.py, i.e. sacrebleu's `CHRF(eps_smoothing=True)`;
-    sacrebleu's default differs in the second decimal on short corpora.
-    """
-
-    word_order = 0
-
-    def __init__(self, tokenizer: Any) -> None:
-        super().__init__(n_word_order=self.word_order)
-        self.detokenize = tokenizer.decode
-        self.signature = _sacrebleu_signature(sacrebleu.metrics.CHRF(word_order=self.word_order,
-                                                                     eps_smoothing=True))
-
-    def update(self, hyps: list[list[int]], refs: list[list[int]]) -> None:  # type: ignore[override]
-        super().update([self.detokenize(h) for h in hyps], [[self.detokenize(r)] for r in refs])
-
-    def compute(self) -> Tensor:  # type: ignore[override]
-        return super().compute() * 100
-
-
-@METRICS.register("chrf++")
-class ChrFPlusPlus(ChrF):
-    """chrF++: chrF with word unigrams and bigrams as well (sacreBLEU's `CHRF(word_order=2)`)."""
-
-    word_order = 2
-
-
-CHUNK = 10_000  # rows per run a reader yields
-TABLES = (".tsv", ".csv", ".parquet")
-COMPRESSED = (".gz", ".zst", ".bz2", ".lz4")  # decompressed by pyarrow, by file name
-
-
-def _table_kind(path: str) -> str | None:
-    name = path
-    for suffix in COMPRESSED:
-        name = name.removesuffix(suffix)
-    return next((kind for kind in TABLES if name.endswith(kind)), None)
-
-
-def _open(path: str) -> pa.NativeFile:
-    try:
-        return pa.input_stream(path, compression="detect")
-    except (OSError, pa.ArrowInvalid) as err:
-        raise DataError(f"{path}: {err}") from None
-
-
-def table_chunks(path: str, columns: list[str]) -> Iterator[pd.DataFrame]:
-    """A table file in chunks of CHUNK rows, every field as text: nothing becomes NaN, blank lines stay rows,
-    undecodable bytes become U+FFFD. A missing or empty file, a missing column or a row with the wrong number of
-    fields is a DataError naming the file (and the line)."""
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such file; set `data.path` (and `data.val_path`, `data.test_path`)")
-    if _table_kind(path) == ".parquet":
-        try:
-            parquet = pq.ParquetFile(path)
-            _check_columns(path, columns, parquet.schema_arrow.names)
-            for batch in parquet.iter_batches(CHUNK, columns=columns):
-                yield batch.to_pandas().fillna("").astype(str)  # a null cell is empty text, rejected by reason
-        except (OSError, pa.ArrowException) as err:
-            raise DataError(f"{path}: not a readable Parquet file ({err})") from None
-        return
-    tsv = _table_kind(path) == ".tsv"
-    with _open(path) as stream:
-        try:
-            chunks = pd.read_csv(stream, sep="\t" if tsv else ",", dtype=str, keep_default_na=False, na_filter=False,
-                                 skip_blank_lines=False, encoding="utf-8", encoding_errors="replace",
-                                 quoting=3 if tsv else 0, chunksize=CHUNK)
-            for chunk in chunks:
-                _check_columns(path, columns, list(chunk.columns))
-                yield chunk
-        except pd.errors.EmptyDataError:
-            raise DataError(f"{path}: the file is empty; it needs a header row naming the columns") from None
-        except OSError as err:  # a compressed file cut short, or a failing disk
-            raise DataError(f"{path}: {err}: the file is damaged or cut short (an interrupted download or copy?); "
-                            "get it again") from None
-        except pd.errors.ParserError as err:
-            detail = str(err).split("C error: ")[-1].strip()
-            raise DataError(f"{path}: {detail}. A row must have one field per header column"
-                            + ("; a tab inside a sentence must be removed" if tsv else "; quote fields that hold "
-                               "commas")) from None
-
-
-def _check_columns(path: str, wanted: list[str], found: list[str]) -> None:
-    missing = [c for c in wanted if c not in found]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; found {found}. Set `data.source`, `data.target` and "
-                        "`data.split_column` (null to split by hash)")
-
-
-def line_pairs(src_path: str, tgt_path: str) -> Iterator[list[tuple[str, str]]]:
-    """Aligned text files, one sentence per line (split on newlines only), in runs of CHUNK pairs."""
-    with _open(src_path) as a, _open(tgt_path) as b:
-        sources = io.TextIOWrapper(a, encoding="utf-8", errors="replace", newline="\n")
-        targets = io.TextIOWrapper(b, encoding="utf-8", errors="replace", newline="\n")
-        run: list[tuple[str, str]] = []
-        for n, (src, tgt) in enumerate(itertools.zip_longest(sources, targets), 1):
-            if src is None or tgt is None:
-                longer, shorter = (src_path, tgt_path) if tgt is None else (tgt_path, src_path)
-                raise DataError(f"{shorter} ends at line {n - 1} and {longer} goes on: aligned files need one "
-                                "sentence per line on both sides")
-            run.append((src.removesuffix("\n").removesuffix("\r"), tgt.removesuffix("\n").removesuffix("\r")))
-            if len(run) == CHUNK:
-                yield run
-                run = []
-        if run:
-            yield run
 
 
 def _split_of(text: str, val_fraction: float, test_fraction: float) -> str:
@@ -244,7 +102,7 @@ class ParallelCorpus(Reader):
         """Paths or globs -> inputs: (table,) or (source file, target file)."""
         found = []
         for pattern in [paths] if isinstance(paths, str) else paths:
-            if _table_kind(pattern) is None:
+            if table_kind(pattern) is None:
                 found.append(tuple(self._side(pattern, lang, option) for lang in (self.source, self.target)))
             elif glob.has_magic(pattern):
                 matches = sorted(glob.glob(pattern))
