@@ -19,12 +19,11 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from seq2seq.checkpoints import InterruptCheckpoint
 from seq2seq.config import help_text, prepare_overrides, validate
 from seq2seq.errors import ConfigError, DataError, ExportError
+from seq2seq.launch import global_rank
 from seq2seq.plugins import listing, searchpath_override
 from seq2seq.runs import RunDir
 from seq2seq.schemas import TrainConfig
@@ -75,7 +74,7 @@ def _train_task(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     # Only what this job wrote may be removed: never a directory that held files before it (a run to resume),
     # and never from a re-launched rank, whose rank 0 owns the directory.
-    owned = rank_zero_only.rank == 0 and not (run_dir.is_dir() and any(run_dir.iterdir()))
+    owned = global_rank() == 0 and not (run_dir.is_dir() and any(run_dir.iterdir()))
     try:
         config = validate(cfg, "train")
         _check_multirun(config)
@@ -85,6 +84,8 @@ def _train_task(cfg: DictConfig) -> float | None:
             RunDir(run_dir).remove_failed()
         _fail(err)
     except SystemExit:  # Lightning exits 1 after Ctrl-C; shells expect 130 (128 + SIGINT)
+        from seq2seq.checkpoints import InterruptCheckpoint  # imported by the command already
+
         if InterruptCheckpoint.by_user:
             sys.exit(130)
         raise
@@ -119,7 +120,7 @@ def _hydra_argv(command: str, args: list[str]) -> tuple[list[str], RunDir | None
     resume = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
     # Multirun jobs go to the sweep dir; re-launched ranks join the run their rank 0 started (Lightning names it).
     new_run = command in ("train", "backtest") and "-m" not in args and "--multirun" not in args \
-        and rank_zero_only.rank == 0
+        and global_rank() == 0
     if command == "train" and run_dir is None and resume is not None:  # `resume=DIR` continues in that run dir
         extra.append(f"hydra.run.dir={resume}")
     elif new_run and run_dir is None:

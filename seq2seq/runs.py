@@ -14,7 +14,6 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from seq2seq.checkpoints import read_checkpoint
 from seq2seq.errors import ConfigError, some
 
 log = logging.getLogger("seq2seq")
@@ -85,9 +84,9 @@ class RunDir:
             raise ConfigError(f"`resume={self.path}`: no checkpoint in {self.checkpoints}")
         return found[-1]
 
-    def resume_point(self, config: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
-        """The checkpoint to resume from and its fitted tokenizers; `config` (plain data) must be the run's, but
-        for `trainer`. Writes cut short by the interruption (`*.partial`) are removed."""
+    def resume_point(self, config: dict[str, Any]) -> Path:
+        """The checkpoint to resume from; `config` (plain data) must be the run's, but for `trainer`. Writes cut
+        short by the interruption (`*.partial`) are removed."""
         if Path(config["resume"]).resolve() != self.path.resolve():
             raise ConfigError(f"`resume={config['resume']}` must be the run directory ({self.path}); "
                               "`seq2seq train ... resume=DIR` sets both")
@@ -106,7 +105,7 @@ class RunDir:
             partial.unlink()
         ckpt = self.newest_checkpoint()
         log.info("resuming from %s", ckpt)
-        return ckpt, read_checkpoint(ckpt)["hyper_parameters"]["tokenizers"]
+        return ckpt
 
     def remove_failed(self) -> None:
         """A run that stopped on a mistake before its first checkpoint leaves nothing behind: what it wrote goes,

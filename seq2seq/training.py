@@ -132,7 +132,9 @@ def train(config: TrainConfig, run_dir: Path) -> Seq2SeqModule:
     if config.init:  # the checkpoint's architecture and tokenizers; its weights unless resuming
         config, tokenizers, init_weights = from_init(config, _overrides())
     run = RunDir(run_dir)
-    ckpt, tokenizers = run.resume_point(to_data(config)) if config.resume else (None, tokenizers)
+    ckpt = run.resume_point(to_data(config)) if config.resume else None
+    if ckpt is not None:  # the tokenizers the run fitted
+        tokenizers = read_checkpoint(ckpt)["hyper_parameters"]["tokenizers"]
     if rank_zero_only.rank == 0:  # re-launched ranks share the run dir and its one config.yaml
         if not config.resume:
             run.refuse_reuse()
