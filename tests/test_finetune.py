@@ -111,7 +111,8 @@ def test_averaging_lora_checkpoints_averages_the_merged_models(base, tmp_path):
     assert mean["hyper_parameters"]["config"]["model"]["lora"]["rank"] == 0
     for name, value in mean["state_dict"].items():
         torch.testing.assert_close(value, (merged[0][name] + merged[1][name]) / 2)
-    assert not torch.equal(merged[0]["model.encoder.0.ff.w1.weight"], merged[1]["model.encoder.0.ff.w1.weight"])
+    gap = merged[0]["model.encoder.0.ff.w1.weight"] - merged[1]["model.encoder.0.ff.w1.weight"]
+    assert gap.abs().max() > 1e-6  # two different fine-tunings: the mean is not either of them
     average(AverageConfig(ckpts=[str(ckpts[0])], output=str(tmp_path / "one.ckpt")))  # one alone: merged
     one = Seq2SeqModule.from_checkpoint(tmp_path / "one.ckpt").state_dict()
     assert all(torch.equal(one[k], merged[0][k]) for k in one)
