@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +46,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """A checkpoint's plain data (`weights_only=True`); a missing, truncated or foreign file is a ConfigError."""
+    """A checkpoint's plain data (`weights_only=True`); a sharded one (a folder) consolidated (`consolidated`); a
+    missing, truncated or foreign file is a ConfigError."""
+    if Path(path).is_dir():
+        return consolidated(Path(path))
     if not Path(path).is_file():
         raise ConfigError(f"`ckpt={path}`: no such file")
     try:
@@ -56,6 +60,28 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt:
         raise ConfigError(f"`ckpt={path}` is not a seq2seq checkpoint (it holds no config)")
     return ckpt
+
+
+SHARDED_META = "meta.pt"  # in a sharded checkpoint's folder: everything but the weights and optimizer states
+
+
+def consolidated(folder: Path) -> dict[str, Any]:
+    """A sharded checkpoint (a folder of distributed-checkpoint shards, as `trainer=fsdp` writes) as one ordinary
+    checkpoint: its full weights and everything else but the optimizer states, so it scores, decodes and exports
+    but does not resume (resume from the folder). No process group is needed."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    if not (folder / SHARDED_META).is_file():
+        raise ConfigError(f"`ckpt={folder}` is a folder, and not a sharded checkpoint (it has no {SHARDED_META})")
+    meta = read_checkpoint(folder / SHARDED_META)
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            dcp_to_torch_save(folder, Path(scratch) / "full.pt")
+        except Exception as err:  # the reader fails in many ways on shards it cannot read
+            raise ConfigError(f"`ckpt={folder}`: its shards cannot be read ({str(err).splitlines()[0][:200]}); "
+                              "is the folder whole?") from None
+        state = torch.load(Path(scratch) / "full.pt", map_location="cpu", weights_only=True)["state_dict"]
+    return {**{k: v for k, v in meta.items() if k != "optimizer_states"}, "state_dict": state}
 
 
 def is_checkpoint(path: Path) -> bool:

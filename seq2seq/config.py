@@ -212,15 +212,31 @@ def _lora_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
+def _fsdp_problems(config: TrainConfig) -> list[str]:
+    """What `trainer=fsdp` (`seq2seq.sharding`) cannot do yet, each with what to do instead."""
+    problems = []
+    if config.optim.ema_decay is not None:
+        problems.append("`trainer=fsdp` keeps no EMA of sharded weights: set `optim.ema_decay=null` (or average "
+                        "the last checkpoints with `average_last`)")
+    if config.model.lora.rank:
+        problems.append("`trainer=fsdp` does not shard LoRA adapters: fine-tune with LoRA under `trainer=ddp`")
+    if config.trainer.precision in ("16-mixed", "16", "transformer-engine", "transformer-engine-float16"):
+        problems.append(f"`trainer=fsdp` runs in bf16-mixed (bf16 weights in compute, fp32 gradient reduction), "
+                        f"bf16-true or 32-true, not `trainer.precision={config.trainer.precision}`")
+    return problems
+
+
 def _train_problems(config: TrainConfig) -> list[str]:
     trainer, monitor, problems = config.trainer, config.monitor, []
     on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
     if on_cpu and trainer.precision in ("16-mixed", "16", "16-true"):
         problems.append(f"`trainer.precision={trainer.precision}` needs a GPU, and this run is on the CPU; "
                         "use `trainer.precision=bf16-mixed` (or 32-true)")
-    if on_cpu and trainer.strategy.startswith("fsdp"):
-        problems.append(f"`trainer.strategy={trainer.strategy}` (Lightning's FSDP) needs CUDA GPUs, and this run is "
-                        "on the CPU; use `trainer=ddp` for several CPU processes")
+    if trainer.strategy == "fsdp":
+        problems += _fsdp_problems(config)
+    elif trainer.strategy.startswith("fsdp"):
+        problems.append(f"`trainer.strategy={trainer.strategy}`: sharded training is `trainer=fsdp` (FSDP2 through "
+                        "Lightning's ModelParallelStrategy)")
     if (memory := _memory_problem(config)) is not None:
         problems.append(memory)
     if config.model.lora.rank:

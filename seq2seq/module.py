@@ -38,6 +38,7 @@ from seq2seq.schedule import configure
 from seq2seq.schema import to_data
 from seq2seq.schemas import TrainConfig
 from seq2seq.search import strip
+from seq2seq.sharding import gather, is_sharded, release, shard
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +160,18 @@ class Seq2SeqModule(L.LightningModule):
             loss = loss * (tokens * world / self.all_gather(tokens).sum())
         return loss
 
-    def on_fit_start(self) -> None:
-        if self.config.model.compile:  # training only: a module loaded to decode or score runs eager
+    def configure_model(self) -> None:
+        """Under `trainer=fsdp` (the strategy gives a device mesh): the model sharded over the data-parallel ranks
+        (`seq2seq.sharding`), its layers compiled first with `model.compile`."""
+        if self.device_mesh is None or is_sharded(self.model):
+            return
+        if self.config.model.compile:
             self.model.compile_layers()
+        shard(self.model, self.device_mesh["data_parallel"], str(self.trainer.precision))
+
+    def on_fit_start(self) -> None:
+        if self.config.model.compile and not is_sharded(self.model):  # training only: a module loaded to decode
+            self.model.compile_layers()  # or score runs eager
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         if self._rng_to_restore is not None:  # the first step after resuming draws what the stopped run would have
@@ -183,19 +193,31 @@ class Seq2SeqModule(L.LightningModule):
         self.log_dict(self.metrics[stage].compute(), prog_bar=True)
         self.metrics[stage].reset()
 
+    def on_validation_epoch_start(self) -> None:
+        if is_sharded(self.model):  # every rank at once; decoding then needs no collective
+            gather(self.model)
+
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._score("val", batch)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
+        if is_sharded(self.model):
+            release(self.model)
         if not self.trainer.sanity_checking:
             self.validated_at = self.global_step
+
+    def on_test_epoch_start(self) -> None:
+        if is_sharded(self.model):
+            gather(self.model)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._score("test", batch)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
+        if is_sharded(self.model):
+            release(self.model)
 
     def configure_optimizers(self) -> dict:
         estimated = self.trainer.estimated_stepping_batches  # infinite when only the time bounds the run

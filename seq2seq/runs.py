@@ -102,7 +102,7 @@ class RunDir:
                               "run's overrides again (only `trainer.*` may change), or start a new run")
         for partial in self.checkpoints.glob("*.partial"):
             log.info("removing %s, a checkpoint write the interruption cut short", partial)
-            partial.unlink()
+            shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
         ckpt = self.newest_checkpoint()
         log.info("resuming from %s", ckpt)
         return ckpt

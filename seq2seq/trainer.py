@@ -32,6 +32,7 @@ from seq2seq.outputs import (
 from seq2seq.prepared import Prepared
 from seq2seq.schema import to_data
 from seq2seq.schemas import TrainConfig, TrainerSpec
+from seq2seq.sharding import ShardedStrategy
 
 log = logging.getLogger("seq2seq")
 # Lightning advertises its cloud services on every Trainer it builds; this project's runs have no use for them.
@@ -119,6 +120,8 @@ def build_trainer(spec: TrainerSpec, root: Path, callbacks: list[L.Callback], lo
         callbacks = [*callbacks, ProgressLog()]
     # The data module shards batches over ranks itself (equal step counts for training; nothing repeated for
     # evaluation), so Lightning must not wrap its samplers.
+    if spec.strategy == "fsdp":  # FSDP2 through Lightning (`seq2seq.sharding`)
+        options["strategy"] = ShardedStrategy()
     return L.Trainer(**options, default_root_dir=root, callbacks=callbacks, logger=loggers,
                      plugins=[AtomicCheckpointIO()], use_distributed_sampler=False)
 
