@@ -283,16 +283,17 @@ def export(config: ExportConfig) -> None:
 
 def average(config: AverageConfig) -> Path:
     """Write the mean of `config.ckpts` (files or glob patterns, in the order given; a pattern's matches sorted)
-    to `config.output`."""
+    to `config.output`; one LoRA checkpoint alone merged, one sharded checkpoint (a folder) alone consolidated."""
     paths: list[Path] = []
     for given in config.ckpts:
         matches = sorted(map(Path, glob.glob(given))) if any(c in given for c in "*?[") else [Path(given)]
         if not matches:
             raise ConfigError(f"`ckpts`: no checkpoint matches {given}")
         paths += matches
-    if len(paths) < 2 and not (paths and _adapted(read_checkpoint(paths[0]))):
+    if len(paths) < 2 and not (paths and (paths[0].is_dir() or _adapted(read_checkpoint(paths[0])))):
         raise ConfigError(f"`ckpts` names {len(paths)} checkpoint(s); averaging needs two or more, e.g. "
-                          "'ckpts=[runs/x/checkpoints/step*.ckpt]' (one LoRA checkpoint alone is merged)")
+                          "'ckpts=[runs/x/checkpoints/step*.ckpt]' (one LoRA checkpoint alone is merged, one "
+                          "sharded checkpoint alone consolidated into one file)")
     refuse_inputs("output", config.output, paths)
     output = check_file("output", config.output, is_checkpoint, config.force)
     AtomicCheckpointIO().save_checkpoint(average_checkpoints(paths, _merged), output)

@@ -19,9 +19,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 
 from seq2seq.build import build_model, component_modules, load_tokenizers
 from seq2seq.checkpoints import read_checkpoint
@@ -117,6 +118,9 @@ class Seq2SeqModule(L.LightningModule):
         self.prepared: dict[str, str] = {}  # the prepared dataset it trains on: fingerprint, tokenizers' digest, path
         self.validated_at = -1  # the training step of the last validation
         self._rng_at_batch_start: tuple[Any, ...] | None = None
+        # A split's loss per target token, whatever its batches and however they are dealt to ranks (sums are
+        # reduced, not each rank's mean): one process and several, any batch size, give the same.
+        self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
         self.metrics = nn.ModuleDict({
             stage: MetricCollection(
                 {name: METRICS.build({"name": name}, "metrics", tokenizer=self.tgt_tok) for name in config.metrics},
@@ -180,7 +184,8 @@ class Seq2SeqModule(L.LightningModule):
         self._rng_at_batch_start = _rng_snapshot()
 
     def _score(self, stage: str, batch: Batch) -> None:
-        self.log(f"{stage}/loss", self.loss(batch), prog_bar=True, sync_dist=True, batch_size=batch.src.shape[0])
+        self.losses[stage].update(self.loss(batch), weight=batch.tgt_keep.sum())
+        self.log(f"{stage}/loss", self.losses[stage], prog_bar=True, batch_size=batch.src.shape[0])
         if not self.metrics[stage]:
             return  # nothing to decode for
         eos = self.tgt_tok.eos_id
@@ -230,7 +235,7 @@ class Seq2SeqModule(L.LightningModule):
         checkpoint["seq2seq"] = {
             "version": metadata.version("seq2seq"),
             "plugins": plugin_versions(component_modules(self.config)),
-            "rng": rng_state(self._rng_at_batch_start if interrupted else None),
+            "rng": self._rng_of_every_rank(rng_state(self._rng_at_batch_start if interrupted else None)),
             "data": self.prepared,
         }
         if self.config.model.lora.rank:  # the adapters and what trains; the base stays in `init`'s checkpoint
@@ -244,8 +249,20 @@ class Seq2SeqModule(L.LightningModule):
             for counts in checkpoint["loops"]["fit_loop"]["epoch_progress"].values():
                 counts["processed"] -= 1
                 counts["completed"] -= 1
+    def _rng_of_every_rank(self, mine: dict[str, Any]) -> list[dict[str, Any]]:
+        """Each rank's generators, by global rank (ranks draw dropout masks of their own batches): every rank
+        saves a checkpoint together, and rank 0 writes what they all hold."""
+        if self._trainer is None or self.trainer.world_size == 1 or not dist.is_initialized():
+            return [mine]
+        every: list[Any] = [None] * self.trainer.world_size
+        dist.all_gather_object(every, mine)
+        return every
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._rng_to_restore = checkpoint.get("seq2seq", {}).get("rng")
+        saved = checkpoint.get("seq2seq", {}).get("rng")
+        if isinstance(saved, list):  # by rank; a run resumed on another number of ranks cannot repeat its draws
+            saved = saved[self.global_rank] if len(saved) == self.trainer.world_size else saved[0]
+        self._rng_to_restore = saved
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Seq2SeqModule:

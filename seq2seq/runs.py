@@ -103,6 +103,13 @@ class RunDir:
         for partial in self.checkpoints.glob("*.partial"):
             log.info("removing %s, a checkpoint write the interruption cut short", partial)
             shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
+        for aside in self.checkpoints.glob("*.ckpt.old"):  # a sharded save stopped between its two renames
+            target = aside.with_name(aside.name.removesuffix(".old"))
+            if target.exists():
+                shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
+            else:
+                log.info("restoring %s, the checkpoint a sharded save had moved aside", target)
+                aside.rename(target)
         ckpt = self.newest_checkpoint()
         log.info("resuming from %s", ckpt)
         return ckpt

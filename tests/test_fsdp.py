@@ -1,89 +1,98 @@
-"""FSDP2 (`torch.distributed.fsdp.fully_shard`) on the CPU: 2 gloo ranks train the core as data parallel training
-(gradients averaged over the ranks) does."""
+"""FSDP2 through Lightning (`trainer=fsdp`) on 2 CPU processes (gloo): sharded checkpoints that resume exactly and
+are read consolidated by every command that takes a checkpoint. Training like DDP and like one process is in
+`test_distributed.py`, beside DDP's own."""
 
+import json
 import os
-import socket
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.distributed.fsdp import fully_shard
 
-from seq2seq.data import IGNORE_INDEX, Batch
-from seq2seq.module import sequence_loss
-from seq2seq.testing import random_batch, tiny_model
+from seq2seq.checkpoints import read_checkpoint
 
-pytestmark = pytest.mark.slow  # two processes
-STEPS = 3
-
-
-def _batch(rank: int, step: int) -> Batch:
-    src, src_keep, tgt, tgt_keep = random_batch(100 * rank + step, 9, 7)
-    tgt_in = torch.cat([torch.ones_like(tgt[:, :1]), tgt[:, :-1]], 1)
-    return Batch(src, src_keep, tgt_in, tgt.masked_fill(~tgt_keep, IGNORE_INDEX))
+pytestmark = pytest.mark.slow  # two processes each
+FSDP = ["trainer=fsdp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"]
+# Dropout on, shuffled token-budget batches: a resume must restore the RNG, the data position and the shards.
+BASE = ["experiment=reverse", "model=tiny", "model.dropout=0.1", "data.n_train=384", "data.n_val=32",
+        "data.n_test=32", "loader.max_tokens=256", "trainer.max_epochs=-1", "monitor.patience=null",
+        "trainer.precision=32-true", *FSDP]
+RUN = [*BASE, "trainer.max_steps=30", "save_every_n_steps=2"]
 
 
-def _train(rank: int, world: int, port: int, strategy: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    model = tiny_model(dropout=0.1).train()
-    if strategy == "fsdp2":  # each layer its own group, the rest (embeddings, tied head, norms) the root's
-        for layer in [*model.encoder, *model.decoder]:
-            fully_shard(layer)
-        wrapped = fully_shard(model)
-        w = model.encoder[0].ff.w1.weight  # (d_ff, d_model), rows split over the ranks
-        assert w.to_local().shape[0] == w.full_tensor().shape[0] // world
-    else:
-        wrapped = model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for step in range(STEPS):
-        torch.manual_seed(step)  # the same dropout masks under both strategies
-        loss = sequence_loss(wrapped, _batch(rank, step))
-        opt.zero_grad()
-        loss.backward()
-        if strategy == "ddp":  # data parallel's rule, written out: every rank steps on the mean gradient
-            for p in model.parameters():
-                dist.all_reduce(p.grad)
-                p.grad /= world
-        opt.step()
-        dist.all_reduce(total := loss.detach().clone())
-        losses.append(total.item() / world)
-    weights = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-               for name, p in model.named_parameters()}
-    if rank == 0:
-        torch.save((losses, weights), out)
-    dist.barrier()
-    dist.destroy_process_group()
+def _command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "seq2seq", *args]
 
 
-def _run(strategy: str, tmp_path) -> tuple[list[float], dict[str, torch.Tensor]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / f"{strategy}.pt"
-    ranks = mp.start_processes(_train, args=(2, port, strategy, str(out)), nprocs=2, join=False,
-                               start_method="spawn")
-    deadline = time.monotonic() + 300
-    while not ranks.join(timeout=5):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for process in ranks.processes:
-                process.kill()
-            pytest.fail(f"the {strategy} ranks did not finish in 300 s")
-    return torch.load(out, weights_only=True)
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(_command(*args), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
-def test_fsdp2_on_two_cpu_ranks_trains_as_data_parallel_does(tmp_path):
-    """Sharded parameters, gradients reduce-scattered, optimizer steps on shards: after 3 AdamW steps the losses
-    and the gathered weights equal data parallel training's to 1e-6 (the reductions may sum in another order)."""
-    (ddp_losses, ddp_weights), (fsdp_losses, fsdp_weights) = _run("ddp", tmp_path), _run("fsdp2", tmp_path)
-    assert fsdp_losses == pytest.approx(ddp_losses, rel=1e-6)
-    assert ddp_losses[-1] < ddp_losses[0]
-    assert fsdp_weights.keys() == ddp_weights.keys()
-    for name, weight in ddp_weights.items():
-        torch.testing.assert_close(fsdp_weights[name], weight, rtol=1e-6, atol=1e-6, msg=name)
-    changed = [name for name, w in ddp_weights.items() if not torch.equal(w, tiny_model().state_dict()[name])]
-    assert len(changed) == len(ddp_weights)  # every weight trained, so every shard's update was compared
+def _kill_after_a_checkpoint(run_dir) -> None:
+    """Starts the run and kills every process of it (SIGKILL, no chance to save) once it has saved a sharded
+    checkpoint at step 6 or later."""
+    process = subprocess.Popen(_command("train", *RUN, f"hydra.run.dir={run_dir}"), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta, deadline = run_dir / "checkpoints" / "last.ckpt" / "meta.pt", time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if torch.load(meta, weights_only=True)["global_step"] >= 6:
+                break
+        except (OSError, RuntimeError, EOFError, KeyError):
+            pass  # not there yet, or being renamed into place
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_a_sharded_run_killed_mid_training_resumes_onto_the_same_weights(tmp_path):
+    _cli("train", *RUN, f"hydra.run.dir={tmp_path / 'straight'}")
+    _kill_after_a_checkpoint(tmp_path / "killed")
+    saved = read_checkpoint(tmp_path / "killed" / "checkpoints" / "last.ckpt")["global_step"]
+    assert 6 <= saved < 30
+    _cli("train", *RUN, f"resume={tmp_path / 'killed'}")
+    straight, resumed = (read_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")
+                         for name in ("straight", "killed"))
+    assert straight["global_step"] == resumed["global_step"] == 30
+    for name, weight in straight["state_dict"].items():
+        assert torch.equal(weight, resumed["state_dict"][name]), name
+    shards = sorted(p.name for p in (tmp_path / "killed" / "checkpoints" / "last.ckpt").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]  # a folder of shards, one per rank
+    assert not list((tmp_path / "killed" / "checkpoints").glob("*.partial"))
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("fsdp") / "run"
+    _cli("train", *BASE, "trainer.max_steps=60", f"hydra.run.dir={run}")
+    return run
+
+
+def test_a_sharded_checkpoint_translates_evaluates_and_consolidates_as_one_file(sharded_run, tmp_path):
+    folder = sharded_run / "checkpoints" / "last.ckpt"
+    sources = "1 2 3\n4 5 6 7\n"
+    direct = subprocess.run(_command("translate", f"ckpt={folder}", f"hydra.run.dir={tmp_path / 't1'}"),
+                            input=sources, capture_output=True, text=True, timeout=300)
+    assert direct.returncode == 0, direct.stderr[-3000:]
+    _cli("average", f"ckpts=[{folder}]", f"output={tmp_path / 'one.ckpt'}")  # one sharded checkpoint: consolidated
+    whole = torch.load(tmp_path / "one.ckpt", weights_only=True)
+    sharded = read_checkpoint(folder)
+    assert whole["global_step"] == sharded["global_step"] == 60 and "optimizer_states" not in whole
+    assert whole["state_dict"].keys() == sharded["state_dict"].keys()
+    for name, weight in sharded["state_dict"].items():
+        assert torch.equal(weight, whole["state_dict"][name]), name
+    filed = subprocess.run(_command("translate", f"ckpt={tmp_path / 'one.ckpt'}", f"hydra.run.dir={tmp_path / 't2'}"),
+                           input=sources, capture_output=True, text=True, timeout=300)
+    assert filed.stdout == direct.stdout and len(direct.stdout.splitlines()) == 2
+    # The run's final test (2 ranks, sharded) and one process's, from the checkpoint it kept
+    metrics = json.loads((sharded_run / "metrics.json").read_text())
+    _cli("evaluate", f"ckpt={metrics['best_checkpoint']}", f"output={tmp_path / 'scores'}")
+    scores = json.loads((tmp_path / "scores" / "metrics.json").read_text())
+    assert scores["test/exact_match"] == metrics["test/exact_match"]
+    assert scores["test/loss"] == pytest.approx(metrics["test/loss"], abs=1e-5)
