@@ -50,6 +50,7 @@ from seq2seq.schemas import (
     ServeConfig,
     TranslateConfig,
 )
+from seq2seq.sharding import gathered
 from seq2seq.trainer import build_trainer, datamodule_for, first_scores, metric_signatures, write_metrics
 from seq2seq.translate import Translator
 
@@ -141,12 +142,19 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     return _evaluate_splits(config, out_dir)
 
 
-def _evaluate_splits(config: EvaluateConfig, out_dir: Path | None) -> dict[str, Any]:
-    """`evaluate`'s val and test splits, through the trainer as in training."""
+def _refuse_for_splits(config: EvaluateConfig) -> None:
     if is_export(config.ckpt):
         raise ConfigError(f"`seq2seq evaluate` scores the splits of checkpoints; {config.ckpt} is an exported "
                           "model, whose agreement with its checkpoint is in its seq2seq_export.json (give it "
                           "`source=` and `reference=` files to score)")
+    if config.ensemble and config.trainer.strategy == "fsdp":
+        raise ConfigError("`ensemble=` decodes several models as one, which `trainer=fsdp` does not shard: score "
+                          "the ensemble with `trainer=ddp` (or in one process)")
+
+
+def _evaluate_splits(config: EvaluateConfig, out_dir: Path | None) -> dict[str, Any]:
+    """`evaluate`'s val and test splits, through the trainer as in training."""
+    _refuse_for_splits(config)
     translator = _translator(config)
     glossary = _glossary(translator, config.glossary) if config.glossary else None  # its mistakes before any work
     module = translator.module
@@ -171,10 +179,11 @@ def _evaluate_splits(config: EvaluateConfig, out_dir: Path | None) -> dict[str, 
         if "test" in held_out:
             results.update(first_scores(trainer.test(module, datamodule=datamodule, verbose=False)))
         module.model = first  # the domain's report decodes through the translator; its plots show `ckpt`'s model
-        if trainer.is_global_zero:
-            results.update(reader.report(translator, root))
-            if glossary:
-                results.update(_glossary_scores(translator, reader, glossary))
+        with gathered(module.model):  # (sharded by `trainer=fsdp`: whole on every rank, for rank 0's report)
+            if trainer.is_global_zero:
+                results.update(reader.report(translator, root))
+                if glossary:
+                    results.update(_glossary_scores(translator, reader, glossary))
     results.update(metric_signatures(module))
     results["checkpoint"] = config.ckpt
     if config.ensemble:

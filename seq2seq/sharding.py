@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +101,17 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """`model`'s full weights in place for the block (every rank enters it together), as they are if it is not
+    sharded: for what runs on one rank alone, such as a domain's report."""
+    if not is_sharded(model):
+        yield
+        return
+    gather(model)
+    try:
+        yield
+    finally:
+        release(model)

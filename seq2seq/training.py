@@ -42,6 +42,7 @@ from seq2seq.registry import DATASETS
 from seq2seq.runs import RunDir
 from seq2seq.schema import to_data
 from seq2seq.schemas import BacktestConfig, PrepareConfig, TrainConfig
+from seq2seq.sharding import gathered
 from seq2seq.trainer import (
     CompileLog,
     EMAWeights,
@@ -159,8 +160,9 @@ def train(config: TrainConfig, run_dir: Path) -> Seq2SeqModule:
     best, results = _held_out_scores(config, trainer, module, datamodule, run_dir, splits)
     results.update(metric_signatures(module))
     module.eval()
-    if trainer.is_global_zero:  # a domain's own scores, baselines and plots, computed once
-        results.update(reader.report(Translator(module, config.loader.batch_size), run_dir))
+    with gathered(module.model):  # (sharded by `trainer=fsdp`: whole on every rank, for rank 0's report)
+        if trainer.is_global_zero:  # a domain's own scores, baselines and plots, computed once
+            results.update(reader.report(Translator(module, config.loader.batch_size), run_dir))
     write_metrics(trainer, run_dir / "metrics.json", {**results, "best_checkpoint": best})
     return module
 

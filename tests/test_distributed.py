@@ -1,4 +1,5 @@
-"""Several processes on the CPU (2 gloo ranks, Lightning's `ddp` launcher re-running the command line)."""
+"""Several processes on the CPU (2 gloo ranks, Lightning's launcher re-running the command line): DDP, and FSDP2
+(`trainer=fsdp`) where it must behave as DDP does."""
 
 import json
 import subprocess
@@ -8,13 +9,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from seq2seq import compose, train
+from seq2seq.checkpoints import read_checkpoint
 from seq2seq_plugins.text import EMBEDDED
 
 pytestmark = pytest.mark.slow
 DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"]
+FSDP = ["trainer=fsdp", *DDP[1:]]
 REVERSE = ["experiment=reverse", "data.n_val=64", "data.n_test=64", "trainer.log_every_n_steps=1"]
 
 
@@ -26,8 +28,12 @@ def _cli(*args: str, env: dict | None = None, ok: bool = True, cwd: Path | None 
 
 
 def _state(run_dir):
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # a file, or a folder of shards
     return ckpt["global_step"], ckpt["state_dict"]
+
+
+def _losses(run_dir) -> list[float]:
+    return pd.read_csv(run_dir / "logs" / "metrics.csv").dropna(subset=["train/loss"])["train/loss"].tolist()
 
 
 def test_two_ranks_share_one_run_dir_and_stay_in_step_on_uneven_token_batches(tmp_path):
@@ -47,18 +53,27 @@ def test_two_ranks_share_one_run_dir_and_stay_in_step_on_uneven_token_batches(tm
     assert not list(run.glob("**/.hydra"))  # config.yaml is the one record of the config, written by rank 0
 
 
-def test_two_ranks_train_like_one_process_with_the_same_global_batch(tmp_path):
+def test_two_ranks_train_like_one_process_with_the_same_global_batch_under_ddp_and_fsdp(tmp_path):
     # One process with batches of 32 and two ranks with 16 each see the same 32 examples per step: rank r takes
     # every other batch of the same epoch order, and the loss is a mean over the global batch's target tokens.
-    # In fp32: under bf16 autocast, half the rows per matmul may round differently, which is not what this tests.
+    # FSDP2 shards every layer's weights, gradients and AdamW states over the two ranks and must train as DDP
+    # does. In fp32: under bf16 autocast, half the rows per matmul may round differently, which is not what this
+    # tests.
     common = [*REVERSE, "data.n_train=256", "model.dropout=0.0", "trainer.max_steps=12", "trainer.max_epochs=-1",
               "monitor.patience=null", "trainer.precision=32-true"]
     _cli("train", *common, "loader.batch_size=32", f"hydra.run.dir={tmp_path / 'one'}")
-    _cli("train", *common, *DDP, "loader.batch_size=16", f"hydra.run.dir={tmp_path / 'two'}")
-    (step_1, one), (step_2, two) = _state(tmp_path / "one"), _state(tmp_path / "two")
-    assert step_1 == step_2 == 12
-    worst = max(float((one[k] - two[k]).abs().max()) for k in one)
-    assert worst < 1e-4, f"parameters differ by up to {worst} after 12 steps"  # float summation order only
+    _cli("train", *common, *DDP, "loader.batch_size=16", f"hydra.run.dir={tmp_path / 'ddp'}")
+    _cli("train", *common, *FSDP, "loader.batch_size=16", f"hydra.run.dir={tmp_path / 'fsdp'}")
+    (step_1, one), (step_d, ddp), (step_f, fsdp) = (_state(tmp_path / name) for name in ("one", "ddp", "fsdp"))
+    assert step_1 == step_d == step_f == 12
+    assert len(list((tmp_path / "fsdp" / "checkpoints" / "last.ckpt").glob("*.distcp"))) == 2  # one shard a rank
+    for name, weights in (("ddp", ddp), ("fsdp", fsdp)):  # float summation order only
+        worst = max(float((one[k] - weights[k]).abs().max()) for k in one)
+        assert worst < 1e-4, f"{name}: parameters differ from one process's by up to {worst} after 12 steps"
+    worst = max(float((ddp[k] - fsdp[k]).abs().max()) for k in ddp)
+    assert worst < 1e-4, f"fsdp: parameters differ from ddp's by up to {worst} after 12 steps"
+    ddp_losses, fsdp_losses = _losses(tmp_path / "ddp"), _losses(tmp_path / "fsdp")  # rank 0's, step by step
+    assert len(ddp_losses) == 12 and fsdp_losses == pytest.approx(ddp_losses, abs=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +94,27 @@ def half_trained_translation(tmp_path_factory):
     return tmp, tmp / "run" / "checkpoints" / "last.ckpt"
 
 
-def test_corpus_bleu_is_identical_on_one_and_two_ranks(half_trained_translation):
+def test_corpus_scores_are_identical_on_one_and_two_ranks_whose_sentences_differ_in_length(half_trained_translation):
+    # 37 sentences in batches of 8, dealt in turn: rank 0 decodes batches 0, 2, 4 and rank 1 batches 1, 3. The
+    # file puts the 21 longest sentences in rank 0's batches and the 16 shortest in rank 1's, so rank 1 finishes
+    # decoding well before rank 0; under FSDP2 neither may wait for the other in a collective while decoding.
     tmp, ckpt = half_trained_translation
-    _cli("evaluate", f"ckpt={ckpt}", "batch_size=8", f"output={tmp / 'one'}")
-    _cli("evaluate", f"ckpt={ckpt}", "batch_size=8", *DDP, f"output={tmp / 'two'}")
-    one, two = (json.loads((tmp / d / "metrics.json").read_text()) for d in ("one", "two"))
+    pairs = pd.read_csv(tmp / "tiny.tsv", sep="\t", dtype=str, keep_default_na=False)
+    held = pairs[pairs["split"] == "train"].assign(n=lambda f: f["en"].str.len()).sort_values("n", ascending=False)
+    order = [*range(0, 8), *range(21, 29), *range(8, 16), *range(29, 37), *range(16, 21)]  # batch by batch
+    skewed = held.iloc[order].drop(columns="n")
+    pd.concat([pairs[pairs["split"] == "train"], *(skewed.assign(split=s) for s in ("val", "test"))]).to_csv(
+        tmp / "skewed.tsv", sep="\t", index=False)
+    data = f"data.path={tmp / 'skewed.tsv'}"
+    _cli("evaluate", f"ckpt={ckpt}", data, "batch_size=8", f"output={tmp / 'one'}")
+    _cli("evaluate", f"ckpt={ckpt}", data, "batch_size=8", *DDP, f"output={tmp / 'ddp'}")
+    _cli("evaluate", f"ckpt={ckpt}", data, "batch_size=8", *FSDP, f"output={tmp / 'fsdp'}")
+    one, ddp, fsdp = (json.loads((tmp / d / "metrics.json").read_text()) for d in ("one", "ddp", "fsdp"))
     assert 5 < one["val/bleu"] < 95, one  # a score that a dropped or repeated sentence would move
     for key in ("val/bleu", "val/chrf", "test/bleu", "test/chrf"):
-        assert one[key] == two[key], (key, one[key], two[key])
+        assert one[key] == ddp[key] == fsdp[key], (key, one[key], ddp[key], fsdp[key])
+    for key in ("val/loss", "test/loss"):  # per target token, summed over ranks
+        assert ddp[key] == pytest.approx(one[key], abs=1e-5) and fsdp[key] == pytest.approx(one[key], abs=1e-5)
 
 
 def test_a_failing_rank_makes_the_launcher_exit_non_zero(tmp_path):
