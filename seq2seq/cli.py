@@ -1,5 +1,6 @@
 """The command line: `seq2seq train | prepare | backtest | evaluate | predict | translate | export | serve |
-average | import [key=value ...]`, `seq2seq <command> --help`, `seq2seq plugins`.
+average | import [key=value ...]`, `seq2seq <command> --help`, `seq2seq <command> ... --check` (validate only),
+`seq2seq plugins`.
 
 Hydra composes `conf/<command>.yaml` with the overrides; `config.validate` turns it into the command's typed config;
 `training` and `inference` do the work. A mistake in the config or the data exits with status 2 and one message
@@ -21,9 +22,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from seq2seq.config import help_text, prepare_overrides, validate
+from seq2seq.config import compose, help_text, prepare_overrides, validate
 from seq2seq.errors import ConfigError, DataError, ExportError
-from seq2seq.launch import global_rank
+from seq2seq.launch import global_rank, launch
 from seq2seq.plugins import listing, searchpath_override
 from seq2seq.runs import RunDir
 from seq2seq.schemas import TrainConfig
@@ -105,6 +106,21 @@ def _task(command: str, cfg: DictConfig) -> None:
         _fail(err)
 
 
+def _check(command: str, overrides: list[str]) -> None:
+    """`seq2seq <command> ... --check`: the config validated (and, for train, the launch compared with
+    `trainer.*`) without any work; exit status 2 with the problems, else what would run."""
+    try:
+        config = compose(overrides, command)
+    except (ConfigError, DataError) as err:
+        _fail(err)
+    print(f"seq2seq {command}: the config is valid")
+    if command in ("train", "backtest"):
+        trainer = config.trainer
+        print(f"trainer: strategy {trainer.strategy}, accelerator {trainer.accelerator}, devices {trainer.devices} "
+              f"a node on {trainer.num_nodes} node(s)")
+        print(f"launch: {launch().describe()}")
+
+
 def _hydra_argv(command: str, args: list[str]) -> tuple[list[str], RunDir | None]:
     """The overrides checked and prepared for Hydra, with the plugins' config folders and the run directory; and
     the run directory created here for a new run (None when the command line names one, or has none)."""
@@ -140,12 +156,16 @@ def main() -> None:
         return
     if not args or args[0] not in COMMANDS:
         print(f"usage: seq2seq {{{'|'.join(COMMANDS)}}} [key=value ...] [hydra options] | seq2seq <command> --help "
-              "| seq2seq plugins\n  e.g. seq2seq train experiment=translate_ko_en model.d_model=512",
+              "| seq2seq <command> ... --check | seq2seq plugins\n"
+              "  e.g. seq2seq train experiment=translate_ko_en model.d_model=512",
               file=sys.stderr)
         sys.exit(2)
     command = args[0]
     if "--help" in args[1:] or "-h" in args[1:]:
         print(help_text(command))
+        return
+    if "--check" in args[1:]:
+        _check(command, [a for a in args[1:] if a != "--check"])
         return
     try:
         sys.argv[1:], claimed = _hydra_argv(command, args[1:])  # Hydra reads the overrides alone

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from seq2seq import metrics  # noqa: F401 - registers the core's metric
 from seq2seq.decoding import DecodeSpec
 from seq2seq.errors import ConfigError
+from seq2seq.launch import preflight
 from seq2seq.plugins import import_plugins, search_path, searchpath_override, trust
 from seq2seq.registry import DATASETS, EMBEDDINGS, HEADS, METRICS, TOKENIZERS
 from seq2seq.schema import build, describe, field_type, hint, join, to_data
@@ -232,6 +233,7 @@ def _train_problems(config: TrainConfig) -> list[str]:
     if on_cpu and trainer.precision in ("16-mixed", "16", "16-true"):
         problems.append(f"`trainer.precision={trainer.precision}` needs a GPU, and this run is on the CPU; "
                         "use `trainer.precision=bf16-mixed` (or 32-true)")
+    problems += preflight(trainer.devices, trainer.num_nodes)
     if trainer.strategy == "fsdp":
         problems += _fsdp_problems(config)
     elif trainer.strategy.startswith("fsdp"):
