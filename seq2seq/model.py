@@ -212,17 +212,23 @@ class EncoderDecoder(nn.Module):
         final_norm = nn.LayerNorm if spec.norm_first else (lambda d: nn.Identity())
         self.encoder_norm, self.decoder_norm = final_norm(spec.d_model), final_norm(spec.d_model)
 
-    def compile_layers(self) -> None:
+    def compile_layers(self, hooks_eager: bool = False) -> None:
         """Compile each layer's forward (training and teacher-forced scoring) in place, with dynamic batch and
         length dimensions: one graph per layer type serves every layer and batch shape. Incremental decoding
-        (`decode_step`) stays eager."""
+        (`decode_step`) stays eager. With `hooks_eager` (layers FSDP2 will shard), only the `forward` method is
+        compiled, and the module's hooks (FSDP2's gathering and freeing) run eagerly around it; its shapes are
+        static until one changes (marking every dimension dynamic up front makes inductor fail on the gathered
+        weights under FSDP2, torch 2.13)."""
         # Without this, sizes that happen to be equal share one symbol (or take a weight's static size: a batch of
         # d_model rows), and a later batch where they differ compiles again.
         from torch.fx.experimental import _config as shape_config  # (no public switch)
 
         shape_config.use_duck_shape = False
         for layer in [*self.encoder, *self.decoder]:
-            layer.compile(dynamic=True)
+            if hooks_eager:
+                layer.forward = torch.compile(layer.forward)
+            else:
+                layer.compile(dynamic=True)
 
     def _layer(self, layer: nn.Module, *args: Tensor) -> Tensor:
         """One layer; with `checkpoint_activations` in training, its activations are recomputed in backward

@@ -170,7 +170,7 @@ class Seq2SeqModule(L.LightningModule):
         if self.device_mesh is None or is_sharded(self.model):
             return
         if self.config.model.compile:
-            self.model.compile_layers()
+            self.model.compile_layers(hooks_eager=True)
         shard(self.model, self.device_mesh["data_parallel"], str(self.trainer.precision))
 
     def on_fit_start(self) -> None:

@@ -51,6 +51,9 @@ def _layers(model: nn.Module) -> list[FSDPModule]:
 def gather(model: nn.Module) -> None:
     """Every group's full weights in place, on every rank at once (a collective); forwards keep them until
     `release`."""
+    # FSDP2 sets itself up in the root's first forward, and a layer's forward before it is an error: decoding
+    # may come first (evaluation with no loss to compute). No public call does this yet.
+    model._get_fsdp_state()._lazy_init()  # type: ignore[operator]
     for layer in _layers(model):
         layer.set_reshard_after_forward(False, recurse=False)
     for module in [model, *_layers(model)]:
