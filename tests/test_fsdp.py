@@ -49,6 +49,17 @@ def test_bf16_mixed_computes_with_bf16_weights_and_keeps_fp32_shards(one_rank):
     assert is_sharded(model) and isinstance(weight, DTensor) and weight.dtype == torch.float32
 
 
+def test_checkpointed_activations_under_fsdp2_give_the_unsharded_gradients(one_rank):
+    plain, sharded = tiny_model(checkpoint_activations=True), tiny_model(checkpoint_activations=True)
+    shard(sharded, one_rank, "32-true")
+    src, src_keep, tgt, tgt_keep = random_batch()
+    for model in (plain, sharded):
+        model.train()
+        model(src, src_keep, tgt, tgt_keep).square().mean().backward()  # the layers' activations recomputed
+    for (name, p), q in zip(plain.named_parameters(), sharded.parameters(), strict=True):
+        torch.testing.assert_close(q.grad.full_tensor(), p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_decoding_runs_on_gathered_weights_and_equals_the_unsharded_model(one_rank):
     plain, sharded = tiny_model(), tiny_model()
     shard(sharded, one_rank, "32-true")
