@@ -7,9 +7,10 @@ unk 3, and `decode` gives back detokenized text, which is what metrics score. Th
 `linear` head do the rest.
 
 The `parallel` reader streams TSV/CSV/Parquet tables (optionally .gz/.zst/.bz2; column names by config;
-`files.py`) or aligned text files (`train.ko` + `train.en`), from files, globs or lists of them, or several weighted `corpora`. Text is
-read as text: "NA", "null" and "" stay strings, blank lines are rows. Rows are rejected, and counted by reason, for
-an empty side, undecodable bytes, more than `max_chars` characters on a side, or a length ratio above `max_ratio`.
+`files.py`) or aligned text files (`train.ko` + `train.en`), from files, globs or lists of them, or several
+weighted `corpora`. Text is read as text: "NA", "null" and "" stay strings, blank lines are rows. Rows are
+rejected, and counted by reason, for an empty side, undecodable bytes, more than `max_chars` characters on a side,
+or a length ratio above `max_ratio`.
 Splits come from separate files (`val_path`, `test_path`), a split column, or deterministically from a hash of the
 source text. After training, the reader's `report` saves cross-attention heatmaps of a few validation sentences
 (`attention.py`). Its metrics are sacreBLEU's BLEU, chrF and chrF++ (`metrics.py`).
