@@ -5,6 +5,7 @@ DDP and like one process is in `test_distributed.py`, beside DDP's own."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,8 +32,11 @@ RUN = [*BASE, "trainer.max_steps=30", "save_every_n_steps=2"]
 @pytest.fixture
 def one_rank(monkeypatch):
     """A process group of this process alone (gloo), for FSDP2 in-process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29531")
+    monkeypatch.setenv("MASTER_PORT", str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield init_device_mesh("cpu", (1,))
     dist.destroy_process_group()
