@@ -138,6 +138,7 @@ def test_ema_weights_follow_the_update_rule_and_checkpoints_hold_them(tmp_path, 
     assert gap.abs().max() > 1e-6  # the average is not the last weights, by more than rounding
 
 
+@pytest.mark.slow  # trains, validates each candidate
 def test_ema_and_the_trained_weights_beside_it_compete_on_validation(tmp_path):
     # a validation at the end of each 13-batch epoch; the best checkpoint holds the EMA, trained.ckpt the weights
     # trained beside it; the better on validation is kept (a tie keeps the EMA)
@@ -163,6 +164,7 @@ def test_ema_and_the_trained_weights_beside_it_compete_on_validation(tmp_path):
     assert abs(candidates["trained.ckpt"]["val/loss"] - candidates[ema_name]["val/loss"]) > 1e-4
 
 
+@pytest.mark.slow  # trains twice
 def test_ema_training_resumes_exactly(tmp_path):
     config = [*BASE, "optim.ema_decay=0.9", "save_every_n_steps=1"]
     train(compose([*config, "trainer.max_steps=20"]), tmp_path / "straight")

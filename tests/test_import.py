@@ -142,6 +142,7 @@ def test_what_the_core_cannot_represent_is_refused_by_name(marian, tmp_path):
         assert not (tmp_path / "x.ckpt").exists()
 
 
+@pytest.mark.slow  # import, two exports, parity
 def test_an_imported_model_exports_to_ctranslate2_and_onnx_with_parity(marian, tmp_path):
     pytest.importorskip("ctranslate2")
     from seq2seq.exporting import export
@@ -153,6 +154,7 @@ def test_an_imported_model_exports_to_ctranslate2_and_onnx_with_parity(marian, t
         _parity(report, fmt)
 
 
+@pytest.mark.slow  # import, two fine-tunings, export
 def test_an_imported_model_fine_tuned_and_adapted_exports_to_ctranslate2_with_parity(marian, tmp_path):
     pytest.importorskip("ctranslate2")
     from conftest import text_corpus
@@ -187,6 +189,7 @@ def test_a_real_opus_mt_model(tmp_path):
     assert "greedy and beam-4 tokens identical" in out.stderr
 
 
+@pytest.mark.slow  # import and decoding against transformers
 def test_an_imported_nllb_model_decodes_as_transformers_does_with_its_forced_language(nllb, tmp_path):
     out = _cli("import", f"hf={nllb}", f"output={tmp_path / 'nllb.ckpt'}", *NLLB_LANGS, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -212,6 +215,7 @@ def test_an_imported_nllb_model_decodes_as_transformers_does_with_its_forced_lan
     assert out.returncode == 2 and "no 'deu_Latn' token" in out.stderr and "eng_Latn" in out.stderr
 
 
+@pytest.mark.slow  # import, fine-tuning, two exports
 def test_an_imported_nllb_model_fine_tuned_exports_to_ctranslate2_and_onnx_with_parity(nllb, tmp_path):
     pytest.importorskip("ctranslate2")
     from conftest import text_corpus
