@@ -84,8 +84,8 @@ class Collate:
         forced, eos = torch.tensor(self.forced, dtype=torch.long), torch.tensor([self.eos])
         tgt_out = pad_sequence([torch.cat([forced, t, eos]) for t in tgts], batch_first=True,
                                padding_value=IGNORE_INDEX)  # (B, T)
-        padding = tgt_out == IGNORE_INDEX
-        tgt_in = teacher_input(tgt_out.masked_fill(padding, self.tgt_pad), self.bos).masked_fill(padding, self.tgt_pad)
+        # Padding is a suffix: a shifted-in IGNORE_INDEX lands on padding, which the fill covers
+        tgt_in = teacher_input(tgt_out, self.bos).masked_fill(tgt_out == IGNORE_INDEX, self.tgt_pad)
         return Batch(src, src_keep, tgt_in, tgt_out)
 
 

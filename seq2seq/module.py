@@ -134,7 +134,7 @@ class Seq2SeqModule(L.LightningModule):
 
     def loss(self, batch: Batch) -> Tensor:
         if self.config.decode.one_shot:  # trained as it decodes: every position sees BOS
-            batch = Batch(batch.src, batch.src_keep, self.decoder.teacher_input(batch.tgt_in), batch.tgt_out)
+            batch = Batch(batch.src, batch.src_keep, self.decoder.teacher_input(batch.tgt_out), batch.tgt_out)
         optim = self.config.optim
         return sequence_loss(self.model, batch, optim.label_smoothing, self.token_weight, optim.focal_gamma)
 

@@ -146,10 +146,19 @@ def write_text(path: str | Path, text: str) -> None:
         f.write(text)
 
 
+def remove(path: Path) -> None:
+    """A file, or a folder with what it holds, if it is there."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def replace_folder(complete: Path, dest: Path) -> None:
-    """Put the folder `complete` in place of `dest`, whose old contents are removed only once it is there."""
+    """Put the folder `complete` in place of `dest` (a folder or a file), whose old contents are removed only once it
+    is there: until then they wait beside it as `<dest>.old-<pid>`."""
     old = dest.with_name(f"{dest.name}.old-{os.getpid()}")
     if dest.exists():
         dest.rename(old)
     complete.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
+    remove(old)

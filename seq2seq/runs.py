@@ -5,7 +5,6 @@ stopped on a mistake wrote."""
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import count
@@ -15,13 +14,13 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from seq2seq.errors import ConfigError, some
+from seq2seq.outputs import remove
 
 log = logging.getLogger("seq2seq")
 
 DERIVED = ("averaged.ckpt", "trained.ckpt")  # written from other checkpoints after training, for scoring
 HYDRA_WRITES = (".hydra", "cli.log")  # what Hydra puts in a run directory before the run starts
-WRITTEN_FILES = ("config.yaml", "data_report.json", "cli.log")  # what a run writes before its first checkpoint
-WRITTEN_FOLDERS = ("logs", "prepared")
+WRITTEN = ("config.yaml", "data_report.json", "cli.log", "logs", "prepared")  # a run's, before its first checkpoint
 
 
 @dataclass(frozen=True)
@@ -102,11 +101,11 @@ class RunDir:
                               "run's overrides again (only `trainer.*` may change), or start a new run")
         for partial in self.checkpoints.glob("*.partial"):
             log.info("removing %s, a checkpoint write the interruption cut short", partial)
-            shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
-        for aside in self.checkpoints.glob("*.ckpt.old"):  # a sharded save stopped between its two renames
-            target = aside.with_name(aside.name.removesuffix(".old"))
+            remove(partial)
+        for aside in self.checkpoints.glob("*.ckpt.old-*"):  # a sharded save stopped between its two renames
+            target = aside.with_name(aside.name.rsplit(".old-", 1)[0])
             if target.exists():
-                shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
+                remove(aside)
             else:
                 log.info("restoring %s, the checkpoint a sharded save had moved aside", target)
                 aside.rename(target)
@@ -119,10 +118,8 @@ class RunDir:
         then its directory and the empty parents below the working directory (runs/<date>/)."""
         if self.checkpoints.exists():
             return
-        for name in WRITTEN_FILES:
-            (self.path / name).unlink(missing_ok=True)
-        for name in WRITTEN_FOLDERS:
-            shutil.rmtree(self.path / name, ignore_errors=True)
+        for name in WRITTEN:
+            remove(self.path / name)
         self.remove_if_empty()
 
     def remove_if_empty(self) -> None:

@@ -11,8 +11,6 @@ optimizer states.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from seq2seq.model import EncoderDecoder
+from seq2seq.outputs import remove, replace_folder
 
 PARAM_DTYPES = {"bf16-mixed": torch.bfloat16}  # trainer.precision -> the weights' dtype in forward and backward
 
@@ -85,25 +84,13 @@ class ShardedStrategy(ModelParallelStrategy):
         path = Path(self.broadcast(str(filepath)))
         partial = path.with_name(path.name + ".partial")
         if self.is_global_zero:
-            _remove(partial)  # a save cut short before
+            remove(partial)  # a save cut short before
         self.barrier("partial checkpoint removed")
         super().save_checkpoint(checkpoint, partial, storage_options)
         self.barrier("checkpoint written")
         if self.is_global_zero:
-            aside = path.with_name(path.name + ".old")
-            _remove(aside)
-            if path.exists():
-                os.replace(path, aside)
-            os.replace(partial, path)
-            _remove(aside)
+            replace_folder(partial, path)
         self.barrier("checkpoint in place")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -132,6 +132,22 @@ def test_resume_picks_the_newest_checkpoint(tmp_path):
         RunDir(tmp_path / "nothing").newest_checkpoint()
 
 
+def test_a_resume_clears_a_cut_short_sharded_save_and_restores_the_checkpoint_it_had_moved_aside(tmp_path):
+    # A sharded save writes last.ckpt.partial/, moves last.ckpt/ aside, renames the new one in: killed between the
+    # renames, the complete old checkpoint waits aside and must come back (the partial one may be unfinished).
+    run, config = RunDir(tmp_path), {"resume": str(tmp_path), "optim": {"total_steps": 10}, "seed": 0}
+    run.write_config(config)
+    (run.checkpoints / "last.ckpt.partial").mkdir(parents=True)
+    (run.checkpoints / "last.ckpt.old-41").mkdir()
+    (run.checkpoints / "last.ckpt.old-41" / "meta.pt").write_bytes(b"old")
+    (run.checkpoints / "best-step4.ckpt.old-41").write_bytes(b"stale")  # its checkpoint is in place: it goes
+    (run.checkpoints / "best-step4.ckpt").write_bytes(b"x")
+    os.utime(run.checkpoints / "best-step4.ckpt", ns=(0, 0))
+    assert run.resume_point(config) == run.checkpoints / "last.ckpt"
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["best-step4.ckpt", "last.ckpt"]
+    assert (run.checkpoints / "last.ckpt" / "meta.pt").read_bytes() == b"old"
+
+
 BUDGET = [*BASE, "trainer.max_time=00:01:00:00", "optim.schedule=linear", "optim.warmup_fraction=0.2",
           "optim.lr=1e-3"]
 
