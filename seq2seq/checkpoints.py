@@ -69,6 +69,7 @@ def consolidated(folder: Path) -> dict[str, Any]:
     """A sharded checkpoint (a folder of distributed-checkpoint shards, as `trainer=fsdp` writes) as one ordinary
     checkpoint: its full weights and everything else but the optimizer states, so it scores, decodes and exports
     but does not resume (resume from the folder). No process group is needed."""
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     if not (folder / SHARDED_META).is_file():
@@ -77,7 +78,7 @@ def consolidated(folder: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         try:
             dcp_to_torch_save(folder, Path(scratch) / "full.pt")
-        except Exception as err:  # the reader fails in many ways on shards it cannot read
+        except (Exception, CheckpointException) as err:  # the reader fails in many ways (that one a BaseException)
             raise ConfigError(f"`ckpt={folder}`: its shards cannot be read ({str(err).splitlines()[0][:200]}); "
                               "is the folder whole?") from None
         state = torch.load(Path(scratch) / "full.pt", map_location="cpu", weights_only=True)["state_dict"]

@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from seq2seq.checkpoints import read_checkpoint
 from seq2seq.decoding import greedy
+from seq2seq.errors import ConfigError
 from seq2seq.sharding import gather, is_sharded, release, shard
 from seq2seq.testing import random_batch, tiny_model
 
@@ -76,6 +77,14 @@ def test_decoding_runs_on_gathered_weights_and_equals_the_unsharded_model(one_ra
     assert not isinstance(sharded.decoder[1].ff.w1.weight, DTensor)
     release(sharded)
     assert isinstance(sharded.encoder[0].ff.w1.weight, DTensor)
+
+
+def test_a_folder_that_is_not_a_whole_sharded_checkpoint_is_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"is a folder, and not a sharded checkpoint \(it has no meta.pt\)"):
+        read_checkpoint(tmp_path)
+    torch.save({"hyper_parameters": {}, "global_step": 3}, tmp_path / "meta.pt")  # its shards are missing
+    with pytest.raises(ConfigError, match=r"its shards cannot be read .*is the folder whole\?"):
+        read_checkpoint(tmp_path)
 
 
 def _command(*args: str) -> list[str]:
