@@ -1,14 +1,53 @@
-import pytest
+import contextlib
+import io
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
+import torch
+
+from seq2seq import cli as seq2seq_cli
 from seq2seq import compose, train
 from seq2seq.model import EncoderDecoder
 from seq2seq.testing import tiny_model
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The workers (`-n auto`, one a core) share the cores: one thread each, and for the processes they start. Two
+    # threads a worker would leave threads spinning in OpenMP's barriers while the other worker holds the core.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # A text model trained two steps: as cheap as a real run through the pipeline gets.
 TINY_TEXT = ["experiment=translate_ko_en", "tokenizer.src.vocab_size=300", "model=tiny", "trainer.max_steps=2",
              "trainer.max_time=null", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
              "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "optim.ema_decay=null",
              "decode.max_len_b=4", "decode.max_len_a=0", "decode.beam=1"]
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`seq2seq *args` run in this process, as the console script runs it (a fresh Python start costs seconds of
+    imports): its exit status, and what it printed to stdout and stderr. The logging handlers Hydra adds for the
+    job (a file in its run directory among them) go with it, as they would with the process."""
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv, status = ["seq2seq", *args], 0
+    handlers, level = list(logging.root.handlers), logging.root.level
+    before = Path.cwd()
+    try:
+        os.chdir(cwd or before)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            seq2seq_cli.main()
+    except SystemExit as exit:
+        status = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    finally:
+        os.chdir(before)
+        sys.argv = argv
+        for handler in set(logging.root.handlers) - set(handlers):
+            handler.close()
+        logging.root.handlers[:], logging.root.level = handlers, level
+    return subprocess.CompletedProcess(["seq2seq", *args], status, out.getvalue(), err.getvalue())
 
 
 def text_corpus(folder, n=120):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli as run_cli
 
 from seq2seq import Translator, cli, compose, train
 from seq2seq.errors import ConfigError, DivergedError
@@ -19,13 +20,8 @@ from seq2seq.runs import RunDir
 from seq2seq_plugins.synthetic import SyntheticTask
 
 
-def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from seq2seq.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=300, cwd=cwd)
-
-
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    result = _run(*args, cwd=cwd)
+    result = run_cli(*args, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -74,18 +70,17 @@ def test_max_steps_that_ends_mid_epoch_with_early_stopping_finishes_the_run(tmp_
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    pytest.param(["train", "experiment=nope"], "unknown experiment `nope`. Available: copy,", marks=pytest.mark.slow),
+    (["train", "experiment=nope"], "unknown experiment `nope`. Available: copy,"),
     (["train", "experiment=reverse", "model.d_model=0"], "`model.d_model` must be at least 1, got 0"),
     (["train", "experiment=translate_ko_en", "data.path=missing.tsv"], "missing.tsv: no such file"),
-    pytest.param(["translate", "ckpt=truncated.ckpt"], "`ckpt=truncated.ckpt` is not a readable checkpoint",
-                 marks=pytest.mark.slow),
+    (["translate", "ckpt=truncated.ckpt"], "`ckpt=truncated.ckpt` is not a readable checkpoint"),
     # found in the data, after preparing it but before training: no interrupted.ckpt, no run directory left
-    pytest.param(["train", "experiment=reverse", "loader.max_tokens=1", "data.n_train=64", "data.n_val=8",
-                  "data.n_test=8"], "`loader.max_tokens` (1) is below the longest example", marks=pytest.mark.slow),
+    (["train", "experiment=reverse", "loader.max_tokens=1", "data.n_train=64", "data.n_val=8", "data.n_test=8"],
+     "`loader.max_tokens` (1) is below the longest example"),
 ])
 def test_mistakes_exit_2_with_one_line_and_leave_no_run_directory(args, message, tmp_path):
     (tmp_path / "truncated.ckpt").write_bytes(b"PK\x03\x04 cut short")
-    result = _run(*args, cwd=tmp_path)
+    result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
@@ -93,7 +88,7 @@ def test_mistakes_exit_2_with_one_line_and_leave_no_run_directory(args, message,
 
 def test_a_used_run_directory_is_refused_before_anything_is_written(tmp_path):
     (tmp_path / "config.yaml").write_text("seed: 7\n")
-    result = _run("train", "experiment=reverse", f"hydra.run.dir={tmp_path}")
+    result = run_cli("train", "experiment=reverse", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2
     assert f"resume={tmp_path}" in result.stderr and "hydra.run.dir=" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
@@ -124,7 +119,7 @@ def test_the_command_line_claims_a_new_run_directory_and_names_it_for_hydra(tmp_
 
 
 def test_a_run_that_hydra_refuses_leaves_no_run_directory(tmp_path):
-    result = _run("train", "experiment=reverse", "hydra.job.nope=1", cwd=tmp_path)
+    result = run_cli("train", "experiment=reverse", "hydra.job.nope=1", cwd=tmp_path)
     assert result.returncode != 0 and "nope" in result.stderr
     assert not (tmp_path / "runs").exists()
 
@@ -148,8 +143,10 @@ def test_a_checkpoint_reloaded_in_a_fresh_process_decodes_identically(reverse_ru
     _, module, metrics = reverse_run
     sources = [src for src, _ in SyntheticTask(seed=11, n_test=100).read("test").pairs]
     (tmp_path / "in.txt").write_text("\n".join(sources) + "\n")
-    _cli("predict", f"ckpt={metrics['best_checkpoint']}", f"input={tmp_path / 'in.txt'}",
-         f"output={tmp_path / 'out.txt'}", cwd=tmp_path)
+    fresh = subprocess.run([sys.executable, "-m", "seq2seq", "predict", f"ckpt={metrics['best_checkpoint']}",
+                            f"input={tmp_path / 'in.txt'}", f"output={tmp_path / 'out.txt'}"],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert (tmp_path / "out.txt").read_text().splitlines() == Translator(module).translate(sources)
     assert not (tmp_path / "runs").exists()
 
@@ -196,11 +193,10 @@ def test_final_scoring_decodes_the_validation_split_once_per_set_of_weights(max_
     assert {"val/exact_match", "test/exact_match"} <= set(json.loads((tmp_path / "metrics.json").read_text()))
 
 
-@pytest.mark.slow  # a Python start
 def test_a_refused_resume_leaves_the_run_it_names_untouched(tmp_path):
     (tmp_path / "config.yaml").write_text("seed: 7\n")  # a run directory whose checkpoints are gone
     (tmp_path / "logs").mkdir()
-    result = _run("train", "experiment=reverse", f"resume={tmp_path}")
+    result = run_cli("train", "experiment=reverse", f"resume={tmp_path}")
     assert result.returncode == 2 and "differs in" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "logs"]
 

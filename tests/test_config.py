@@ -4,6 +4,7 @@ import sys
 from importlib import resources
 
 import pytest
+from conftest import cli
 
 from seq2seq.build import fit_tokenizers
 from seq2seq.config import compose, help_text, prepare_overrides
@@ -112,25 +113,19 @@ def test_plugin_options_left_at_their_defaults_are_still_overridable():
         compose(["experiment=copy", "data.n_vall=64"])
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from seq2seq.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=120)
-
-
-@pytest.mark.slow  # a Python start each; test_cli keeps one exit-status check in the quick loop
 @pytest.mark.parametrize(("override", "message"), [
     ("+typo=1", "unknown config key `typo`"),
     ("model.d_modle=5", "Did you mean `d_model`"),
 ])
 def test_the_cli_exits_non_zero_on_a_bad_key_before_any_work(override, message, tmp_path):
-    result = _cli("train", "experiment=reverse", override, f"hydra.run.dir={tmp_path}")
+    result = cli("train", "experiment=reverse", override, f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2
     assert message in result.stderr
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_cli_prints_the_composed_config():
-    result = _cli("train", "experiment=sort", "--cfg", "job")
+    result = cli("train", "experiment=sort", "--cfg", "job")
     assert result.returncode == 0, result.stderr
     assert "task: sort" in result.stdout and "d_model: 64" in result.stdout
 
@@ -243,6 +238,7 @@ def test_no_yaml_value_restates_the_default_it_overrides():
     assert restated == []
 
 
+@pytest.mark.slow  # a Python start
 def test_composing_one_experiment_registers_no_other_plugins_components():
     script = ("import sys; from seq2seq import compose; from seq2seq.registry import TOKENIZERS; "
               "compose(['experiment=reverse']); "

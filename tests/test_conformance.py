@@ -57,12 +57,8 @@ def test_checkpoint_round_trip(overrides, tmp_path):
     testing.check_checkpoint(overrides, tmp_path)
 
 
-# ONNX export costs seconds a graph: the quick loop exports one domain.
-EXPORTS = [pytest.param(DOMAINS[name], id=name, marks=() if name == "synthetic" else pytest.mark.slow)
-           for name in DOMAINS]
-
-
-@pytest.mark.parametrize("overrides", EXPORTS)
+@pytest.mark.slow  # ONNX export costs seconds a graph: the quick loop exports in test_export alone
+@pytest.mark.parametrize("overrides", DOMAINS.values(), ids=list(DOMAINS))
 def test_export(overrides, tmp_path):
     testing.check_export(overrides, tmp_path)
 

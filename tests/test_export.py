@@ -27,7 +27,8 @@ VARIANTS = {"post-sinusoidal": ["model.norm_first=false", "model.positions=sinus
 ATTENTION = {"rope-gqa": ["model.norm_first=true", "model.positions=rope", "model.n_kv_heads=2"],
              "alibi": ["model.norm_first=false", "model.positions=alibi"]}  # ONNX only: CTranslate2 refuses them
 TINY = ["model.d_model=32", "model.d_ff=64"]
-SLOW_ONNX = ("pre-sinusoidal", "post-learned", "pre-learned")  # seconds a graph: one variant in the quick loop
+# ONNX export costs seconds a graph: the quick loop exports one variant (post-norm, sinusoidal) and no other model.
+SLOW_ONNX = ("pre-sinusoidal", "post-learned", "pre-learned")
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +98,8 @@ def test_onnx_export_decodes_token_for_token_with_the_core_search(checkpoints, v
     _same_outputs(ckpt, tmp_path / "onnx")
 
 
-@pytest.mark.parametrize("variant", [pytest.param(v, marks=[pytest.mark.slow] if v == "alibi" else [])
-                                     for v in ATTENTION])
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ATTENTION)
 def test_rotary_alibi_and_grouped_query_models_export_to_onnx_and_not_to_ctranslate2(checkpoints, variant, tmp_path):
     ckpt = checkpoints(variant)
     report = export(ckpt, "onnx", tmp_path / "onnx", check_limit=60)["parity"]
@@ -137,8 +138,8 @@ SERIES = {"storm_onset": ["experiment=storm_onset"],
           "typhoon_onset": ["experiment=typhoon_onset", "decode.one_shot=false"]}
 
 
-@pytest.mark.parametrize("experiment", [pytest.param(name, marks=() if name == "storm_onset" else pytest.mark.slow)
-                                        for name in SERIES])
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", SERIES)
 def test_series_models_export_to_onnx_with_their_label_probabilities(experiment, tmp_path):
     module, pairs = build([*SERIES[experiment], *TINY], 64)
     fit(module, pairs, 5, tmp_path).save_checkpoint(tmp_path / "m.ckpt")

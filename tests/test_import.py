@@ -3,8 +3,6 @@ decoded, refused where the core cannot represent them. The conventions each have
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ import torch
 pytest.importorskip("transformers")
 
 import hf_models
+from conftest import cli
 
 from seq2seq.embeddings import sinusoid_table
 from seq2seq.errors import ConfigError
@@ -39,11 +38,6 @@ def _parity(report, fmt):
     assert report["greedy_agreement"] == 1.0 and report["max_logprob_diff"] < 1e-3, (fmt, report)
     if fmt == "onnx":
         assert report["beam4_agreement"] == 1.0, report
-
-
-def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-c", "from seq2seq.cli import main; main()", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
 
 
 def test_the_paper_sinusoids_interleave_sines_and_cosines():
@@ -75,7 +69,7 @@ def test_marian_and_fairseq_sinusoids_are_transformers_tables():
 
 
 def test_an_imported_marian_model_decodes_as_transformers_does(marian, tmp_path):
-    out = _cli("import", f"hf={marian}", f"output={tmp_path / 'opus.ckpt'}", cwd=tmp_path)
+    out = cli("import", f"hf={marian}", f"output={tmp_path / 'opus.ckpt'}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "greedy and beam-4 tokens identical" in out.stderr
     ckpt = torch.load(tmp_path / "opus.ckpt", weights_only=True)
@@ -129,7 +123,7 @@ def test_what_the_core_cannot_represent_is_refused_by_name(marian, tmp_path):
         map_weights(weights, {"n_encoder_layers": 0, "n_decoder_layers": 0, "norm_first": False})
     weights = marian / "model.safetensors"
     before = weights.read_bytes()
-    out = _cli("import", f"hf={marian}", f"output={weights}", "force=true", cwd=tmp_path)  # an input, even forced
+    out = cli("import", f"hf={marian}", f"output={weights}", "force=true", cwd=tmp_path)  # an input, even forced
     assert out.returncode == 2 and "is the input" in out.stderr and weights.read_bytes() == before
     for change, message in (({"model_type": "t5"}, "model_type 't5' cannot be imported"),
                             ({"activation_function": "gelu_new"}, "activation_function 'gelu_new'"),
@@ -137,7 +131,7 @@ def test_what_the_core_cannot_represent_is_refused_by_name(marian, tmp_path):
         folder = tmp_path / change.get("model_type", next(iter(change)))
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps({**hf, **change}))
-        out = _cli("import", f"hf={folder}", f"output={tmp_path / 'x.ckpt'}", cwd=tmp_path)
+        out = cli("import", f"hf={folder}", f"output={tmp_path / 'x.ckpt'}", cwd=tmp_path)
         assert out.returncode == 2 and message in out.stderr, out.stderr
         assert not (tmp_path / "x.ckpt").exists()
 
@@ -147,7 +141,7 @@ def test_an_imported_model_exports_to_ctranslate2_and_onnx_with_parity(marian, t
     pytest.importorskip("ctranslate2")
     from seq2seq.exporting import export
 
-    out = _cli("import", f"hf={marian}", f"output={tmp_path / 'opus.ckpt'}", cwd=tmp_path)
+    out = cli("import", f"hf={marian}", f"output={tmp_path / 'opus.ckpt'}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     for fmt in ("ctranslate2", "onnx"):
         report = export(tmp_path / "opus.ckpt", fmt, tmp_path / fmt, check_limit=20)["parity"]
@@ -162,7 +156,7 @@ def test_an_imported_model_fine_tuned_and_adapted_exports_to_ctranslate2_with_pa
     from seq2seq import compose, train
     from seq2seq.exporting import export
 
-    assert _cli("import", f"hf={marian}", f"output={tmp_path / 'opus.ckpt'}", cwd=tmp_path).returncode == 0
+    assert cli("import", f"hf={marian}", f"output={tmp_path / 'opus.ckpt'}", cwd=tmp_path).returncode == 0
     corpus = text_corpus(tmp_path / "data")
     run = ["experiment=translate_ko_en", f"data.path={corpus}", f"init={tmp_path / 'opus.ckpt'}", "optim.lr=0.5",
            "trainer.max_steps=6", "trainer.max_time=null", "trainer.enable_progress_bar=false",
@@ -184,14 +178,14 @@ def test_a_real_opus_mt_model(tmp_path):
     folder = os.environ.get("SEQ2SEQ_OPUS_MT")
     if not folder:
         pytest.skip("no real OPUS-MT model: set SEQ2SEQ_OPUS_MT to the folder of one to import it")
-    out = _cli("import", f"hf={folder}", f"output={tmp_path / 'real.ckpt'}", cwd=tmp_path)
+    out = cli("import", f"hf={folder}", f"output={tmp_path / 'real.ckpt'}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "greedy and beam-4 tokens identical" in out.stderr
 
 
 @pytest.mark.slow  # import and decoding against transformers
 def test_an_imported_nllb_model_decodes_as_transformers_does_with_its_forced_language(nllb, tmp_path):
-    out = _cli("import", f"hf={nllb}", f"output={tmp_path / 'nllb.ckpt'}", *NLLB_LANGS, cwd=tmp_path)
+    out = cli("import", f"hf={nllb}", f"output={tmp_path / 'nllb.ckpt'}", *NLLB_LANGS, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     config = torch.load(tmp_path / "nllb.ckpt", weights_only=True)["hyper_parameters"]["config"]
     assert (config["model"]["norm_first"], config["model"]["sinusoid"], config["model"]["position_offset"]) == (
@@ -210,7 +204,7 @@ def test_an_imported_nllb_model_decodes_as_transformers_does_with_its_forced_lan
     assert ours.translate(sentences) == hf_tok.batch_decode(generated, skip_special_tokens=True)
     assert len({tuple(t) for t in tokens}) > 3
 
-    out = _cli("import", f"hf={nllb}", f"output={tmp_path / 'x.ckpt'}", "source_lang=kor_Hang",
+    out = cli("import", f"hf={nllb}", f"output={tmp_path / 'x.ckpt'}", "source_lang=kor_Hang",
                "target_lang=deu_Latn", cwd=tmp_path)
     assert out.returncode == 2 and "no 'deu_Latn' token" in out.stderr and "eng_Latn" in out.stderr
 
@@ -223,7 +217,7 @@ def test_an_imported_nllb_model_fine_tuned_exports_to_ctranslate2_and_onnx_with_
     from seq2seq import compose, train
     from seq2seq.exporting import export
 
-    assert _cli("import", f"hf={nllb}", f"output={tmp_path / 'nllb.ckpt'}", *NLLB_LANGS, cwd=tmp_path).returncode == 0
+    assert cli("import", f"hf={nllb}", f"output={tmp_path / 'nllb.ckpt'}", *NLLB_LANGS, cwd=tmp_path).returncode == 0
     corpus = text_corpus(tmp_path / "data")
     run = ["experiment=translate_ko_en", f"data.path={corpus}", f"init={tmp_path / 'nllb.ckpt'}", "optim.lr=0.5",
            "trainer.max_steps=6", "trainer.max_time=null", "trainer.enable_progress_bar=false",

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import cli
 
 from seq2seq.checkpoints import read_checkpoint
 from seq2seq.launch import global_rank, launch, preflight
@@ -51,16 +52,15 @@ def _cli(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedP
                           env=env, cwd=cwd)
 
 
-def test_check_validates_without_work_and_refuses_a_mismatch_before_any(tmp_path):
-    import os
-
-    ok = _cli("train", "experiment=reverse", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+def test_check_validates_without_work_and_refuses_a_mismatch_before_any(tmp_path, monkeypatch):
+    ok = cli("train", "experiment=reverse", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
               "--check", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "config is valid" in ok.stdout and "strategy ddp" in ok.stdout and "no launcher" in ok.stdout
-    refused = _cli("train", "experiment=reverse", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
-                   "trainer.accelerator=cpu", env={**os.environ, **SLURM, "SLURM_NTASKS_PER_NODE": "2(x2)",
-                                                   "SLURM_NTASKS": "4", "SLURM_PROCID": "0"}, cwd=tmp_path)
+    for name, value in {**SLURM, "SLURM_NTASKS_PER_NODE": "2(x2)", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"}.items():
+        monkeypatch.setenv(name, value)
+    refused = cli("train", "experiment=reverse", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+                  "trainer.accelerator=cpu", cwd=tmp_path)
     assert refused.returncode == 2 and "--ntasks-per-node" in refused.stderr, refused.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []  # rank 0 leaves nothing: no run directory, no prepared data
 

@@ -1,12 +1,11 @@
 """Plugin discovery: entry points, config search path, the listing, and what checkpoints record of plugins."""
 
 import logging
-import subprocess
-import sys
 from importlib import metadata
 
 import pytest
 import torch
+from conftest import cli
 
 from seq2seq import plugins, testing
 from seq2seq.errors import ConfigError
@@ -23,7 +22,8 @@ def test_built_in_domains_are_announced_like_any_installed_plugin():
 
 
 def test_the_cli_lists_plugins():
-    out = subprocess.run([sys.executable, "-m", "seq2seq", "plugins"], capture_output=True, text=True, check=True)
+    out = cli("plugins")
+    assert out.returncode == 0, out.stderr
     assert "tokenizers:" in out.stdout and "windows" in out.stdout
 
 

@@ -87,6 +87,7 @@ def test_sampled_tokenizer_fitting_is_reproducible_and_uses_the_sample(tmp_path)
     assert one.fingerprint != full.fingerprint  # the option is part of what a dataset is prepared from
 
 
+@pytest.mark.slow  # a Python start per worker
 def test_workers_write_the_same_dataset_as_one_process(tmp_path):
     config = _config(tmp_path)
     one = _prepare(config, tmp_path / "one", shard_size=70)

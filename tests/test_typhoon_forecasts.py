@@ -3,14 +3,13 @@ backtests and predict's error reports."""
 
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import cli
 
 from seq2seq import compose
 from seq2seq.data import Batch
@@ -149,22 +148,17 @@ def test_predict_inputs_report_every_problem_of_a_covariate_file_by_line(tmp_pat
     assert len(windows) == len(recent) - 4 - 7
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from seq2seq.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow
 def test_predict_with_covariates_end_to_end(tmp_path):
     run = tmp_path / "run"
-    trained = _cli("train", "experiment=typhoon_onset", "trainer.max_epochs=1", "trainer.limit_train_batches=5",
+    trained = cli("train", "experiment=typhoon_onset", "trainer.max_epochs=1", "trainer.limit_train_batches=5",
                    "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}")
     assert trained.returncode == 0, trained.stderr[-3000:]
     columns = ["date", "ishigaki_tavg", "yonaguni_tavg", "miyako_tavg", "naha_tavg", "active", "developing"]
     recent = pd.read_csv(SeriesWindows(embedded="typhoons_ryukyu").path, dtype=str)[columns].tail(40)
     recent.to_csv(tmp_path / "recent.csv", index=False)
     ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
-    done = _cli("predict", ckpt, f"input={tmp_path / 'recent.csv'}", f"output={tmp_path / 'forecast.csv'}",
+    done = cli("predict", ckpt, f"input={tmp_path / 'recent.csv'}", f"output={tmp_path / 'forecast.csv'}",
                 f"hydra.run.dir={tmp_path / 'predict'}")
     assert done.returncode == 0, done.stderr[-3000:]
     forecast = pd.read_csv(tmp_path / "forecast.csv")
@@ -186,7 +180,7 @@ def test_predict_with_covariates_end_to_end(tmp_path):
     bad.iloc[4, 5] = "x"  # `active`, line 6
     bad.iloc[9, 6] = "nan?"  # `developing`, line 11
     bad.to_csv(tmp_path / "bad.csv", index=False)
-    failed = _cli("predict", ckpt, f"input={tmp_path / 'bad.csv'}", f"hydra.run.dir={tmp_path / 'predict2'}")
+    failed = cli("predict", ckpt, f"input={tmp_path / 'bad.csv'}", f"hydra.run.dir={tmp_path / 'predict2'}")
     assert failed.returncode == 2
     assert "`active` is not a finite number on line 6" in failed.stderr
     assert "`developing` is not a finite number on line 11" in failed.stderr

@@ -26,6 +26,7 @@ def test_conformance_checkpoint(tmp_path):
     testing.check_checkpoint(OVERRIDES, tmp_path)
 
 
+@pytest.mark.slow
 def test_conformance_must_learn(tmp_path):
     testing.check_must_learn(OVERRIDES, tmp_path, n_examples=16)
 
