@@ -218,7 +218,8 @@ def test_ctrl_c_saves_interrupted_ckpt_and_exits_130(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-c", "from seq2seq.cli import main; main()", "train", "experiment=copy",
                              "data.n_train=100000", "trainer.log_every_n_steps=1", f"hydra.run.dir={run}"],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,  # Ctrl-C's default, even where the suite
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # runs with it ignored
     for line in proc.stderr:
         if "step 2," in line:
             break
