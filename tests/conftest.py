@@ -27,6 +27,12 @@ TINY_TEXT = ["experiment=translate_ko_en", "tokenizer.src.vocab_size=300", "mode
              "decode.max_len_b=4", "decode.max_len_a=0", "decode.beam=1"]
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: a worker a core, at most 8 (each holds torch, Lightning and the models its tests train)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, 8)
+
+
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`seq2seq *args` run in this process, as the console script runs it (a fresh Python start costs seconds of
     imports): its exit status, and what it printed to stdout and stderr. The logging handlers Hydra adds for the
