@@ -45,8 +45,10 @@ def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         os.chdir(cwd or before)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             seq2seq_cli.main()
-    except SystemExit as exit:
+    except SystemExit as exit:  # as the interpreter exits: a message is printed and means status 1
         status = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+        if isinstance(exit.code, str):
+            print(exit.code, file=err)
     finally:
         os.chdir(before)
         sys.argv = argv

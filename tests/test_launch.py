@@ -47,9 +47,8 @@ def test_the_preflight_refuses_a_launch_that_disagrees_with_the_trainer(devices,
     assert len(problems) == 1 and expected in problems[0], problems
 
 
-def _cli(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "seq2seq", *args], capture_output=True, text=True, timeout=300,
-                          env=env, cwd=cwd)
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "seq2seq", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_check_validates_without_work_and_refuses_a_mismatch_before_any(tmp_path, monkeypatch):
