@@ -2,7 +2,7 @@
 
 A machine's 30 minutes are simulated by the steps they allow (`trainer.max_steps=N trainer.max_time=null`, so the
 schedule is shaped to N): 250 steps stand for a slow 2-core CPU, 950 for a fast one. Each run is one process on one
-core (`taskset`, one thread), `--parallel` of them side by side; the table gives test BLEU and chrF of the weights
+core (`taskset`, one thread), one on each of `--cores` side by side; the table gives test BLEU and chrF of the weights
 each run kept, and the seconds a training step took (from its progress lines).
 
     python benchmarks/budget_runs.py --steps 250 450 --seeds 0 1 2 \\
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[250, 450])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variant", action="append", default=[], help="name=overrides (empty: the defaults)")
-    parser.add_argument("--parallel", type=int, default=2, help="runs side by side, one core each")
+    parser.add_argument("--cores", type=int, nargs="+", default=[0, 1], help="one run at a time on each")
     parser.add_argument("--root", type=Path, default=Path("runs/budget"))
     args = parser.parse_args()
     variants = [v.split("=", 1) for v in args.variant] or [["defaults", ""]]
@@ -68,7 +68,7 @@ def main() -> None:
     running: dict[int, tuple[subprocess.Popen, Path, float]] = {}
     results = []
     while jobs or running:
-        for core in range(args.parallel):
+        for core in args.cores:
             if core not in running and jobs:
                 name, overrides, steps, seed = jobs.pop(0)
                 process, run_dir = launch(args.experiment, name, overrides, steps, seed, args.root, core)
