@@ -116,7 +116,7 @@ class Seq2SeqModule(L.LightningModule):
         self.register_buffer("token_weight", weights, persistent=False)
         self._rng_to_restore: dict[str, Any] | None = None
         self.prepared: dict[str, str] = {}  # the prepared dataset it trains on: fingerprint, tokenizers' digest, path
-        self.validated_at = -1  # the training step of the last validation
+        self.validated: dict[int, dict[str, float]] = {}  # the scores of each validation inside the run, by step
         self._rng_at_batch_start: tuple[Any, ...] | None = None
         # A split's loss per target token, whatever its batches and however they are dealt to ranks (sums are
         # reduced, not each rank's mean): one process and several, any batch size, give the same.
@@ -186,11 +186,15 @@ class Seq2SeqModule(L.LightningModule):
     def _score(self, stage: str, batch: Batch) -> None:
         self.losses[stage].update(self.loss(batch), weight=batch.tgt_keep.sum())
         self.log(f"{stage}/loss", self.losses[stage], prog_bar=True, batch_size=batch.src.shape[0])
-        if not self.metrics[stage]:
-            return  # nothing to decode for
+        self.decode_into(self.metrics[stage], batch)
+
+    def decode_into(self, metrics: MetricCollection, batch: Batch) -> None:
+        """Decode `batch` and score the outputs into `metrics` (nothing to decode for when it is empty)."""
+        if not metrics:
+            return
         eos = self.tgt_tok.eos_id
         refs = strip(batch.tgt_out.masked_fill(batch.tgt_out == IGNORE_INDEX, eos), eos)
-        self.metrics[stage].update(strip(self.decoder(self.model, batch.src, batch.src_keep), eos), refs)
+        metrics.update(strip(self.decoder(self.model, batch.src, batch.src_keep), eos), refs)
 
     def _log_metrics(self, stage: str) -> None:
         if not self.metrics[stage]:
@@ -209,8 +213,11 @@ class Seq2SeqModule(L.LightningModule):
         self._log_metrics("val")
         if is_sharded(self.model):
             release(self.model)
-        if not self.trainer.sanity_checking:
-            self.validated_at = self.global_step
+
+    def on_validation_end(self) -> None:
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:  # the epoch's scores are in by now
+            self.validated[self.global_step] = {k: float(v) for k, v in self.trainer.callback_metrics.items()
+                                                if k.startswith("val/")}
 
     def on_test_epoch_start(self) -> None:
         if is_sharded(self.model):

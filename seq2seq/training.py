@@ -211,14 +211,14 @@ def _best_checkpoint(config: TrainConfig, trainer: L.Trainer, module: Seq2SeqMod
     """
     callback: ModelCheckpoint = trainer.checkpoint_callback  # type: ignore[assignment]
     metric, mode = config.monitor.metric, config.monitor.mode
-    if module.validated_at == trainer.global_step:
-        current = Path(callback.best_model_path).name == f"best-step{trainer.global_step}.ckpt"
-        known = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        return callback.best_model_path, known if current else {}
+    step = Path(callback.best_model_path).stem.removeprefix("best-step")
+    known = module.validated.get(int(step), {}) if step.isdigit() else {}  # validated in this process
+    if trainer.global_step in module.validated:
+        return callback.best_model_path, known
     scores = first_scores(trainer.validate(module, datamodule=datamodule, verbose=False))
     score, best = scores.get(metric), callback.best_model_score
     if score is None or (best is not None and (score <= best if mode == "max" else score >= best)):
-        return callback.best_model_path, {}
+        return callback.best_model_path, known
     path = RunDir(run_dir).checkpoints / f"best-step{trainer.global_step}.ckpt"
     trainer.save_checkpoint(path, weights_only=False)  # a whole checkpoint: a run can resume from it
     previous = "no earlier validation" if best is None else f"the best validation's {float(best):.4f}"

@@ -174,8 +174,8 @@ def test_evaluate_scores_other_data_with_the_checkpoints_reader_or_refuses_clear
         evaluate(compose([ckpt, "data.path=other.tsv"], command="evaluate"))
 
 
-@pytest.mark.parametrize("max_steps", [8, 6])  # an epoch is 8 steps
-def test_final_scoring_decodes_the_validation_split_once_per_set_of_weights(max_steps, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("max_steps", "lr"), [(8, 1.0), (6, 1.0), (12, 0.0)])  # an epoch is 8 steps
+def test_final_scoring_decodes_the_validation_split_once_per_set_of_weights(max_steps, lr, tmp_path, monkeypatch):
     runs = []
     end = Seq2SeqModule.on_validation_epoch_end
 
@@ -185,12 +185,16 @@ def test_final_scoring_decodes_the_validation_split_once_per_set_of_weights(max_
 
     monkeypatch.setattr(Seq2SeqModule, "on_validation_epoch_end", counted)
     config = compose(["experiment=copy", f"trainer.max_steps={max_steps}", "data.n_train=512", "data.n_val=32",
-                      "data.n_test=32", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false"])
+                      "data.n_test=32", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+                      f"optim.lr={lr}"])
     train(config, tmp_path)
     # 8 steps: the epoch's validation scores the final weights, and final scoring reuses them. 6 steps: no
-    # validation during training; the final weights are validated once, and those scores are the result.
-    assert runs == [max_steps]
-    assert {"val/exact_match", "test/exact_match"} <= set(json.loads((tmp_path / "metrics.json").read_text()))
+    # validation during training; the final weights are validated once, and those scores are the result. 12 steps
+    # at a rate of 0: the final weights are validated and do not beat step 8's, whose scores are known already.
+    assert runs == sorted({min(8, max_steps), max_steps})
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"val/exact_match", "test/exact_match"} <= set(metrics)
+    assert metrics["best_checkpoint"].endswith(f"best-step{min(8, max_steps)}.ckpt")
 
 
 def test_a_refused_resume_leaves_the_run_it_names_untouched(tmp_path):

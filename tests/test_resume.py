@@ -160,16 +160,20 @@ def test_a_time_budget_plans_the_steps_and_a_resumed_run_keeps_the_plan(tmp_path
     assert json.loads((straight / "plan.json").read_text())["warmup_steps"] == 8  # a fifth of the plan
     assert "total_steps: 40" in (straight / "config.yaml").read_text()  # `optim.total_steps=40` reproduces it
     run = tmp_path / "run"
-    _interrupt_mid_step(monkeypatch, 30)  # after the decision (step 25)
+    elapsed = []
+    monkeypatch.setattr(budget, "plan_steps", lambda costs: elapsed.append(costs.elapsed) or (40, 0.0))
+    _interrupt_mid_step(monkeypatch, 26)  # after the decision (step 25)
     with pytest.raises(SystemExit):
         train(compose(BUDGET), run)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     monkeypatch.undo()
-    monkeypatch.setattr(budget, "plan_steps", lambda costs: (99, 0.0))  # a new decision would differ
+    # a new decision (at step 36) would differ, and the budget spent before the stop still counts
+    monkeypatch.setattr(budget, "plan_steps", lambda costs: elapsed.append(costs.elapsed) or (99, 0.0))
     train(compose([*BUDGET, f"resume={run}"]), run)
     (step_a, a), (step_b, b) = _final(straight), _final(run)
     assert step_a == step_b == 40
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert len(elapsed) == 2 and elapsed[1] > elapsed[0]
 
 
 def test_an_explicit_total_fixes_the_plan_without_measuring(tmp_path, monkeypatch):
@@ -183,7 +187,8 @@ def test_an_explicit_total_fixes_the_plan_without_measuring(tmp_path, monkeypatc
 
 
 def test_a_run_that_falls_behind_its_plan_plans_fewer_steps(tmp_path, monkeypatch, caplog):
-    # planned at step 25; at step 35 more would fit (never taken); at step 45 fewer do
+    # planned at step 25; at step 35 more would fit, not taken (the linear decay has begun: its rate would jump);
+    # at step 45 fewer do
     decisions = iter([(60, 0.0), (70, 0.0), (50, 0.0)])
     monkeypatch.setattr(budget, "plan_steps", lambda costs: next(decisions, (50, 0.0)))
     with caplog.at_level("INFO", logger="seq2seq"):
@@ -191,7 +196,49 @@ def test_a_run_that_falls_behind_its_plan_plans_fewer_steps(tmp_path, monkeypatc
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 50 and last["lr_schedulers"][0]["lr_lambdas"][0]["total"] == 50
     assert json.loads((tmp_path / "plan.json").read_text())["total_steps"] == 50
-    assert "50 steps planned instead, so that the run ends in time" in caplog.text
+    assert "50 steps planned instead of 60, so that the run ends in time" in caplog.text
+    assert "instead of 50" not in caplog.text and "70 steps" not in caplog.text
+
+
+def test_a_run_ahead_of_its_plan_plans_more_steps_while_its_rate_allows(tmp_path, monkeypatch):
+    # wsd over 60 steps cools down from step 48; the plan grows to 80 at step 35 (cooldown from step 64), and at
+    # step 65 no more: the cooldown has begun
+    decisions = {25: 60, 35: 80, 65: 100}
+    seen = []
+
+    def plan(costs):
+        seen.append(costs.done)
+        return decisions.get(costs.done, 80), 0.0
+
+    monkeypatch.setattr(budget, "plan_steps", plan)
+    train(compose([*BUDGET, "optim.schedule=wsd"]), tmp_path)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 80 and last["lr_schedulers"][0]["lr_lambdas"][0]["total"] == 80
+    assert last["lr_schedulers"][0]["_last_lr"] == [0.0]  # cooled down to zero at the end it grew to
+    assert seen == [25, 35, 45, 55, 65, 75]
+    assert json.loads((tmp_path / "plan.json").read_text())["total_steps"] == 80
+
+
+def test_decoding_is_measured_again_as_training_makes_it_cheaper(tmp_path, monkeypatch):
+    # no validation inside the run: the sanity check's batch is decoded again at half and three quarters of the
+    # planned 60 steps (the checks at steps 35 and 45), and the plan uses what it cost
+    seen = []
+
+    def plan(costs):
+        seen.append((costs.done, costs.val_batch))
+        return 60, 0.0
+
+    monkeypatch.setattr(budget, "plan_steps", plan)
+    decoded = []
+    probe = budget.BudgetPlanner._decode_again
+    monkeypatch.setattr(budget.BudgetPlanner, "_decode_again",
+                        lambda self, trainer, module: decoded.append(trainer.global_step) or probe(self, trainer,
+                                                                                                   module))
+    train(compose([*BUDGET, "trainer.check_val_every_n_epoch=100"]), tmp_path)
+    assert decoded == [35, 45]
+    steps, costs = zip(*seen, strict=True)
+    assert steps == (25, 35, 45, 55)
+    assert costs[0] > 0 and costs[0] != costs[1] != costs[2] == costs[3]  # each probe a new measurement
 
 
 def test_a_plan_never_goes_past_the_runs_step_bound(tmp_path, monkeypatch):
