@@ -6,10 +6,10 @@ decode (the sanity check's last batch, decoded with the untrained model, whose o
 decoding allows). It then plans how many steps the budget allows, leaving time for the validations that fall inside
 the run and for the final scoring (every candidate's validation and test), and shapes the schedule to end there
 (`WarmupSchedule`'s total and warm-up). Every `CHECK` steps after that it plans again from the pace of the last
-`PACE` steps, and the decoding is measured again as training makes it faster: by each validation inside the run,
-and by decoding the sanity check's batch once more at each share of the planned steps in `PROBES`. A plan that
-allows fewer steps than the run's (it fell behind: another process took the CPU) is always taken, so that the run
-ends in time; one that allows more is taken while the schedule's rate so far stays as it is (noam, constant, any
+`PACE` steps, with the cost of a validation batch measured again as training changes it: by each validation inside
+the run, and by validating the sanity check's batch once more at each share of the planned steps in `PROBES`. A plan
+that allows fewer steps than the run's (it fell behind: another process took the CPU) is always taken, so that the
+run ends in time; one that allows more is taken while the schedule's rate so far stays as it is (noam, constant, any
 warm-up, wsd before its cooldown), so that a run slowed early, or one whose scoring turned out cheaper than
 reserved, takes the time back. The decision is one log line, `plan.json` in the run directory, the callback's state
 in every checkpoint (a resumed run keeps it and the budget it has spent, and stays equal to the run it continues)
@@ -41,8 +41,8 @@ MEASURE = 5  # steps before the pace is measured (the first ones warm caches, al
 WINDOW = 20  # steps the first pace is measured over
 CHECK = 10  # once planned, the run plans again every CHECK steps,
 PACE = 50  # from the pace of the last PACE steps
-SLACK = 0.01  # and takes a plan that differs from its own by more than this share of its steps
-PROBES = (0.5, 0.75)  # shares of the planned steps at which the sanity check's batch is decoded again
+SLACK = 0.02  # and takes a plan that differs from its own by more than this share of its steps
+PROBES = (0.5, 0.75)  # shares of the planned steps at which the sanity check's batch is validated again
 UNMEASURED_RESERVE = 0.1  # the share of the budget kept for scoring when no validation batch was timed
 
 
@@ -81,19 +81,28 @@ class Plan:
 
 
 def plan_steps(costs: Costs) -> tuple[int, float]:
-    """The steps the budget allows, and the seconds reserved for final scoring."""
+    """The steps the budget allows, and the seconds reserved for final scoring.
+
+    A run that ends on a validation step is scored by that validation (the reserve counts validating the final
+    weights), so the time a run of `n` steps takes counts the validations before step `n`: it grows with `n`, and
+    the largest `n` that fits is found by bisection."""
     if costs.val_batch is None:
         reserve, validation = UNMEASURED_RESERVE * costs.budget, 0.0
     else:
         reserve = costs.candidates * (costs.val_batches + costs.test_batches) * costs.val_batch
         validation = costs.val_batches * costs.val_batch
     left = max(0.0, costs.budget - costs.elapsed - reserve)
-    steps = costs.done + int(left / costs.step)
-    for _ in range(5):  # the validations still to come take time from the steps, which move them
-        every = costs.steps_per_validation
-        inside = steps // every - costs.done // every if every else 0
-        steps = costs.done + max(0, int((left - inside * validation) / costs.step))
-    return max(steps, costs.done + 1), reserve
+    every = costs.steps_per_validation
+
+    def fits(steps: int) -> bool:
+        before = (steps - 1) // every - costs.done // every if every else 0  # validations still to come
+        return (steps - costs.done) * costs.step + before * validation <= left
+
+    low, high = costs.done, costs.done + int(left / costs.step)  # fits(low); nothing past high does
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return max(low, costs.done + 1), reserve
 
 
 class BudgetPlanner(L.Callback):

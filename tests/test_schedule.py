@@ -67,11 +67,16 @@ def test_the_budget_plans_the_steps_its_time_allows_after_scoring_and_validation
     assert reserve == 2 * (14 + 14) * 2.0  # every candidate validated and tested
     assert total == 25 + int((1800 - 60 - 112) / 3.0)
     with_validations = plan_steps(dataclasses.replace(costs, steps_per_validation=100))[0]
-    inside = with_validations // 100  # each validation inside the run costs 14 batches of 2 s
+    inside = (with_validations - 1) // 100  # each validation before the end costs 14 batches of 2 s
     assert with_validations == 25 + int((1800 - 60 - 112 - inside * 28) / 3.0) < total
     later = dataclasses.replace(costs, done=250, elapsed=800, steps_per_validation=100)  # validated at 100 and 200
-    to_come = plan_steps(later)[0] // 100 - 2  # those already done are in the elapsed time
+    to_come = (plan_steps(later)[0] - 1) // 100 - 2  # those already done are in the elapsed time
     assert to_come > 0 and plan_steps(later)[0] == 250 + int((1800 - 800 - 112 - to_come * 28) / 3.0)
+    # 170 s: time for 56 more steps, but not for the validation at step 300 (28 s) and a step after it: the run ends
+    # on that validation, which scores its final weights
+    edge = dataclasses.replace(later, elapsed=1800 - 112 - 170, steps_per_validation=300)
+    assert plan_steps(edge)[0] == 300
+    assert plan_steps(dataclasses.replace(edge, steps_per_validation=None))[0] == 306
     unmeasured = plan_steps(dataclasses.replace(costs, val_batch=None))
     assert unmeasured == (25 + int((1800 - 60 - 180) / 3.0), 180.0)  # a tenth of the budget kept
     assert plan_steps(dataclasses.replace(costs, elapsed=1799))[0] == 26  # over budget already: one more step
