@@ -113,6 +113,7 @@ class BudgetPlanner(L.Callback):
         self.plan: Plan | None = None
         self._spent = 0.0  # budget spent before this process started (a resumed run)
         self._probed = 0  # PROBES done
+        self._changes = 0  # plans taken after the first, in this process
         self._started = self._sanity = self._clock = self._batch_start = None
         self._decode: float | None = None  # seconds a validation batch takes to decode, as last measured
         self._probe: Any = None  # the sanity check's last batch
@@ -162,15 +163,25 @@ class BudgetPlanner(L.Callback):
             decision = Plan(**trainer.strategy.broadcast(self._decide(trainer, module, pace)))
             previous = self.plan
             if previous is None or self._takes(trainer, decision):
+                self._changes += previous is not None
                 self.plan = decision
                 self._apply(trainer, module)
                 if trainer.is_global_zero:
                     self._record(module, previous)
-            log.debug("budget at step %d: %.3f s a step over the last %d, %s s a validation batch; %d steps allow",
-                      step, pace, step - first[0], self._decode, decision.total_steps)
+            log.debug("budget at step %d: %.3f s a step over the last %d, a validation batch %s; %d steps allow",
+                      step, pace, step - first[0], "unmeasured" if self._decode is None else f"{self._decode:.2f} s",
+                      decision.total_steps)
             self._marks.append((step, time.monotonic(), self._aside))
         elif not self._marks and (self.plan is not None or step >= MEASURE):
             self._marks.append((step, now, self._aside))
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.plan is not None and trainer.is_global_zero:
+            plan = self.plan
+            changes = f"{self._changes} time{'s' * (self._changes != 1)}"
+            log.info("budget: training ended at step %d of %d planned (%.2f s a step, %.0f s kept for final scoring; "
+                     "the plan changed %s as the pace and the cost of scoring were measured again)",
+                     trainer.global_step, plan.total_steps, plan.seconds_per_step, plan.reserved_seconds, changes)
 
     def _decode_again(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         """Validate the sanity check's batch again with the weights as they are now: what a batch costs now."""
@@ -228,11 +239,11 @@ class BudgetPlanner(L.Callback):
     def _record(self, module: L.LightningModule, previous: Plan | None) -> None:
         plan = self.plan
         shown = ", ".join(map(str, plan.validations[:8])) + (" ..." if len(plan.validations) > 8 else "")
-        if previous is not None:
-            log.info("budget: %.2f s a step, %.0f s kept for final scoring; %d steps planned instead of %d, %s",
-                     plan.seconds_per_step, plan.reserved_seconds, plan.total_steps, previous.total_steps,
-                     "so that the run ends in time" if plan.total_steps < previous.total_steps else
-                     "to use the time it has")
+        if previous is not None:  # (the progress lines show the steps planned; `on_train_end` sums the changes up)
+            log.debug("budget: %.2f s a step, %.0f s kept for final scoring; %d steps planned instead of %d, %s",
+                      plan.seconds_per_step, plan.reserved_seconds, plan.total_steps, previous.total_steps,
+                      "so that the run ends in time" if plan.total_steps < previous.total_steps else
+                      "to use the time it has")
         else:
             log.info("budget %s: %.2f s a step measured over steps %d-%d; %d steps planned (warm-up %d, %s schedule "
                      "ending there), %.0f s kept for final scoring; validations at steps %s",
