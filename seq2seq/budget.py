@@ -7,13 +7,14 @@ decoding allows). It then plans how many steps the budget allows, leaving time f
 the run and for the final scoring (every candidate's validation and test), and shapes the schedule to end there
 (`WarmupSchedule`'s total and warm-up). Every `CHECK` steps after that it plans again from the pace of the last
 `PACE` steps, with the cost of a validation batch measured again as training changes it: by each validation inside
-the run, and by validating the sanity check's batch once more at each share of the planned steps in `PROBES`. A plan
-that allows fewer steps than the run's (it fell behind: another process took the CPU) is always taken, so that the
-run ends in time; one that allows more is taken while the schedule's rate so far stays as it is (noam, constant, any
-warm-up, wsd before its cooldown), so that a run slowed early, or one whose scoring turned out cheaper than
-reserved, takes the time back. The decision is one log line, `plan.json` in the run directory, the callback's state
-in every checkpoint (a resumed run keeps it and the budget it has spent, and stays equal to the run it continues)
-and `optim.total_steps` in the run's config.yaml (how the same schedule is reproduced on another machine).
+the run, and by validating the sanity check's batch once more at each share of the planned steps in `PROBES` (where
+no validation ran since the last such point). A plan that allows fewer steps than the run's (it fell behind: another
+process took the CPU) is always taken, so that the run ends in time; one that allows more is taken while the
+schedule's rate so far stays as it is (noam, constant, any warm-up, wsd before its cooldown), so that a run slowed
+early, or one whose scoring turned out cheaper than reserved, takes the time back. The decision is one log line,
+`plan.json` in the run directory, the callback's state in every checkpoint (a resumed run keeps it and the budget it
+has spent, and stays equal to the run it continues) and `optim.total_steps` in the run's config.yaml (how the same
+schedule is reproduced on another machine).
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ class BudgetPlanner(L.Callback):
         self._spent = 0.0  # budget spent before this process started (a resumed run)
         self._probed = 0  # PROBES done
         self._changes = 0  # plans taken after the first, in this process
+        self._validated = -1  # the step of the last validation inside the run, in this process
         self._started = self._sanity = self._clock = self._batch_start = None
         self._decode: float | None = None  # seconds a validation batch takes to decode, as last measured
         self._probe: Any = None  # the sanity check's last batch
@@ -134,6 +136,7 @@ class BudgetPlanner(L.Callback):
             self._aside += took  # what decoding costs now
             batches = int(sum(trainer.num_val_batches))
             self._decode = took / batches if batches else self._decode
+            self._validated = trainer.global_step
 
     def on_validation_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         self._batch_start = time.monotonic()
@@ -157,8 +160,11 @@ class BudgetPlanner(L.Callback):
             pace = (now - first[1] - (self._aside - first[2])) / (step - first[0])
             if self.plan is not None and self._probed < len(PROBES) and step >= PROBES[self._probed] * \
                     self.plan.total_steps:
+                since = PROBES[self._probed - 1] * self.plan.total_steps if self._probed else 0
                 self._probed += 1
-                self._decode_again(trainer, module)
+                # a validation since the last probe point measured it better (the batch is slower than the average)
+                if self._validated < since:
+                    self._decode_again(trainer, module)
             # rank 0's clock decides for every rank
             decision = Plan(**trainer.strategy.broadcast(self._decide(trainer, module, pace)))
             previous = self.plan

@@ -220,9 +220,11 @@ def test_a_run_ahead_of_its_plan_plans_more_steps_while_its_rate_allows(tmp_path
     assert json.loads((tmp_path / "plan.json").read_text())["total_steps"] == 80
 
 
-def test_decoding_is_measured_again_as_training_makes_it_cheaper(tmp_path, monkeypatch):
-    # no validation inside the run: the sanity check's batch is decoded again at half and three quarters of the
-    # planned 60 steps (the checks at steps 35 and 45), and the plan uses what it cost
+@pytest.mark.parametrize(("every", "probes"), [(100, [35, 45]), (1, [])])  # validations: never; each 12 steps
+def test_scoring_costs_are_measured_again_as_training_goes(tmp_path, monkeypatch, every, probes):
+    # with no validation inside the run, the sanity check's batch is validated again at half and three quarters of
+    # the planned 60 steps (the checks at steps 35 and 45), and the plan uses what it cost; validations every
+    # epoch (13 steps) measure it before those points, and better
     seen = []
 
     def plan(costs):
@@ -235,11 +237,15 @@ def test_decoding_is_measured_again_as_training_makes_it_cheaper(tmp_path, monke
     monkeypatch.setattr(budget.BudgetPlanner, "_decode_again",
                         lambda self, trainer, module: decoded.append(trainer.global_step) or probe(self, trainer,
                                                                                                    module))
-    train(compose([*BUDGET, "trainer.check_val_every_n_epoch=100"]), tmp_path)
-    assert decoded == [35, 45]
+    train(compose([*BUDGET, f"trainer.check_val_every_n_epoch={every}"]), tmp_path)
+    assert decoded == probes
     steps, costs = zip(*seen, strict=True)
     assert steps == (25, 35, 45, 55)
-    assert costs[0] > 0 and costs[0] != costs[1] != costs[2] == costs[3]  # each probe a new measurement
+    assert costs[0] > 0
+    if every == 100:  # each probe a new measurement
+        assert costs[0] != costs[1] != costs[2] == costs[3]
+    else:  # each validation (at steps 13, 26, 39, 52) a new measurement
+        assert costs[0] != costs[1] != costs[2] != costs[3]
 
 
 def test_a_plan_never_goes_past_the_runs_step_bound(tmp_path, monkeypatch):
