@@ -115,9 +115,8 @@ class BudgetPlanner(L.Callback):
         self._spent = 0.0  # budget spent before this process started (a resumed run)
         self._probed = 0  # PROBES done
         self._changes = 0  # plans taken after the first, in this process
-        self._validated = -1  # the step of the last validation inside the run, in this process
         self._started = self._sanity = self._clock = self._batch_start = None
-        self._decode: float | None = None  # seconds a validation batch takes to decode, as last measured
+        self._val_batch: float | None = None  # seconds a validation batch takes, as last measured
         self._probe: Any = None  # the sanity check's last batch
         self._marks: deque[tuple[int, float, float]] = deque(maxlen=PACE // CHECK)  # (step, clock, aside)
         self._aside = 0.0  # seconds spent validating and probing, left out of the pace
@@ -135,8 +134,7 @@ class BudgetPlanner(L.Callback):
             took = time.monotonic() - self._clock  # a validation inside the run: time not spent training, and
             self._aside += took  # what decoding costs now
             batches = int(sum(trainer.num_val_batches))
-            self._decode = took / batches if batches else self._decode
-            self._validated = trainer.global_step
+            self._val_batch = took / batches if batches else self._val_batch
 
     def on_validation_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         self._batch_start = time.monotonic()
@@ -144,7 +142,7 @@ class BudgetPlanner(L.Callback):
     def on_validation_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
                                 *args: Any) -> None:
         if trainer.sanity_checking:  # the last sanity batch: the first one also pays for warming up
-            self._decode, self._probe = time.monotonic() - self._batch_start, batch
+            self._val_batch, self._probe = time.monotonic() - self._batch_start, batch
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._started = self._sanity or time.monotonic()  # the budget counts from the sanity check on
@@ -163,8 +161,8 @@ class BudgetPlanner(L.Callback):
                 since = PROBES[self._probed - 1] * self.plan.total_steps if self._probed else 0
                 self._probed += 1
                 # a validation since the last probe point measured it better (the batch is slower than the average)
-                if self._validated < since:
-                    self._decode_again(trainer, module)
+                if max(module.validated, default=-1) < since:
+                    self._validate_again(trainer, module)
             # rank 0's clock decides for every rank
             decision = Plan(**trainer.strategy.broadcast(self._decide(trainer, module, pace)))
             previous = self.plan
@@ -174,9 +172,9 @@ class BudgetPlanner(L.Callback):
                 self._apply(trainer, module)
                 if trainer.is_global_zero:
                     self._record(module, previous)
+            batch = "unmeasured" if self._val_batch is None else f"{self._val_batch:.2f} s"
             log.debug("budget at step %d: %.3f s a step over the last %d, a validation batch %s; %d steps allow",
-                      step, pace, step - first[0], "unmeasured" if self._decode is None else f"{self._decode:.2f} s",
-                      decision.total_steps)
+                      step, pace, step - first[0], batch, decision.total_steps)
             self._marks.append((step, time.monotonic(), self._aside))
         elif not self._marks and (self.plan is not None or step >= MEASURE):
             self._marks.append((step, now, self._aside))
@@ -189,7 +187,7 @@ class BudgetPlanner(L.Callback):
                      "the plan changed %s as the pace and the cost of scoring were measured again)",
                      trainer.global_step, plan.total_steps, plan.seconds_per_step, plan.reserved_seconds, changes)
 
-    def _decode_again(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def _validate_again(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         """Validate the sanity check's batch again with the weights as they are now: what a batch costs now."""
         if self._probe is None:
             return
@@ -200,8 +198,8 @@ class BudgetPlanner(L.Callback):
             module.loss(self._probe)
             module.decode_into(module.metrics["val"].clone(), self._probe)
         module.train(training)
-        self._decode = time.monotonic() - start
-        self._aside += self._decode
+        self._val_batch = time.monotonic() - start
+        self._aside += self._val_batch
 
     def _takes(self, trainer: L.Trainer, decision: Plan) -> bool:
         """Whether the run changes to `decision`: always when it allows fewer steps, and when it allows more only
@@ -225,7 +223,7 @@ class BudgetPlanner(L.Callback):
             datamodule = trainer.datamodule
             test = len(datamodule.test_dataloader()) if "test" in datamodule.examples else 0
             self._scored = (int(sum(trainer.num_val_batches)) if trainer.num_val_batches else 0, test)
-        costs = Costs(self.budget, self._elapsed(), trainer.global_step, pace, self._decode, *self._scored,
+        costs = Costs(self.budget, self._elapsed(), trainer.global_step, pace, self._val_batch, *self._scored,
                       steps_per_validation, self.candidates)
         total, reserve = plan_steps(costs)
         total = min(total, self._bound or total)

@@ -233,8 +233,8 @@ def test_scoring_costs_are_measured_again_as_training_goes(tmp_path, monkeypatch
 
     monkeypatch.setattr(budget, "plan_steps", plan)
     decoded = []
-    probe = budget.BudgetPlanner._decode_again
-    monkeypatch.setattr(budget.BudgetPlanner, "_decode_again",
+    probe = budget.BudgetPlanner._validate_again
+    monkeypatch.setattr(budget.BudgetPlanner, "_validate_again",
                         lambda self, trainer, module: decoded.append(trainer.global_step) or probe(self, trainer,
                                                                                                    module))
     train(compose([*BUDGET, f"trainer.check_val_every_n_epoch={every}"]), tmp_path)
